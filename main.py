@@ -1,0 +1,67 @@
+"""Composition root: `app` is what `uvicorn main:app` and `gunicorn main:app` serve.
+
+Importing this module only reads the settings; the model is loaded by the lifespan, in each
+server process, so nothing touches CUDA before gunicorn forks its workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from real_time_audio.config import Settings, load_settings
+from real_time_audio.routes import router
+from real_time_audio.service import TranscriptionEngine
+
+logger = logging.getLogger("real_time_audio")
+
+
+def configure_logging(level: str) -> None:
+    """Our log lines at `level`; transformers' advice about generation arguments silenced."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(level)
+    logging.getLogger("transformers.generation.utils").setLevel(logging.ERROR)
+    logging.getLogger("transformers.generation.configuration_utils").setLevel(logging.ERROR)
+
+
+def create_app(settings: Settings | None = None,
+               engine_factory: Callable[[Settings], TranscriptionEngine] = TranscriptionEngine.from_settings) -> FastAPI:
+    """Build the application. The engine is made and started by the lifespan, not here."""
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.audio_storage_dir.mkdir(parents=True, exist_ok=True)
+        engine = engine_factory(settings)
+        app.state.engine = engine
+        await asyncio.to_thread(engine.start)
+        logger.info("ready: %s on %s, storage in %s", engine.model_id, engine.device,
+                    settings.audio_storage_dir.resolve())
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+            logger.info("engine stopped")
+
+    app = FastAPI(title="Real-time audio transcription", version="1.0.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = None
+    app.state.sessions = {}
+    app.include_router(router)
+    return app
+
+
+app = create_app()
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    settings = app.state.settings
+    uvicorn.run("main:app", host=settings.host, port=settings.port, log_level=settings.log_level.lower())

@@ -1,0 +1,67 @@
+"""Turning received PCM frames into the 16 kHz mono float32 audio Whisper takes."""
+
+from __future__ import annotations
+
+import numpy as np
+import soxr
+from numpy.typing import NDArray
+
+MODEL_SAMPLE_RATE = 16000
+_SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
+
+
+class BadAudioError(ValueError):
+    """A frame that cannot be decoded in the session's encoding; nothing of it was used."""
+
+
+class PcmDecoder:
+    """Decodes a stream of raw little-endian PCM frames to 16 kHz mono float32.
+
+    Stereo is averaged to mono, other rates are resampled with a streaming resampler whose state
+    carries across frames, so frame boundaries leave no seams. A frame may end inside a stereo
+    sample pair; the half pair waits for the next frame.
+    """
+
+    def __init__(self, encoding: str, sample_rate: int, channels: int) -> None:
+        if encoding not in _SAMPLE_WIDTH:
+            raise ValueError(f"not a PCM encoding: {encoding}")
+        self.encoding = encoding
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self._width = _SAMPLE_WIDTH[encoding]
+        self._dtype = np.dtype("<i2") if encoding == "pcm_s16le" else np.dtype("<f4")
+        self._carry = b""
+        self._resampler = (soxr.ResampleStream(sample_rate, MODEL_SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+                           if sample_rate != MODEL_SAMPLE_RATE else None)
+
+    def check(self, frame: bytes) -> None:
+        """Raise BadAudioError if `frame` is not a whole number of samples."""
+        if len(frame) % self._width:
+            kind = "an even" if self._width == 2 else "a multiple of 4"
+            raise BadAudioError(
+                f"{self.encoding} frames must hold {kind} number of bytes; got {len(frame)} (frame rejected)")
+
+    def decode(self, frame: bytes) -> NDArray[np.float32]:
+        """Decode one checked frame; returns the 16 kHz mono samples it completes."""
+        data = self._carry + frame
+        block = self._width * self.channels
+        usable = len(data) - len(data) % block
+        self._carry = data[usable:]
+        samples = np.frombuffer(data[:usable], dtype=self._dtype).astype(np.float32)
+        if self.encoding == "pcm_s16le":
+            samples /= 32768.0
+        if self.channels == 2:
+            samples = samples.reshape(-1, 2).mean(axis=1, dtype=np.float32)
+        if self.encoding == "pcm_f32le":
+            samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+        if self._resampler is None:
+            return samples
+        return self._resampler.resample_chunk(samples, last=False)
+
+    def drain(self) -> NDArray[np.float32]:
+        """Return the samples still held inside the resampler (at a flush or the end of stream)."""
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._resampler.clear()
+        return tail

@@ -1,0 +1,105 @@
+"""Server settings, read from the environment and `.env` (environment wins)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# uvicorn's default WebSocket message limit; a larger frame is closed by uvicorn itself.
+UVICORN_WS_MAX_SIZE = 16 * 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """Raised at start-up when a setting is invalid; the message names each bad variable."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Names are the environment variables, upper-cased."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      case_sensitive=False, use_attribute_docstrings=True)
+
+    host: str = "127.0.0.1"
+    """Interface the server binds to when started with `python main.py`."""
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port the server listens on when started with `python main.py`."""
+    transcription_model_id: str = "openai/whisper-large-v3-turbo"
+    """Hugging Face model id or path to a local Whisper folder."""
+    device: str = "auto"
+    """Where the model runs: auto (CUDA if present, else CPU), cpu, cuda or cuda:N."""
+    torch_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    """Weight precision: auto = float16 on CUDA, float32 on CPU."""
+    audio_storage_dir: Path = Path("audio_chunks")
+    """Folder where every session's audio, transcript and metadata are kept (created if missing)."""
+    log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
+    """Logging threshold for the server's own log lines."""
+    batch_max_size: int = Field(8, ge=1, le=256)
+    """Most transcription jobs run together in one batched model call."""
+    batch_wait_ms: float = Field(10, ge=0, le=1000)
+    """How long a worker waits after the first job for more jobs to join its batch."""
+    queue_max_size: int = Field(64, ge=1)
+    """Jobs that may wait for a worker; past it partial results are skipped (finals always queue)."""
+    inference_workers: int = Field(1, ge=1, le=16)
+    """Worker threads sharing the model; 1 is right for one GPU or a small CPU."""
+    max_sessions: int = Field(32, ge=1)
+    """Concurrent WebSocket sessions; one more is refused with close code 1013."""
+    max_frame_bytes: int = Field(1024 * 1024, ge=1024, le=UVICORN_WS_MAX_SIZE)
+    """Largest accepted WebSocket frame in bytes; a larger one closes the session with 1009."""
+    idle_timeout_s: float = Field(60, gt=0)
+    """A session that sends nothing for this long is closed with code 4408."""
+    partial_interval_ms: int = Field(1000, ge=50)
+    """Shortest time between two partial transcriptions of one session."""
+    segment_max_s: float = Field(30, ge=1, le=30)
+    """Longest stretch of audio transcribed as one segment before it is finalized."""
+    tokens_per_second: float = Field(6, gt=0)
+    """Cap on generated tokens per second of audio (plus a small allowance), against runaway text."""
+    warmup: bool = True
+    """Run one inference at start-up so the first user does not pay for it."""
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("transcription_model_id")
+    @classmethod
+    def _check_model_id(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check_queue(self) -> Settings:
+        if self.queue_max_size < self.max_sessions:
+            # Each session has at most one job queued, so this makes partials the only thing skipped.
+            raise ValueError(
+                f"QUEUE_MAX_SIZE ({self.queue_max_size}) must be at least MAX_SESSIONS ({self.max_sessions})")
+        return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning validation errors into one message naming each variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if not error["loc"]:  # a check across several fields names them itself
+                problems.append(message)
+                continue
+            name = "_".join(str(part) for part in error["loc"]).upper()
+            problems.append(f"{name}={error.get('input')!r}: {message}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,377 @@
+"""One `Session` per WebSocket connection: the receive loop, the transcribe loop, and the record.
+
+All per-session state lives on the Session object; the only shared things are the engine (which
+owns the model) and the storage folder. Two tasks run per connection: `_receive` reads frames,
+persists and decodes audio, and answers control messages; `_transcribe` asks the streaming policy
+for the next window, awaits the engine (at most one job per session at a time) and sends texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from starlette.websockets import WebSocket, WebSocketState
+
+from real_time_audio.audio import MODEL_SAMPLE_RATE, BadAudioError, PcmDecoder
+from real_time_audio.config import Settings
+from real_time_audio.models import (
+    ConfigUpdate,
+    EndMessage,
+    ErrorCode,
+    ErrorMessage,
+    FlushMessage,
+    ProtocolError,
+    Recording,
+    ServerMessage,
+    SessionConfig,
+    StatusCompleted,
+    StatusConfigured,
+    StatusConnected,
+    StatusFlushed,
+    Transcription,
+    apply_config,
+    parse_client_text,
+    to_json,
+)
+from real_time_audio.service import (
+    EngineUnavailableError,
+    QueueFullError,
+    TranscriptionEngine,
+    TranscriptionRequest,
+)
+from real_time_audio.storage import SessionRecorder
+from real_time_audio.streaming import FixedSegmentPolicy, SegmentText, Window
+
+logger = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_TOO_LARGE = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_IDLE = 4408
+# Audio received but not yet in a final, beyond which the server stops reading (back-pressure).
+PENDING_LIMIT_SEGMENTS = 2
+
+
+class ClientGone(Exception):
+    """The client disconnected."""
+
+
+class SessionClosed(Exception):
+    """The server closed the session (the close frame has been sent)."""
+
+
+@dataclass(slots=True)
+class _Finalize:
+    """A request to finalize all audio before `position` (samples): a flush or the end of stream."""
+
+    kind: Literal["flush", "end"]
+    position: int
+
+
+class Session:
+    """One client's live transcription session."""
+
+    def __init__(self, websocket: WebSocket, engine: TranscriptionEngine, settings: Settings,
+                 query: dict[str, str] | None = None) -> None:
+        self.ws = websocket
+        self.engine = engine
+        self.settings = settings
+        self.id = uuid.uuid4().hex
+        self.config = SessionConfig()
+        self.log = logging.LoggerAdapter(logger, {"session_id": self.id})
+        self._query = query or {}
+        self._recorder: SessionRecorder | None = None
+        self._decoder: PcmDecoder | None = None
+        self._policy = self._make_policy()
+        self._finalize: deque[_Finalize] = deque()
+        self._wake = asyncio.Event()  # audio or a finalize request arrived
+        self._progress = asyncio.Event()  # a final was produced (releases back-pressure)
+        self._send_lock = asyncio.Lock()
+        self._ended = False
+        self._audio_started = False
+        self._finals: list[str] = []
+        self._status = "disconnected"
+
+    def _make_policy(self) -> FixedSegmentPolicy:
+        return FixedSegmentPolicy(partial_interval_s=self.settings.partial_interval_ms / 1000,
+                                  segment_max_s=self.settings.segment_max_s,
+                                  interim_results=self.config.interim_results)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it ends, then release everything it held."""
+        query_error = self._configure_from_query()
+        self._recorder = await asyncio.to_thread(SessionRecorder, self.settings.audio_storage_dir, self.id,
+                                                 self._metadata())
+        self.log.info("session %s started (%s)", self.id, self.ws.client)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            await self._send(StatusConnected(session_id=self.id, config=self.config.wire(),
+                                             model=self.engine.model_id, device=self.engine.device))
+            if query_error:
+                await self._send_error(query_error.code, query_error.message)
+            receiver = asyncio.create_task(self._receive(), name=f"receive-{self.id}")
+            transcriber = asyncio.create_task(self._transcribe(), name=f"transcribe-{self.id}")
+            tasks = {receiver, transcriber}
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise what ended the session
+        except (ClientGone, SessionClosed):
+            pass
+        except Exception:
+            self.log.exception("session %s failed", self.id)
+            self._status = "error"
+            await self._close_with_error("internal", "internal server error", CLOSE_INTERNAL)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.shield(asyncio.to_thread(self._close_recorder))
+            self.log.info("session %s ended: %s, %d bytes", self.id, self._status,
+                          self._recorder.bytes_received if self._recorder else 0)
+
+    def _close_recorder(self) -> None:
+        if self._recorder is not None and not self._recorder.closed:
+            self._recorder.close(self._status, duration=round(self._duration(), 3), segments=len(self._finals))
+
+    def _metadata(self) -> dict[str, Any]:
+        return {"config": self.config.wire(), "model": self.engine.model_id, "device": self.engine.device,
+                "client": f"{self.ws.client.host}:{self.ws.client.port}" if self.ws.client else None}
+
+    def _duration(self) -> float:
+        """Seconds of audio received, from the byte count in the session's own format."""
+        if self._recorder is None:
+            return 0.0
+        width = 2 if self.config.encoding == "pcm_s16le" else 4
+        return self._recorder.bytes_received / (self.config.sample_rate * self.config.channels * width)
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def _configure_from_query(self) -> ProtocolError | None:
+        """Apply config fields given in the URL; the error, if any, is sent after `connected`."""
+        update: dict[str, Any] = {}
+        for name in ConfigUpdate.model_fields:
+            if name in self._query and name != "type":
+                update[name] = self._query[name]
+        for name in ("sample_rate", "channels"):
+            if name in update and str(update[name]).strip().lstrip("-").isdigit():
+                update[name] = int(update[name])
+        if not update:
+            return None
+        try:
+            self._set_config(update)
+        except ProtocolError as exc:
+            return exc
+        return None
+
+    def _set_config(self, update: dict[str, Any]) -> None:
+        config = apply_config(self.config, update)
+        languages = self.engine.languages
+        if config.language and languages is not None and config.language not in languages:
+            raise ProtocolError("bad_config", f"language: {config.language!r} is not supported by this model")
+        if config.task == "translate" and languages == frozenset({"en"}):
+            raise ProtocolError("bad_config", "task: this English-only model cannot translate")
+        self.config = config
+        self._decoder = None  # made for the new format at the first audio frame
+        self._policy.interim_results = config.interim_results
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        """Read frames until the client leaves, the session idles out, or a frame is too large."""
+        while True:
+            timeout = None if self._ended else self.settings.idle_timeout_s
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), timeout)
+            except TimeoutError:
+                self._status = "idle_timeout"
+                await self._close_with_error(
+                    "idle_timeout", f"no data for {self.settings.idle_timeout_s:g} s", CLOSE_IDLE)
+                raise SessionClosed from None
+            if message["type"] == "websocket.disconnect":
+                raise ClientGone
+            if message.get("bytes") is not None:
+                await self._on_audio(message["bytes"])
+            elif message.get("text") is not None:
+                await self._on_text(message["text"])
+
+    async def _on_audio(self, frame: bytes) -> None:
+        if len(frame) > self.settings.max_frame_bytes:
+            self._status = "frame_too_large"
+            await self._close_with_error(
+                "too_large", f"binary frame of {len(frame)} bytes exceeds the limit of "
+                f"{self.settings.max_frame_bytes} bytes", CLOSE_TOO_LARGE)
+            raise SessionClosed
+        if self._ended:
+            await self._send_error("bad_message", "audio after the end of stream is ignored")
+            return
+        if self._decoder is None:
+            self._decoder = PcmDecoder(self.config.encoding, self.config.sample_rate, self.config.channels)
+        try:
+            self._decoder.check(frame)
+        except BadAudioError as exc:
+            await self._send_error("bad_audio", str(exc))
+            return
+        self._audio_started = True  # the first accepted frame fixes the format
+        samples = await asyncio.to_thread(self._ingest, frame)
+        self._policy.feed(samples)
+        self._wake.set()
+        limit = PENDING_LIMIT_SEGMENTS * self._policy.max_samples
+        while self._policy.pending > limit:  # stop reading until the transcriber catches up
+            self._progress.clear()
+            await self._progress.wait()
+
+    def _ingest(self, frame: bytes) -> NDArray[np.float32]:
+        """Persist then decode one frame (in a worker thread: file I/O and resampling)."""
+        assert self._recorder is not None and self._decoder is not None
+        self._recorder.write_audio(frame, self.config.encoding, self.config.sample_rate, self.config.channels)
+        return self._decoder.decode(frame)
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            message = parse_client_text(text)
+        except ProtocolError as exc:
+            await self._send_error(exc.code, exc.message)
+            return
+        if self._ended:
+            await self._send_error("bad_message", "the stream has ended; only the final results follow")
+            return
+        if isinstance(message, ConfigUpdate):
+            await self._on_config(message)
+        elif isinstance(message, FlushMessage):
+            self._request_finalize("flush")
+        elif isinstance(message, EndMessage):
+            self._ended = True
+            if self._recorder is not None and self._recorder.bytes_received == 0:
+                await asyncio.to_thread(self._recorder.write_audio, b"", self.config.encoding,
+                                        self.config.sample_rate, self.config.channels)
+            self._request_finalize("end")
+        # keepalive: receiving it has already reset the idle timer
+
+    async def _on_config(self, message: ConfigUpdate) -> None:
+        if self._audio_started:
+            await self._send_error("bad_config", "config must come before the first audio frame")
+            return
+        try:
+            self._set_config(message.model_dump(exclude_unset=True))
+        except ProtocolError as exc:
+            await self._send_error(exc.code, exc.message)
+            return
+        assert self._recorder is not None
+        await asyncio.to_thread(self._recorder.update_metadata, config=self.config.wire())
+        await self._send(StatusConfigured(config=self.config.wire()))
+
+    def _request_finalize(self, kind: Literal["flush", "end"]) -> None:
+        if self._decoder is not None:
+            self._policy.feed(self._decoder.drain())
+        self._finalize.append(_Finalize(kind, self._policy.received))
+        self._wake.set()
+
+    # -- transcribing ---------------------------------------------------------------------------
+
+    async def _transcribe(self) -> None:
+        """Run the policy: one job at a time; finals before flush/end acknowledgements."""
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            marker = self._finalize[0] if self._finalize else None
+            window = self._policy.next_window(now, marker.position if marker else None)
+            if window is not None:
+                await self._run_window(window)
+                continue
+            if marker is not None:
+                self._finalize.popleft()
+                if marker.kind == "flush":
+                    await self._send(StatusFlushed())
+                    continue
+                await self._complete()
+                return
+            delay = self._policy.seconds_until_partial(now)
+            if delay == 0:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _run_window(self, window: Window) -> None:
+        request = TranscriptionRequest(audio=window.audio, language=self.config.language, task=self.config.task,
+                                       prompt=self.config.prompt, is_final=window.is_final, session_id=self.id)
+        text: str | None = None
+        language: str | None = None
+        try:
+            result = await self.engine.transcribe(request)
+            text, language = result.text, result.language
+        except QueueFullError:
+            self.log.debug("partial skipped: queue full")
+        except EngineUnavailableError as exc:
+            self._status = "engine_unavailable"
+            await self._close_with_error("internal", f"transcription engine unavailable: {exc}", CLOSE_INTERNAL)
+            raise SessionClosed from None
+        except Exception as exc:
+            self.log.warning("transcription of segment %d failed: %r", window.segment_id, exc)
+            await self._send_error("internal", f"segment {window.segment_id} "
+                                   f"({window.start / MODEL_SAMPLE_RATE:.2f}-{window.end / MODEL_SAMPLE_RATE:.2f} s) "
+                                   "could not be transcribed; its audio is kept in the recording")
+        for segment in self._policy.accept(window, text, language):
+            await self._send_segment(segment)
+        if window.is_final:
+            self._progress.set()
+
+    async def _send_segment(self, segment: SegmentText) -> None:
+        lag = max(0.0, self._policy.received / MODEL_SAMPLE_RATE - segment.end)
+        message = Transcription(segment_id=segment.segment_id, is_final=segment.is_final, text=segment.text,
+                                start=segment.start, end=segment.end, language=segment.language, lag=round(lag, 3))
+        if segment.is_final:
+            self._finals.append(segment.text)
+            assert self._recorder is not None
+            await asyncio.to_thread(self._recorder.append_final, message.model_dump(exclude={"type", "is_final",
+                                                                                             "lag", "words"}))
+        await self._send(message)
+
+    async def _complete(self) -> None:
+        assert self._recorder is not None
+        self._status = "completed"
+        await asyncio.to_thread(self._close_recorder)
+        await self._send(StatusCompleted(
+            session_id=self.id, text=" ".join(t for t in self._finals if t), duration=round(self._duration(), 3),
+            segments=len(self._finals),
+            recording=Recording(audio=str(self._recorder.audio_path), bytes=self._recorder.bytes_received,
+                                sha256=self._recorder.sha256)))
+        await self.ws.close(CLOSE_NORMAL)
+
+    # -- sending --------------------------------------------------------------------------------
+
+    async def _send(self, message: ServerMessage) -> None:
+        async with self._send_lock:
+            if self.ws.application_state != WebSocketState.CONNECTED:
+                raise ClientGone
+            try:
+                await self.ws.send_text(to_json(message))
+            except (RuntimeError, OSError) as exc:  # the peer went away mid-send
+                raise ClientGone from exc
+            except Exception as exc:
+                if type(exc).__name__ in ("WebSocketDisconnect", "ClientDisconnected"):
+                    raise ClientGone from exc
+                raise
+
+    async def _send_error(self, code: ErrorCode, message: str) -> None:
+        self.log.info("error %s: %s", code, message)
+        await self._send(ErrorMessage(code=code, message=message))
+
+    async def _close_with_error(self, code: ErrorCode, message: str, close_code: int) -> None:
+        try:
+            await self._send_error(code, message)
+            async with self._send_lock:
+                await self.ws.close(close_code)
+        except (ClientGone, RuntimeError, OSError):
+            pass

@@ -1,0 +1,69 @@
+"""HTTP and WebSocket routes. Thin: admission checks, then the session does the work."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.responses import JSONResponse
+
+from real_time_audio.handler import CLOSE_INTERNAL, Session
+from real_time_audio.models import ErrorMessage, to_json
+from real_time_audio.service import TranscriptionEngine
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process is up and serving HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: 200 once the model is loaded and warmed up, 503 before that or if the engine died."""
+    engine: TranscriptionEngine | None = getattr(request.app.state, "engine", None)
+    if engine is None or not engine.ready:
+        reason = engine.dead_reason if engine and engine.dead_reason else "model not loaded"
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+    body: dict[str, Any] = {"status": "ready", "model": engine.model_id, "device": engine.device,
+                            "sessions": len(request.app.state.sessions)}
+    return JSONResponse(body)
+
+
+@router.websocket("/ws/transcribe")
+async def transcribe(websocket: WebSocket) -> None:
+    """Live transcription; the wire protocol is described in docs/protocol.md."""
+    app = websocket.app
+    engine: TranscriptionEngine = app.state.engine
+    sessions: dict[str, Session] = app.state.sessions
+    settings = app.state.settings
+    await websocket.accept()
+    if not engine.ready:
+        await _refuse(websocket, "internal", "the transcription engine is not available", CLOSE_INTERNAL)
+        return
+    if len(sessions) >= settings.max_sessions:
+        await _refuse(websocket, "server_busy",
+                      f"the server is at its limit of {settings.max_sessions} sessions; try again later",
+                      CLOSE_TRY_AGAIN_LATER)
+        return
+    session = Session(websocket, engine, settings, dict(websocket.query_params))
+    sessions[session.id] = session
+    try:
+        await session.run()
+    finally:
+        sessions.pop(session.id, None)
+
+
+async def _refuse(websocket: WebSocket, code: Any, message: str, close_code: int) -> None:
+    logger.info("refused connection from %s: %s", websocket.client, message)
+    try:
+        await websocket.send_text(to_json(ErrorMessage(code=code, message=message)))
+        await websocket.close(close_code)
+    except (RuntimeError, OSError):
+        pass

@@ -1,0 +1,488 @@
+"""The transcription engine: one Whisper model per process, fed by a bounded priority queue and
+drained by worker threads that batch jobs from many sessions into one model call.
+
+torch and transformers are imported lazily, inside the loader, so importing this module (and
+forking gunicorn workers) never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlparse
+
+import numpy as np
+from numpy.typing import NDArray
+
+from real_time_audio.audio import MODEL_SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from real_time_audio.config import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_TARGET_TOKENS = 448  # Whisper's decoder context
+TOKEN_ALLOWANCE = 8  # extra tokens on top of the per-second cap, for very short clips
+MAX_PROMPT_TOKENS = 200
+
+
+class EngineError(RuntimeError):
+    """Base class of the engine's own errors."""
+
+
+class ModelLoadError(EngineError):
+    """The model could not be loaded; the message says why and what to do."""
+
+
+class QueueFullError(EngineError):
+    """The queue is full; only partial jobs are ever refused this way."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is stopped, still starting, or dead."""
+
+
+@dataclass(slots=True)
+class TranscriptionRequest:
+    """One piece of 16 kHz mono audio to transcribe, with the options that decide its batch."""
+
+    audio: NDArray[np.float32]
+    language: str | None = None
+    task: str = "transcribe"
+    prompt: str | None = None
+    is_final: bool = True
+    session_id: str = ""
+
+    @property
+    def batch_key(self) -> tuple[str | None, str, str | None]:
+        """Only jobs with equal keys share a model call (generate takes one language/task/prompt)."""
+        return (self.language, self.task, self.prompt)
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / MODEL_SAMPLE_RATE
+
+
+@dataclass(slots=True)
+class TranscriptionResult:
+    text: str
+    language: str | None
+    tokens: int
+    truncated: bool = False
+
+
+class Backend(Protocol):
+    """What the engine needs from a model: one batched call, and some facts for the protocol."""
+
+    model_id: str
+    device: str
+    languages: frozenset[str] | None  # None: any language the model detects
+
+    def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# The Whisper backend
+
+
+def token_cap(duration_s: float, tokens_per_second: float) -> int:
+    """Most tokens a clip of this length may produce: proportional to its duration."""
+    return int(math.ceil(duration_s * tokens_per_second)) + TOKEN_ALLOWANCE
+
+
+def resolve_device(setting: str) -> tuple[str, str]:
+    """Pick the device from the DEVICE setting; returns (device, reason for the log)."""
+    import torch
+
+    if setting == "cpu":
+        return "cpu", "DEVICE=cpu"
+    if not torch.cuda.is_available():
+        if setting == "auto":
+            return "cpu", "no CUDA device is available"
+        raise ModelLoadError(f"DEVICE={setting} but CUDA is not available to torch {torch.__version__}")
+    index = int(setting.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ModelLoadError(f"DEVICE={setting} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    name = torch.cuda.get_device_name(index)
+    why = "CUDA is available" if setting == "auto" else f"DEVICE={setting}"
+    return f"cuda:{index}", f"{why} ({name})"
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> tuple[bool, str]:
+    """One quick TCP connection to the hub, instead of the hub client's minutes of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False, "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True, ""
+    except OSError as exc:
+        return False, f"{host}:{port} is unreachable ({exc})"
+
+
+class WhisperBackend:
+    """A Hugging Face Whisper model and its processor, run with batched `generate`."""
+
+    def __init__(self, model_id: str, device: str, dtype: Any, model: Any, processor: Any,
+                 tokens_per_second: float) -> None:
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.model = model
+        self.processor = processor
+        self.tokens_per_second = tokens_per_second
+        generation = model.generation_config
+        self.multilingual = bool(getattr(generation, "is_multilingual", False))
+        lang_to_id: dict[str, int] = getattr(generation, "lang_to_id", None) or {}
+        self._id_to_language = {token_id: token[2:-2] for token, token_id in lang_to_id.items()}
+        self.languages: frozenset[str] | None = (frozenset(self._id_to_language.values())
+                                                 if self.multilingual else frozenset({"en"}))
+        self._no_timestamps = getattr(generation, "no_timestamps_token_id", None)
+        self._eot = generation.eos_token_id if isinstance(generation.eos_token_id, int) else None
+        # Real checkpoints set max_length=448; we always pass max_new_tokens instead.
+        generation.max_length = None
+
+    @classmethod
+    def load(cls, settings: Settings) -> WhisperBackend:
+        """Load the model once, on the configured device, through `from_pretrained`."""
+        import torch
+        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+
+        device, reason = resolve_device(settings.device)
+        dtype_name = settings.torch_dtype
+        if dtype_name == "auto":
+            dtype_name = "float16" if device.startswith("cuda") else "float32"
+        dtype = getattr(torch, dtype_name)
+        logger.info("using device %s because %s; weights in %s", device, reason, dtype_name)
+
+        source = settings.transcription_model_id
+        local = Path(source).expanduser()
+        options: dict[str, Any] = {}
+        if local.is_dir():
+            source = str(local)
+        elif local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+            raise ModelLoadError(f"TRANSCRIPTION_MODEL_ID={source!r} looks like a path, but no such folder exists")
+        else:
+            try:  # already in the local Hugging Face cache?
+                AutoProcessor.from_pretrained(source, local_files_only=True)
+                options["local_files_only"] = True
+            except OSError:
+                reachable, why = _hub_reachable()
+                if not reachable:
+                    raise ModelLoadError(
+                        f"cannot load TRANSCRIPTION_MODEL_ID={source!r}: it is not a local folder, it is not in "
+                        f"the Hugging Face cache, and the model hub cannot be reached ({why}). Download the model "
+                        "where the hub is reachable and set TRANSCRIPTION_MODEL_ID to that local folder.") from None
+        started = time.perf_counter()
+        try:
+            processor = AutoProcessor.from_pretrained(source, **options)
+            model = AutoModelForSpeechSeq2Seq.from_pretrained(source, dtype=dtype, **options)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load TRANSCRIPTION_MODEL_ID={source!r}: {exc}") from exc
+        model = model.to(device).eval()
+        logger.info("loaded %s in %.1f s", settings.transcription_model_id, time.perf_counter() - started)
+        return cls(settings.transcription_model_id, device, dtype, model, processor, settings.tokens_per_second)
+
+    def _prompt_ids(self, prompt: str) -> Any:
+        ids = self.processor.get_prompt_ids(prompt, return_tensors="pt")
+        if len(ids) > MAX_PROMPT_TOKENS + 1:  # keep <|startofprev|> and the most recent tokens
+            ids = np.concatenate([ids[:1], ids[-MAX_PROMPT_TOKENS:]])
+        import torch
+
+        return torch.as_tensor(ids).to(self.device)
+
+    def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
+        """One batched feature extraction and one `generate` for all requests (equal batch keys)."""
+        import torch
+
+        first = requests[0]
+        features = self.processor.feature_extractor(
+            [r.audio for r in requests], sampling_rate=MODEL_SAMPLE_RATE, return_tensors="pt",
+            return_attention_mask=True)
+        input_features = features.input_features.to(self.device, self.dtype)
+        attention_mask = features.attention_mask.to(self.device)
+        caps = [token_cap(r.duration, self.tokens_per_second) for r in requests]
+        options: dict[str, Any] = {"return_dict_in_generate": True}
+        prefix = 4
+        if self.multilingual:
+            options["task"] = first.task
+            if first.language:
+                options["language"] = first.language
+        if first.prompt:
+            options["prompt_ids"] = self._prompt_ids(first.prompt)
+            prefix += len(options["prompt_ids"])
+        options["max_new_tokens"] = max(1, min(max(caps), MAX_TARGET_TOKENS - prefix - 1))
+        with torch.inference_mode():
+            output = self.model.generate(input_features, attention_mask=attention_mask, **options)
+        sequences = output.sequences.tolist()
+        if len(sequences) != len(requests):
+            raise EngineError(f"model returned {len(sequences)} results for {len(requests)} inputs")
+        return [self._result(tokens, cap, first.language) for tokens, cap in zip(sequences, caps, strict=True)]
+
+    def _result(self, tokens: list[int], cap: int, language: str | None) -> TranscriptionResult:
+        """Split the decoder prompt from the text, read the language, cut at end-of-text and the cap."""
+        start = 0
+        if self._no_timestamps is not None and self._no_timestamps in tokens:
+            start = tokens.index(self._no_timestamps) + 1
+        detected = next((self._id_to_language[t] for t in tokens[:start] if t in self._id_to_language), None)
+        text_tokens = tokens[start:]
+        if self._eot is not None and self._eot in text_tokens:
+            text_tokens = text_tokens[:text_tokens.index(self._eot)]
+        truncated = len(text_tokens) > cap
+        text_tokens = text_tokens[:cap]
+        text = self.processor.tokenizer.decode(text_tokens, skip_special_tokens=True).strip()
+        return TranscriptionResult(text=text, language=language or detected or ("en" if not self.multilingual else None),
+                                   tokens=len(text_tokens), truncated=truncated)
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Errors after which the device cannot be trusted (the process must be restarted)."""
+    text = str(exc)
+    return ("CUDA error" in text or "device-side assert" in text or "cuDNN error" in text
+            or type(exc).__name__ == "AcceleratorError")
+
+
+# ---------------------------------------------------------------------------------------------
+# Queue and engine
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    request: TranscriptionRequest
+    future: concurrent.futures.Future[TranscriptionResult]
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class JobQueue:
+    """Bounded, two-level queue: finals first, then partials, FIFO within each.
+
+    Partials are refused once `maxsize` jobs wait. Finals are always accepted: each session has
+    at most one job in the queue, so finals are bounded by the session limit and never dropped.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._finals: deque[_Job] = deque()
+        self._partials: deque[_Job] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._finals) + len(self._partials)
+
+    def put(self, job: _Job) -> None:
+        with self._ready:
+            if self._closed:
+                raise EngineUnavailableError("the engine is shutting down")
+            self._drop_cancelled()
+            if job.request.is_final:
+                self._finals.append(job)
+            elif len(self._finals) + len(self._partials) >= self.maxsize:
+                raise QueueFullError("transcription queue is full")
+            else:
+                self._partials.append(job)
+            self._ready.notify()
+
+    def _drop_cancelled(self) -> None:
+        for jobs in (self._finals, self._partials):
+            if any(j.future.cancelled() for j in jobs):
+                live = [j for j in jobs if not j.future.cancelled()]
+                jobs.clear()
+                jobs.extend(live)
+
+    def _pop(self, key: tuple[str | None, str, str | None] | None) -> _Job | None:
+        for jobs in (self._finals, self._partials):
+            for job in jobs:
+                if key is None or job.request.batch_key == key:
+                    jobs.remove(job)
+                    return job
+        return None
+
+    def take_batch(self, max_size: int, wait_s: float) -> list[_Job] | None:
+        """Block for a first job, then gather compatible jobs until one deadline or `max_size`.
+
+        Returns None once the queue is closed and empty.
+        """
+        with self._ready:
+            while not (self._finals or self._partials):
+                if self._closed:
+                    return None
+                self._ready.wait()
+            first = self._pop(None)
+            assert first is not None
+            batch = [first]
+            key = first.request.batch_key
+            deadline = time.monotonic() + wait_s
+            while len(batch) < max_size:
+                job = self._pop(key)
+                if job is not None:
+                    batch.append(job)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    break
+                self._ready.wait(remaining)
+            return batch
+
+    def close(self) -> list[_Job]:
+        """Refuse new jobs, wake every worker, and hand back the jobs that were still waiting."""
+        with self._ready:
+            self._closed = True
+            left = list(self._finals) + list(self._partials)
+            self._finals.clear()
+            self._partials.clear()
+            self._ready.notify_all()
+            return left
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests, logs and (later) metrics. Updated by worker threads."""
+
+    batches: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+    jobs_completed: int = 0
+    jobs_failed: int = 0
+    jobs_dropped: int = 0  # their session left before a worker reached them
+    partials_skipped: int = 0
+    model_seconds: float = 0.0
+    audio_seconds: float = 0.0
+
+
+class TranscriptionEngine:
+    """Owns the backend and the worker threads; sessions submit requests and await results."""
+
+    def __init__(self, backend_factory: Callable[[], Backend], *, batch_max_size: int = 8,
+                 batch_wait_ms: float = 10, queue_max_size: int = 64, workers: int = 1, warmup: bool = True) -> None:
+        self._backend_factory = backend_factory
+        self.batch_max_size = batch_max_size
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.workers = workers
+        self.warmup = warmup
+        self.queue = JobQueue(queue_max_size)
+        self.stats = EngineStats()
+        self.backend: Backend | None = None
+        self.ready = False
+        self.dead_reason: str | None = None
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TranscriptionEngine:
+        return cls(lambda: WhisperBackend.load(settings), batch_max_size=settings.batch_max_size,
+                   batch_wait_ms=settings.batch_wait_ms, queue_max_size=settings.queue_max_size,
+                   workers=settings.inference_workers, warmup=settings.warmup)
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.model_id if self.backend else ""
+
+    @property
+    def device(self) -> str:
+        return self.backend.device if self.backend else ""
+
+    @property
+    def languages(self) -> frozenset[str] | None:
+        return self.backend.languages if self.backend else None
+
+    def start(self) -> None:
+        """Load the model, warm it up, start the workers. Blocking: call from a thread."""
+        self.backend = self._backend_factory()
+        if self.warmup:
+            started = time.perf_counter()
+            noise = np.random.default_rng(0).standard_normal(MODEL_SAMPLE_RATE).astype(np.float32) * 0.01
+            self.backend.transcribe_batch([TranscriptionRequest(audio=noise, session_id="warmup")])
+            logger.info("warm-up inference took %.2f s", time.perf_counter() - started)
+        for index in range(self.workers):
+            thread = threading.Thread(target=self._worker, name=f"inference-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.ready = True
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new jobs, cancel the waiting ones, and join the workers."""
+        self.ready = False
+        for job in self.queue.close():
+            job.future.cancel()
+        for thread in self._threads:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                logger.error("worker %s did not stop within %.0f s", thread.name, timeout_s)
+        self._threads.clear()
+
+    def submit(self, request: TranscriptionRequest) -> concurrent.futures.Future[TranscriptionResult]:
+        """Queue a request; raises QueueFullError (partials only) or EngineUnavailableError."""
+        if not self.ready:
+            raise EngineUnavailableError(self.dead_reason or "the engine is not running")
+        job = _Job(request, concurrent.futures.Future())
+        try:
+            self.queue.put(job)
+        except QueueFullError:
+            with self._lock:
+                self.stats.partials_skipped += 1
+            raise
+        return job.future
+
+    async def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
+        """Submit and await; cancelling the await cancels the job if no worker has started it."""
+        return await asyncio.wrap_future(self.submit(request))
+
+    def _worker(self) -> None:
+        try:
+            while (batch := self.queue.take_batch(self.batch_max_size, self.batch_wait_s)) is not None:
+                live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+                with self._lock:
+                    self.stats.jobs_dropped += len(batch) - len(live)
+                if live:
+                    self._run(live)
+        except BaseException as exc:  # the worker itself broke: nothing can be trusted
+            self._die(f"worker {threading.current_thread().name} crashed: {exc!r}")
+            raise
+
+    def _run(self, jobs: list[_Job]) -> None:
+        assert self.backend is not None
+        started = time.perf_counter()
+        try:
+            results = self.backend.transcribe_batch([job.request for job in jobs])
+        except Exception as exc:
+            logger.exception("batch of %d failed", len(jobs))
+            with self._lock:
+                self.stats.jobs_failed += len(jobs)
+            for job in jobs:
+                job.future.set_exception(exc)
+            if is_fatal(exc):
+                self._die(f"device failure: {exc}")
+            return
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.batch_sizes[len(jobs)] += 1
+            self.stats.jobs_completed += len(jobs)
+            self.stats.model_seconds += elapsed
+            self.stats.audio_seconds += sum(job.request.duration for job in jobs)
+        for job, result in zip(jobs, results, strict=True):
+            job.future.set_result(result)
+
+    def _die(self, reason: str) -> None:
+        """Mark the engine dead: /ready turns 503 and every waiting job fails."""
+        if self.dead_reason is None:
+            logger.critical("FATAL: transcription engine is dead: %s; restart the process", reason)
+        self.dead_reason = reason
+        self.ready = False
+        for job in self.queue.close():
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EngineUnavailableError(reason))
