@@ -152,6 +152,7 @@ class WhisperBackend:
                                                  if self.multilingual else frozenset({"en"}))
         self._no_timestamps = getattr(generation, "no_timestamps_token_id", None)
         self._eot = generation.eos_token_id if isinstance(generation.eos_token_id, int) else None
+        self._special_ids = frozenset(processor.tokenizer.all_special_ids)
         # Real checkpoints set max_length=448; we always pass max_new_tokens instead.
         generation.max_length = None
 
@@ -243,7 +244,7 @@ class WhisperBackend:
             text_tokens = text_tokens[:text_tokens.index(self._eot)]
         truncated = len(text_tokens) > cap
         text_tokens = text_tokens[:cap]
-        text = self.processor.tokenizer.decode(text_tokens, skip_special_tokens=True).strip()
+        text = self.processor.tokenizer.decode([t for t in text_tokens if t not in self._special_ids]).strip()
         return TranscriptionResult(text=text, language=language or detected or ("en" if not self.multilingual else None),
                                    tokens=len(text_tokens), truncated=truncated)
 
