@@ -1,0 +1,246 @@
+"""The engine: queue priorities, batching, cancellation, failures, and the real Whisper backend."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from real_time_audio.config import Settings
+from real_time_audio.service import (
+    EngineUnavailableError,
+    JobQueue,
+    QueueFullError,
+    TranscriptionEngine,
+    TranscriptionRequest,
+    TranscriptionResult,
+    WhisperBackend,
+    _Job,
+    token_cap,
+)
+from tests.conftest import speech_like
+
+
+def request(seconds: float = 1.0, *, final: bool = True, language: str | None = None,
+            session: str = "s") -> TranscriptionRequest:
+    return TranscriptionRequest(audio=np.zeros(int(seconds * 16000), np.float32), language=language,
+                                is_final=final, session_id=session)
+
+
+def job(req: TranscriptionRequest) -> _Job:
+    return _Job(req, concurrent.futures.Future())
+
+
+class RecordingBackend:
+    """Test double: records each batch's sessions and answers with the session id as text."""
+
+    model_id, device, languages = "fake", "cpu", None
+
+    def __init__(self, delay_s: float = 0.0, fail_session: str | None = None, fatal: bool = False) -> None:
+        self.delay_s = delay_s
+        self.fail_session = fail_session
+        self.fatal = fatal
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
+        self.gate.wait()
+        self.batches.append([r.session_id for r in requests])
+        time.sleep(self.delay_s)
+        if any(r.session_id == self.fail_session for r in requests):
+            raise RuntimeError("CUDA error: an illegal memory access" if self.fatal else "bad batch")
+        return [TranscriptionResult(text=r.session_id, language="en", tokens=1) for r in requests]
+
+
+def engine_with(backend: RecordingBackend, **kw: object) -> TranscriptionEngine:
+    options = {"batch_max_size": 8, "batch_wait_ms": 50, "queue_max_size": 4, "warmup": False} | kw
+    engine = TranscriptionEngine(lambda: backend, **options)  # type: ignore[arg-type]
+    engine.start()
+    return engine
+
+
+def test_finals_are_served_before_partials() -> None:
+    """Finals jump ahead of partials that were queued earlier."""
+    queue = JobQueue(maxsize=10)
+    queue.put(job(request(final=False, session="p1")))
+    queue.put(job(request(final=True, session="f1")))
+    queue.put(job(request(final=False, session="p2")))
+    queue.put(job(request(final=True, session="f2")))
+    batch = queue.take_batch(max_size=10, wait_s=0)
+    assert batch is not None
+    assert [j.request.session_id for j in batch] == ["f1", "f2", "p1", "p2"]
+
+
+def test_full_queue_refuses_partials_but_never_finals() -> None:
+    """At capacity a partial is refused (skipped); a final is still accepted."""
+    queue = JobQueue(maxsize=2)
+    queue.put(job(request(final=False)))
+    queue.put(job(request(final=False)))
+    with pytest.raises(QueueFullError):
+        queue.put(job(request(final=False)))
+    queue.put(job(request(final=True)))
+    assert len(queue) == 3
+
+
+def test_only_compatible_jobs_share_a_batch() -> None:
+    """Jobs with another language wait for the next batch instead of joining this one."""
+    queue = JobQueue(maxsize=10)
+    for session, language in [("a", "en"), ("b", "de"), ("c", "en"), ("d", "de")]:
+        queue.put(job(request(language=language, session=session)))
+    first = queue.take_batch(8, 0)
+    second = queue.take_batch(8, 0)
+    assert first is not None and second is not None
+    assert [j.request.session_id for j in first] == ["a", "c"]
+    assert [j.request.session_id for j in second] == ["b", "d"]
+
+
+def test_batch_waits_one_deadline_for_late_jobs() -> None:
+    """A job arriving within the wait joins the first job's batch."""
+    queue = JobQueue(maxsize=10)
+    queue.put(job(request(session="early")))
+    timer = threading.Timer(0.05, lambda: queue.put(job(request(session="late"))))
+    timer.start()
+    batch = queue.take_batch(8, wait_s=0.5)
+    timer.join()
+    assert batch is not None and [j.request.session_id for j in batch] == ["early", "late"]
+
+
+def test_token_cap_is_proportional_to_duration() -> None:
+    """Two seconds of audio may produce at most 2 × rate + allowance tokens, never 448."""
+    assert token_cap(2.0, 6) == 20
+    assert token_cap(0.1, 6) == 9
+    assert token_cap(30.0, 6) == 188
+
+
+def test_concurrent_submissions_are_batched() -> None:
+    """Requests submitted together run as one batched call, and each gets its own result."""
+    backend = RecordingBackend()
+    backend.gate.clear()
+    engine = engine_with(backend, queue_max_size=8)
+    try:
+        futures = [engine.submit(request(session=f"s{i}")) for i in range(5)]
+        backend.gate.set()
+        assert [f.result(timeout=10).text for f in futures] == [f"s{i}" for i in range(5)]
+    finally:
+        engine.stop()
+    assert sorted(sum(backend.batches, [])) == [f"s{i}" for i in range(5)]
+    assert max(len(b) for b in backend.batches) >= 4
+    assert engine.stats.jobs_completed == 5
+
+
+def test_cancelled_jobs_are_dropped_unrun() -> None:
+    """A job whose session left before a worker reached it is never given to the model."""
+    backend = RecordingBackend()
+    backend.gate.clear()
+    engine = engine_with(backend, batch_wait_ms=0)
+    try:
+        blocker = engine.submit(request(session="running"))
+        time.sleep(0.2)  # the worker is now blocked inside the model with `running`
+        gone = engine.submit(request(session="gone"))
+        stays = engine.submit(request(session="stays"))
+        assert gone.cancel()
+        backend.gate.set()
+        assert blocker.result(timeout=10).text == "running"
+        assert stays.result(timeout=10).text == "stays"
+    finally:
+        engine.stop()
+    assert "gone" not in sum(backend.batches, [])
+
+
+def test_awaiting_caller_cancellation_cancels_the_job() -> None:
+    """Cancelling `await engine.transcribe(...)` cancels the queued job."""
+    backend = RecordingBackend()
+    backend.gate.clear()
+    engine = engine_with(backend, batch_wait_ms=0)
+
+    async def scenario() -> None:
+        engine.submit(request(session="running"))
+        await asyncio.sleep(0.2)
+        task = asyncio.create_task(engine.transcribe(request(session="abandoned")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(scenario())
+        backend.gate.set()
+        engine.submit(request(session="after")).result(timeout=10)
+    finally:
+        engine.stop()
+    assert "abandoned" not in sum(backend.batches, [])
+    assert engine.stats.jobs_dropped + len(engine.queue) <= 1
+
+
+def test_failing_batch_errors_only_its_jobs() -> None:
+    """A batch that raises fails its own futures; the engine keeps serving others."""
+    backend = RecordingBackend(fail_session="bad")
+    engine = engine_with(backend, batch_wait_ms=0)
+    try:
+        with pytest.raises(RuntimeError, match="bad batch"):
+            engine.submit(request(session="bad")).result(timeout=10)
+        assert engine.submit(request(session="good")).result(timeout=10).text == "good"
+        assert engine.ready and engine.dead_reason is None
+    finally:
+        engine.stop()
+
+
+def test_device_failure_kills_the_engine() -> None:
+    """A CUDA error marks the engine dead: not ready, new submissions refused, reason kept."""
+    backend = RecordingBackend(fail_session="bad", fatal=True)
+    engine = engine_with(backend, batch_wait_ms=0)
+    try:
+        with pytest.raises(RuntimeError):
+            engine.submit(request(session="bad")).result(timeout=10)
+        assert not engine.ready
+        assert engine.dead_reason is not None and "CUDA error" in engine.dead_reason
+        with pytest.raises(EngineUnavailableError):
+            engine.submit(request(session="next"))
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint_dir: Path) -> WhisperBackend:
+    return WhisperBackend.load(Settings(transcription_model_id=str(checkpoint_dir), warmup=False))
+
+
+def test_batched_results_equal_single_results(backend: WhisperBackend) -> None:
+    """The real model gives each clip the same text alone as inside a batch, and clips differ."""
+    clips = [speech_like(seed, 1.0 + seed * 0.7) for seed in range(6)]
+    alone = [backend.transcribe_batch([TranscriptionRequest(audio=c)])[0].text for c in clips]
+    together = [r.text for r in backend.transcribe_batch([TranscriptionRequest(audio=c) for c in clips])]
+    assert together == alone
+    assert len(set(alone)) == len(alone), alone
+
+
+def test_generation_is_capped_by_duration(backend: WhisperBackend) -> None:
+    """Short audio cannot produce more tokens than its duration allows."""
+    for seconds in (0.2, 1.0, 2.0):
+        result = backend.transcribe_batch([TranscriptionRequest(audio=speech_like(3, seconds))])[0]
+        assert 0 < result.tokens <= token_cap(seconds, backend.tokens_per_second)
+
+
+def test_language_is_detected_or_forced(backend: WhisperBackend) -> None:
+    """Without a language the detected one is reported; a forced one is reported as given."""
+    clip = speech_like(1, 2.0)
+    detected = backend.transcribe_batch([TranscriptionRequest(audio=clip)])[0].language
+    assert detected in backend.languages  # type: ignore[operator]
+    forced = backend.transcribe_batch([TranscriptionRequest(audio=clip, language="de")])[0]
+    assert forced.language == "de"
+
+
+def test_prompt_changes_the_decoding_context(backend: WhisperBackend) -> None:
+    """A prompt is passed to the model (the text is conditioned on it) and is not echoed back."""
+    clip = speech_like(2, 3.0)
+    plain = backend.transcribe_batch([TranscriptionRequest(audio=clip)])[0].text
+    prompted = backend.transcribe_batch([TranscriptionRequest(audio=clip, prompt="ba ke ti mo " * 3)])[0].text
+    assert prompted != plain
+    assert not prompted.startswith("ba ke ti mo")
