@@ -119,7 +119,16 @@ class LiveServer:
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="on", ws="websockets-sansio"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.server_loop: asyncio.AbstractEventLoop
+
+    def _serve(self) -> None:
+        self.server_loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.server_loop)
+        try:
+            self.server_loop.run_until_complete(self.server.serve())
+        finally:
+            self.server_loop.close()
 
     @property
     def url(self) -> str:

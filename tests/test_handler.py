@@ -1,0 +1,172 @@
+"""Sessions under concurrency, over a real uvicorn server driven by the `websockets` client:
+isolation, cross-session batching, coalescing, and clients that vanish at any moment."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import websockets
+
+from main import create_app
+from real_time_audio.config import Settings
+from real_time_audio.service import TranscriptionRequest, TranscriptionResult
+from tests.conftest import LiveServer, finals, frames, pcm16, seconds, speech_like, stream_session
+
+N_SESSIONS = 6
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def final_texts(result: dict[str, Any]) -> list[str]:
+    return [m["text"] for m in finals(result["messages"])]
+
+
+def test_sessions_are_isolated_and_batched(make_settings: Callable[..., Settings]) -> None:
+    """N concurrent sessions with different audio each get exactly the text they get alone,
+    and the engine ran batches larger than one to serve them."""
+    settings = make_settings(batch_wait_ms=100, batch_max_size=8, partial_interval_ms=300)
+    clips = [pcm16(speech_like(100 + i, 2.0 + 0.25 * i)) for i in range(N_SESSIONS)]
+    options = {"frame_bytes": 8000, "flush_every": 4}
+    with LiveServer(create_app(settings)) as server:
+        alone = [run(stream_session(server.url, clip, **options)) for clip in clips]
+        engine = server.app.state.engine
+        before = sum(n for size, n in engine.stats.batch_sizes.items() if size > 1)
+
+        async def together() -> list[dict[str, Any]]:
+            return await asyncio.gather(*(stream_session(server.url, clip, delay_s=0.02, **options)
+                                          for clip in clips))
+
+        concurrent = run(together())
+        batched = sum(n for size, n in engine.stats.batch_sizes.items() if size > 1) - before
+    alone_texts = [final_texts(r) for r in alone]
+    assert len({" ".join(t) for t in alone_texts}) == N_SESSIONS, "clips must differ for the test to prove anything"
+    assert [final_texts(r) for r in concurrent] == alone_texts
+    for clip, result in zip(clips, concurrent, strict=True):
+        done = result["messages"][-1]
+        assert done["status"] == "completed" and result["close_code"] == 1000
+        assert done["recording"]["sha256"] == hashlib.sha256(clip).hexdigest()
+    assert batched >= 1, f"no batch larger than 1: {engine.stats.batch_sizes}"
+
+
+class SlowRecordingBackend:
+    """Wraps the real backend: records which sessions share each batch, and slows each call down."""
+
+    def __init__(self, real: Any, delay_s: float) -> None:
+        self.real = real
+        self.delay_s = delay_s
+        self.batches: list[list[tuple[str, bool, int]]] = []
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
+        with self.lock:
+            self.batches.append([(r.session_id, r.is_final, len(r.audio)) for r in requests])
+        threading.Event().wait(self.delay_s)
+        return list(self.real.transcribe_batch(requests))
+
+
+def test_audio_arriving_during_a_job_is_coalesced(make_settings: Callable[..., Settings]) -> None:
+    """While a session's job runs, new frames accumulate into its next job: one job at a time per
+    session, far fewer jobs than frames, and every sample still ends up in the finals."""
+    settings = make_settings(partial_interval_ms=50, batch_wait_ms=0)
+    app = create_app(settings)
+    clip = pcm16(speech_like(5, 3.0))
+    with LiveServer(app) as server:
+        engine = server.app.state.engine
+        spy = SlowRecordingBackend(engine.backend, delay_s=0.3)
+        engine.backend = spy
+        result = run(stream_session(server.url, clip, frame_bytes=1600, delay_s=0.01))  # 60 frames of 50 ms
+    jobs = [job for batch in spy.batches for job in batch]
+    assert all(len({sid for sid, _, _ in batch}) == len(batch) for batch in spy.batches)
+    assert len(jobs) < 60 / 3
+    assert len(engine.queue) == 0
+    spans = [(m["start"], m["end"]) for m in finals(result["messages"])]
+    assert spans == [(0.0, 3.0)]
+
+
+def test_disconnects_at_random_moments_leave_nothing_behind(make_settings: Callable[..., Settings]) -> None:
+    """Clients that vanish mid-stream, mid-inference or mid-flush leave no session, job, task or open
+    file; each record says `disconnected`; a well-behaved session alongside completes normally."""
+    settings = make_settings(partial_interval_ms=50, batch_wait_ms=5)
+    app = create_app(settings)
+    rng = random.Random(1234)
+    good_clip = pcm16(speech_like(77, 2.0))
+
+    async def vanishing(url: str, seed: int) -> str:
+        ws = await websockets.connect(url)
+        session_id = json.loads(await ws.recv())["session_id"]
+        clip = pcm16(speech_like(seed, 2.0))
+        for chunk in frames(clip, 4000)[: rng.randint(0, 8)]:
+            await ws.send(chunk)
+            await asyncio.sleep(rng.random() * 0.05)
+        if rng.random() < 0.5:
+            await ws.send(json.dumps({"type": "flush"}))
+        if rng.random() < 0.3:
+            await ws.send("END")
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(rng.random() * 0.2)
+        ws.transport.abort() if rng.random() < 0.5 else await ws.close()  # abrupt or polite
+        return session_id
+
+    with LiveServer(app) as server:
+        engine = server.app.state.engine
+        fd_before = len(os.listdir("/proc/self/fd"))
+        threads_before = _non_pool_threads()
+
+        async def scenario() -> tuple[list[str], dict[str, Any]]:
+            good = asyncio.create_task(stream_session(server.url, good_clip, delay_s=0.05, frame_bytes=3200))
+            gone = await asyncio.gather(*(vanishing(server.url, seed) for seed in range(16)))
+            return gone, await good
+
+        gone, good = run(scenario())
+        deadline = asyncio.run(_wait_until(lambda: not server.app.state.sessions, seconds(15)))
+        assert deadline, f"sessions left: {list(server.app.state.sessions)}"
+        assert len(engine.queue) == 0
+        assert len(os.listdir("/proc/self/fd")) <= fd_before
+        assert _non_pool_threads() == threads_before
+        loop_tasks = asyncio.run(_server_tasks(server))
+    assert good["messages"][-1]["status"] == "completed" and good["close_code"] == 1000
+    assert good["messages"][-1]["recording"]["sha256"] == hashlib.sha256(good_clip).hexdigest()
+    for session_id in gone:
+        meta = json.loads((Path(settings.audio_storage_dir) / session_id / "session.json").read_text())
+        assert meta["status"] in ("disconnected", "completed"), meta["status"]
+        assert meta["ended_at"] is not None
+    assert loop_tasks == [], loop_tasks
+
+
+def _non_pool_threads() -> list[str]:
+    """Threads other than the event loop's bounded `to_thread` pool (which keeps idle workers)."""
+    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("asyncio_"))
+
+
+async def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def _server_tasks(server: LiveServer) -> list[str]:
+    """Names of the session tasks still alive on the server's event loop."""
+    loop = server.server_loop
+    future = asyncio.run_coroutine_threadsafe(_task_names(), loop)
+    return await asyncio.wrap_future(future)
+
+
+async def _task_names() -> list[str]:
+    return sorted(t.get_name() for t in asyncio.all_tasks()
+                  if t.get_name().startswith(("receive-", "transcribe-")))

@@ -1,0 +1,115 @@
+"""The server as operators run it: real `uvicorn` and `gunicorn` processes, started the README's way."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, finals, free_port, pcm16, seconds, speech_like, stream_session
+
+BIN = Path(sys.executable).parent
+
+
+def server_env(checkpoint_dir: Path, storage: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "TRANSCRIPTION_MODEL_ID": str(checkpoint_dir), "AUDIO_STORAGE_DIR": str(storage),
+            "WARMUP": "true", "PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1", **extra}
+
+
+def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError("server did not become ready")
+
+
+@pytest.fixture(params=["uvicorn", "gunicorn"])
+def server_process(request: pytest.FixtureRequest, checkpoint_dir: Path,
+                   tmp_path: Path) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
+    port = free_port()
+    storage = tmp_path / "audio"
+    if request.param == "uvicorn":
+        command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        command = [str(BIN / "gunicorn"), "main:app", "-k", "uvicorn.workers.UvicornWorker",
+                   "-b", f"127.0.0.1:{port}", "--timeout", "120"]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=server_env(checkpoint_dir, storage),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(port, process, seconds(120))
+        yield port, storage, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(seconds(30))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def test_real_server_process_serves_sessions(server_process: tuple[int, Path, subprocess.Popen[bytes]]) -> None:
+    """A session over a real server process: finals, `completed`, close 1000, and the audio on disk."""
+    port, storage, process = server_process
+    clip = pcm16(speech_like(21, 2.5))
+    url = f"ws://127.0.0.1:{port}/ws/transcribe"
+    result = asyncio.run(stream_session(url, clip, frame_bytes=4096, delay_s=0.01))
+    done = result["messages"][-1]
+    assert result["close_code"] == 1000 and done["status"] == "completed"
+    assert result["messages"][0]["device"] == "cpu"
+    assert done["text"] == " ".join(m["text"] for m in finals(result["messages"]))
+    assert done["recording"]["sha256"] == hashlib.sha256(clip).hexdigest()
+    session_dir = storage / done["session_id"]
+    assert (session_dir / "audio.wav").stat().st_size == 44 + len(clip)
+    process.send_signal(signal.SIGTERM)
+    # uvicorn re-raises the signal after a clean shutdown; gunicorn's master exits 0
+    assert process.wait(seconds(30)) in (0, -signal.SIGTERM)
+    assert process.stdout is not None
+    log = process.stdout.read().decode()
+    assert "engine stopped" in log, log[-2000:]
+
+
+def test_unreachable_hub_fails_fast(tmp_path: Path) -> None:
+    """A hub model id with no cache and no hub exits at once with a message saying exactly that."""
+    closed_port = free_port()  # nothing listens here: the "hub" refuses at once, nothing leaves the host
+    env = {**os.environ, "TRANSCRIPTION_MODEL_ID": "openai/whisper-tiny", "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}", "PYTHONPATH": str(PROJECT_ROOT),
+           "AUDIO_STORAGE_DIR": str(tmp_path / "audio")}
+    env.pop("HF_HUB_OFFLINE", None)
+    started = time.monotonic()
+    result = subprocess.run([str(BIN / "uvicorn"), "main:app", "--port", str(free_port())], cwd=PROJECT_ROOT,
+                            env=env, capture_output=True, text=True, timeout=seconds(120))
+    assert result.returncode != 0
+    assert ("cannot load TRANSCRIPTION_MODEL_ID='openai/whisper-tiny': it is not a local folder, it is not in "
+            "the Hugging Face cache, and the model hub cannot be reached") in result.stderr
+    assert time.monotonic() - started < seconds(60)
+
+
+def test_missing_local_folder_is_reported(tmp_path: Path) -> None:
+    """A path that does not exist is reported as a missing folder, without trying the hub."""
+    missing = tmp_path / "no-such-model"
+    env = {**os.environ, "TRANSCRIPTION_MODEL_ID": str(missing), "PYTHONPATH": str(PROJECT_ROOT),
+           "AUDIO_STORAGE_DIR": str(tmp_path / "audio")}
+    result = subprocess.run([str(BIN / "uvicorn"), "main:app", "--port", str(free_port())], cwd=PROJECT_ROOT,
+                            env=env, capture_output=True, text=True, timeout=seconds(120))
+    assert result.returncode != 0
+    assert f"TRANSCRIPTION_MODEL_ID={str(missing)!r} looks like a path, but no such folder exists" in result.stderr
