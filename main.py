@@ -21,16 +21,16 @@ logger = logging.getLogger("real_time_audio")
 
 
 def configure_logging(level: str) -> None:
-    """Our log lines at `level`; transformers' advice about generation arguments silenced."""
+    """Our log lines at `level`, with timestamps."""
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(level)
-    logging.getLogger("transformers.generation.utils").setLevel(logging.ERROR)
-    logging.getLogger("transformers.generation.configuration_utils").setLevel(logging.ERROR)
 
 
-def create_app(settings: Settings | None = None,
-               engine_factory: Callable[[Settings], TranscriptionEngine] = TranscriptionEngine.from_settings) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    engine_factory: Callable[[Settings], TranscriptionEngine] = TranscriptionEngine.from_settings,
+) -> FastAPI:
     """Build the application. The engine is made and started by the lifespan, not here."""
     settings = settings or load_settings()
     configure_logging(settings.log_level)
@@ -41,8 +41,9 @@ def create_app(settings: Settings | None = None,
         engine = engine_factory(settings)
         app.state.engine = engine
         await asyncio.to_thread(engine.start)
-        logger.info("ready: %s on %s, storage in %s", engine.model_id, engine.device,
-                    settings.audio_storage_dir.resolve())
+        logger.info(
+            "ready: %s on %s, storage in %s", engine.model_id, engine.device, settings.audio_storage_dir.resolve()
+        )
         try:
             yield
         finally:

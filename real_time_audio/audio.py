@@ -31,15 +31,19 @@ class PcmDecoder:
         self._width = _SAMPLE_WIDTH[encoding]
         self._dtype = np.dtype("<i2") if encoding == "pcm_s16le" else np.dtype("<f4")
         self._carry = b""
-        self._resampler = (soxr.ResampleStream(sample_rate, MODEL_SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-                           if sample_rate != MODEL_SAMPLE_RATE else None)
+        self._resampler = (
+            soxr.ResampleStream(sample_rate, MODEL_SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+            if sample_rate != MODEL_SAMPLE_RATE
+            else None
+        )
 
     def check(self, frame: bytes) -> None:
         """Raise BadAudioError if `frame` is not a whole number of samples."""
         if len(frame) % self._width:
             kind = "an even" if self._width == 2 else "a multiple of 4"
             raise BadAudioError(
-                f"{self.encoding} frames must hold {kind} number of bytes; got {len(frame)} (frame rejected)")
+                f"{self.encoding} frames must hold {kind} number of bytes; got {len(frame)} (frame rejected)"
+            )
 
     def decode(self, frame: bytes) -> NDArray[np.float32]:
         """Decode one checked frame; returns the 16 kHz mono samples it completes."""
@@ -56,7 +60,7 @@ class PcmDecoder:
             samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
         if self._resampler is None:
             return samples
-        return self._resampler.resample_chunk(samples, last=False)
+        return np.asarray(self._resampler.resample_chunk(samples, last=False), dtype=np.float32)
 
     def drain(self) -> NDArray[np.float32]:
         """Return the samples still held inside the resampler (at a flush or the end of stream)."""
@@ -64,4 +68,4 @@ class PcmDecoder:
             return np.zeros(0, dtype=np.float32)
         tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self._resampler.clear()
-        return tail
+        return np.asarray(tail, dtype=np.float32)

@@ -20,8 +20,9 @@ class SettingsError(ValueError):
 class Settings(BaseSettings):
     """Every knob of the server. Names are the environment variables, upper-cased."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
-                                      case_sensitive=False, use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False, use_attribute_docstrings=True
+    )
 
     host: str = "127.0.0.1"
     """Interface the server binds to when started with `python main.py`."""
@@ -85,7 +86,8 @@ class Settings(BaseSettings):
         if self.queue_max_size < self.max_sessions:
             # Each session has at most one job queued, so this makes partials the only thing skipped.
             raise ValueError(
-                f"QUEUE_MAX_SIZE ({self.queue_max_size}) must be at least MAX_SESSIONS ({self.max_sessions})")
+                f"QUEUE_MAX_SIZE ({self.queue_max_size}) must be at least MAX_SESSIONS ({self.max_sessions})"
+            )
         return self
 
 

@@ -9,6 +9,7 @@ for the next window, awaits the engine (at most one job per session at a time) a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -79,8 +80,9 @@ class _Finalize:
 class Session:
     """One client's live transcription session."""
 
-    def __init__(self, websocket: WebSocket, engine: TranscriptionEngine, settings: Settings,
-                 query: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, websocket: WebSocket, engine: TranscriptionEngine, settings: Settings, query: dict[str, str] | None = None
+    ) -> None:
         self.ws = websocket
         self.engine = engine
         self.settings = settings
@@ -101,22 +103,28 @@ class Session:
         self._status = "disconnected"
 
     def _make_policy(self) -> FixedSegmentPolicy:
-        return FixedSegmentPolicy(partial_interval_s=self.settings.partial_interval_ms / 1000,
-                                  segment_max_s=self.settings.segment_max_s,
-                                  interim_results=self.config.interim_results)
+        return FixedSegmentPolicy(
+            partial_interval_s=self.settings.partial_interval_ms / 1000,
+            segment_max_s=self.settings.segment_max_s,
+            interim_results=self.config.interim_results,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve the connection until it ends, then release everything it held."""
         query_error = self._configure_from_query()
-        self._recorder = await asyncio.to_thread(SessionRecorder, self.settings.audio_storage_dir, self.id,
-                                                 self._metadata())
+        self._recorder = await asyncio.to_thread(
+            SessionRecorder, self.settings.audio_storage_dir, self.id, self._metadata()
+        )
         self.log.info("session %s started (%s)", self.id, self.ws.client)
         tasks: set[asyncio.Task[None]] = set()
         try:
-            await self._send(StatusConnected(session_id=self.id, config=self.config.wire(),
-                                             model=self.engine.model_id, device=self.engine.device))
+            await self._send(
+                StatusConnected(
+                    session_id=self.id, config=self.config.wire(), model=self.engine.model_id, device=self.engine.device
+                )
+            )
             if query_error:
                 await self._send_error(query_error.code, query_error.message)
             receiver = asyncio.create_task(self._receive(), name=f"receive-{self.id}")
@@ -136,16 +144,24 @@ class Session:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.shield(asyncio.to_thread(self._close_recorder))
-            self.log.info("session %s ended: %s, %d bytes", self.id, self._status,
-                          self._recorder.bytes_received if self._recorder else 0)
+            self.log.info(
+                "session %s ended: %s, %d bytes",
+                self.id,
+                self._status,
+                self._recorder.bytes_received if self._recorder else 0,
+            )
 
     def _close_recorder(self) -> None:
         if self._recorder is not None and not self._recorder.closed:
             self._recorder.close(self._status, duration=round(self._duration(), 3), segments=len(self._finals))
 
     def _metadata(self) -> dict[str, Any]:
-        return {"config": self.config.wire(), "model": self.engine.model_id, "device": self.engine.device,
-                "client": f"{self.ws.client.host}:{self.ws.client.port}" if self.ws.client else None}
+        return {
+            "config": self.config.wire(),
+            "model": self.engine.model_id,
+            "device": self.engine.device,
+            "client": f"{self.ws.client.host}:{self.ws.client.port}" if self.ws.client else None,
+        }
 
     def _duration(self) -> float:
         """Seconds of audio received, from the byte count in the session's own format."""
@@ -195,7 +211,8 @@ class Session:
             except TimeoutError:
                 self._status = "idle_timeout"
                 await self._close_with_error(
-                    "idle_timeout", f"no data for {self.settings.idle_timeout_s:g} s", CLOSE_IDLE)
+                    "idle_timeout", f"no data for {self.settings.idle_timeout_s:g} s", CLOSE_IDLE
+                )
                 raise SessionClosed from None
             if message["type"] == "websocket.disconnect":
                 raise ClientGone
@@ -208,8 +225,10 @@ class Session:
         if len(frame) > self.settings.max_frame_bytes:
             self._status = "frame_too_large"
             await self._close_with_error(
-                "too_large", f"binary frame of {len(frame)} bytes exceeds the limit of "
-                f"{self.settings.max_frame_bytes} bytes", CLOSE_TOO_LARGE)
+                "too_large",
+                f"binary frame of {len(frame)} bytes exceeds the limit of {self.settings.max_frame_bytes} bytes",
+                CLOSE_TOO_LARGE,
+            )
             raise SessionClosed
         if self._ended:
             await self._send_error("bad_message", "audio after the end of stream is ignored")
@@ -252,8 +271,9 @@ class Session:
         elif isinstance(message, EndMessage):
             self._ended = True
             if self._recorder is not None and self._recorder.bytes_received == 0:
-                await asyncio.to_thread(self._recorder.write_audio, b"", self.config.encoding,
-                                        self.config.sample_rate, self.config.channels)
+                await asyncio.to_thread(
+                    self._recorder.write_audio, b"", self.config.encoding, self.config.sample_rate, self.config.channels
+                )
             self._request_finalize("end")
         # keepalive: receiving it has already reset the idle timer
 
@@ -298,14 +318,18 @@ class Session:
             delay = self._policy.seconds_until_partial(now)
             if delay == 0:
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
 
     async def _run_window(self, window: Window) -> None:
-        request = TranscriptionRequest(audio=window.audio, language=self.config.language, task=self.config.task,
-                                       prompt=self.config.prompt, is_final=window.is_final, session_id=self.id)
+        request = TranscriptionRequest(
+            audio=window.audio,
+            language=self.config.language,
+            task=self.config.task,
+            prompt=self.config.prompt,
+            is_final=window.is_final,
+            session_id=self.id,
+        )
         text: str | None = None
         language: str | None = None
         try:
@@ -319,9 +343,12 @@ class Session:
             raise SessionClosed from None
         except Exception as exc:
             self.log.warning("transcription of segment %d failed: %r", window.segment_id, exc)
-            await self._send_error("internal", f"segment {window.segment_id} "
-                                   f"({window.start / MODEL_SAMPLE_RATE:.2f}-{window.end / MODEL_SAMPLE_RATE:.2f} s) "
-                                   "could not be transcribed; its audio is kept in the recording")
+            await self._send_error(
+                "internal",
+                f"segment {window.segment_id} "
+                f"({window.start / MODEL_SAMPLE_RATE:.2f}-{window.end / MODEL_SAMPLE_RATE:.2f} s) "
+                "could not be transcribed; its audio is kept in the recording",
+            )
         for segment in self._policy.accept(window, text, language):
             await self._send_segment(segment)
         if window.is_final:
@@ -329,24 +356,40 @@ class Session:
 
     async def _send_segment(self, segment: SegmentText) -> None:
         lag = max(0.0, self._policy.received / MODEL_SAMPLE_RATE - segment.end)
-        message = Transcription(segment_id=segment.segment_id, is_final=segment.is_final, text=segment.text,
-                                start=segment.start, end=segment.end, language=segment.language, lag=round(lag, 3))
+        message = Transcription(
+            segment_id=segment.segment_id,
+            is_final=segment.is_final,
+            text=segment.text,
+            start=segment.start,
+            end=segment.end,
+            language=segment.language,
+            lag=round(lag, 3),
+        )
         if segment.is_final:
             self._finals.append(segment.text)
             assert self._recorder is not None
-            await asyncio.to_thread(self._recorder.append_final, message.model_dump(exclude={"type", "is_final",
-                                                                                             "lag", "words"}))
+            await asyncio.to_thread(
+                self._recorder.append_final, message.model_dump(exclude={"type", "is_final", "lag", "words"})
+            )
         await self._send(message)
 
     async def _complete(self) -> None:
         assert self._recorder is not None
         self._status = "completed"
         await asyncio.to_thread(self._close_recorder)
-        await self._send(StatusCompleted(
-            session_id=self.id, text=" ".join(t for t in self._finals if t), duration=round(self._duration(), 3),
-            segments=len(self._finals),
-            recording=Recording(audio=str(self._recorder.audio_path), bytes=self._recorder.bytes_received,
-                                sha256=self._recorder.sha256)))
+        await self._send(
+            StatusCompleted(
+                session_id=self.id,
+                text=" ".join(t for t in self._finals if t),
+                duration=round(self._duration(), 3),
+                segments=len(self._finals),
+                recording=Recording(
+                    audio=str(self._recorder.audio_path),
+                    bytes=self._recorder.bytes_received,
+                    sha256=self._recorder.sha256,
+                ),
+            )
+        )
         await self.ws.close(CLOSE_NORMAL)
 
     # -- sending --------------------------------------------------------------------------------

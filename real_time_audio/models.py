@@ -11,8 +11,17 @@ PROTOCOL_VERSION = 1
 PCM_ENCODINGS = ("pcm_s16le", "pcm_f32le")
 CONTAINER_ENCODINGS = ("webm", "ogg", "mp4", "wav", "mp3", "flac")
 Encoding = Literal["pcm_s16le", "pcm_f32le", "webm", "ogg", "mp4", "wav", "mp3", "flac"]
-ErrorCode = Literal["bad_message", "bad_config", "bad_audio", "too_large", "unauthorized",
-                    "forbidden_origin", "server_busy", "idle_timeout", "internal"]
+ErrorCode = Literal[
+    "bad_message",
+    "bad_config",
+    "bad_audio",
+    "too_large",
+    "unauthorized",
+    "forbidden_origin",
+    "server_busy",
+    "idle_timeout",
+    "internal",
+]
 
 
 class WireModel(BaseModel):
@@ -86,7 +95,10 @@ class EndMessage(WireModel):
 
 ClientMessage = ConfigUpdate | FlushMessage | KeepaliveMessage | EndMessage
 _CLIENT_MESSAGES: dict[str, type[WireModel]] = {
-    "config": ConfigUpdate, "flush": FlushMessage, "keepalive": KeepaliveMessage, "end": EndMessage,
+    "config": ConfigUpdate,
+    "flush": FlushMessage,
+    "keepalive": KeepaliveMessage,
+    "end": EndMessage,
 }
 
 
@@ -150,7 +162,8 @@ def apply_config(current: SessionConfig, update: dict[str, Any]) -> SessionConfi
     if config.encoding in CONTAINER_ENCODINGS:
         raise ProtocolError(
             "bad_config",
-            f"encoding: {config.encoding!r} is not supported by this server yet; use pcm_s16le or pcm_f32le")
+            f"encoding: {config.encoding!r} is not supported by this server yet; use pcm_s16le or pcm_f32le",
+        )
     return config
 
 
@@ -229,8 +242,16 @@ class ErrorMessage(WireModel):
     message: str
 
 
-ServerMessage = (StatusConnected | StatusConfigured | StatusFlushed | StatusCompleted | Transcription
-                 | SpeechStarted | SpeechEnded | ErrorMessage)
+ServerMessage = (
+    StatusConnected
+    | StatusConfigured
+    | StatusFlushed
+    | StatusCompleted
+    | Transcription
+    | SpeechStarted
+    | SpeechEnded
+    | ErrorMessage
+)
 
 
 def to_json(message: ServerMessage) -> str:

@@ -31,8 +31,12 @@ async def ready(request: Request) -> JSONResponse:
     if engine is None or not engine.ready:
         reason = engine.dead_reason if engine and engine.dead_reason else "model not loaded"
         return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-    body: dict[str, Any] = {"status": "ready", "model": engine.model_id, "device": engine.device,
-                            "sessions": len(request.app.state.sessions)}
+    body: dict[str, Any] = {
+        "status": "ready",
+        "model": engine.model_id,
+        "device": engine.device,
+        "sessions": len(request.app.state.sessions),
+    }
     return JSONResponse(body)
 
 
@@ -48,9 +52,12 @@ async def transcribe(websocket: WebSocket) -> None:
         await _refuse(websocket, "internal", "the transcription engine is not available", CLOSE_INTERNAL)
         return
     if len(sessions) >= settings.max_sessions:
-        await _refuse(websocket, "server_busy",
-                      f"the server is at its limit of {settings.max_sessions} sessions; try again later",
-                      CLOSE_TRY_AGAIN_LATER)
+        await _refuse(
+            websocket,
+            "server_busy",
+            f"the server is at its limit of {settings.max_sessions} sessions; try again later",
+            CLOSE_TRY_AGAIN_LATER,
+        )
         return
     session = Session(websocket, engine, settings, dict(websocket.query_params))
     sessions[session.id] = session

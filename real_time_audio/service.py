@@ -97,7 +97,7 @@ class Backend(Protocol):
 
 def token_cap(duration_s: float, tokens_per_second: float) -> int:
     """Most tokens a clip of this length may produce: proportional to its duration."""
-    return int(math.ceil(duration_s * tokens_per_second)) + TOKEN_ALLOWANCE
+    return math.ceil(duration_s * tokens_per_second) + TOKEN_ALLOWANCE
 
 
 def resolve_device(setting: str) -> tuple[str, str]:
@@ -136,8 +136,9 @@ def _hub_reachable(timeout_s: float = 5.0) -> tuple[bool, str]:
 class WhisperBackend:
     """A Hugging Face Whisper model and its processor, run with batched `generate`."""
 
-    def __init__(self, model_id: str, device: str, dtype: Any, model: Any, processor: Any,
-                 tokens_per_second: float) -> None:
+    def __init__(
+        self, model_id: str, device: str, dtype: Any, model: Any, processor: Any, tokens_per_second: float
+    ) -> None:
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
@@ -148,8 +149,9 @@ class WhisperBackend:
         self.multilingual = bool(getattr(generation, "is_multilingual", False))
         lang_to_id: dict[str, int] = getattr(generation, "lang_to_id", None) or {}
         self._id_to_language = {token_id: token[2:-2] for token, token_id in lang_to_id.items()}
-        self.languages: frozenset[str] | None = (frozenset(self._id_to_language.values())
-                                                 if self.multilingual else frozenset({"en"}))
+        self.languages: frozenset[str] | None = (
+            frozenset(self._id_to_language.values()) if self.multilingual else frozenset({"en"})
+        )
         self._no_timestamps = getattr(generation, "no_timestamps_token_id", None)
         self._eot = generation.eos_token_id if isinstance(generation.eos_token_id, int) else None
         self._special_ids = frozenset(processor.tokenizer.all_special_ids)
@@ -162,6 +164,9 @@ class WhisperBackend:
         import torch
         from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
 
+        # We pass max_new_tokens on purpose; transformers' advice about it would repeat on every call.
+        for name in ("transformers.generation.utils", "transformers.generation.configuration_utils"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         device, reason = resolve_device(settings.device)
         dtype_name = settings.torch_dtype
         if dtype_name == "auto":
@@ -178,7 +183,7 @@ class WhisperBackend:
             raise ModelLoadError(f"TRANSCRIPTION_MODEL_ID={source!r} looks like a path, but no such folder exists")
         else:
             try:  # already in the local Hugging Face cache?
-                AutoProcessor.from_pretrained(source, local_files_only=True)
+                AutoProcessor.from_pretrained(source, local_files_only=True)  # type: ignore[no-untyped-call]
                 options["local_files_only"] = True
             except OSError:
                 reachable, why = _hub_reachable()
@@ -186,10 +191,11 @@ class WhisperBackend:
                     raise ModelLoadError(
                         f"cannot load TRANSCRIPTION_MODEL_ID={source!r}: it is not a local folder, it is not in "
                         f"the Hugging Face cache, and the model hub cannot be reached ({why}). Download the model "
-                        "where the hub is reachable and set TRANSCRIPTION_MODEL_ID to that local folder.") from None
+                        "where the hub is reachable and set TRANSCRIPTION_MODEL_ID to that local folder."
+                    ) from None
         started = time.perf_counter()
         try:
-            processor = AutoProcessor.from_pretrained(source, **options)
+            processor = AutoProcessor.from_pretrained(source, **options)  # type: ignore[no-untyped-call]
             model = AutoModelForSpeechSeq2Seq.from_pretrained(source, dtype=dtype, **options)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load TRANSCRIPTION_MODEL_ID={source!r}: {exc}") from exc
@@ -211,12 +217,17 @@ class WhisperBackend:
 
         first = requests[0]
         features = self.processor.feature_extractor(
-            [r.audio for r in requests], sampling_rate=MODEL_SAMPLE_RATE, return_tensors="pt",
-            return_attention_mask=True)
+            [r.audio for r in requests],
+            sampling_rate=MODEL_SAMPLE_RATE,
+            return_tensors="pt",
+            return_attention_mask=True,
+        )
         input_features = features.input_features.to(self.device, self.dtype)
         attention_mask = features.attention_mask.to(self.device)
         caps = [token_cap(r.duration, self.tokens_per_second) for r in requests]
-        options: dict[str, Any] = {"return_dict_in_generate": True}
+        # One generate call per window (no second pass over "unfinished" rows), so that the
+        # returned sequences hold exactly one row per request, decoder prompt included.
+        options: dict[str, Any] = {"return_dict_in_generate": True, "force_unique_generate_call": True}
         prefix = 4
         if self.multilingual:
             options["task"] = first.task
@@ -241,19 +252,27 @@ class WhisperBackend:
         detected = next((self._id_to_language[t] for t in tokens[:start] if t in self._id_to_language), None)
         text_tokens = tokens[start:]
         if self._eot is not None and self._eot in text_tokens:
-            text_tokens = text_tokens[:text_tokens.index(self._eot)]
+            text_tokens = text_tokens[: text_tokens.index(self._eot)]
         truncated = len(text_tokens) > cap
         text_tokens = text_tokens[:cap]
         text = self.processor.tokenizer.decode([t for t in text_tokens if t not in self._special_ids]).strip()
-        return TranscriptionResult(text=text, language=language or detected or ("en" if not self.multilingual else None),
-                                   tokens=len(text_tokens), truncated=truncated)
+        return TranscriptionResult(
+            text=text,
+            language=language or detected or ("en" if not self.multilingual else None),
+            tokens=len(text_tokens),
+            truncated=truncated,
+        )
 
 
 def is_fatal(exc: BaseException) -> bool:
     """Errors after which the device cannot be trusted (the process must be restarted)."""
     text = str(exc)
-    return ("CUDA error" in text or "device-side assert" in text or "cuDNN error" in text
-            or type(exc).__name__ == "AcceleratorError")
+    return (
+        "CUDA error" in text
+        or "device-side assert" in text
+        or "cuDNN error" in text
+        or type(exc).__name__ == "AcceleratorError"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +386,16 @@ class EngineStats:
 class TranscriptionEngine:
     """Owns the backend and the worker threads; sessions submit requests and await results."""
 
-    def __init__(self, backend_factory: Callable[[], Backend], *, batch_max_size: int = 8,
-                 batch_wait_ms: float = 10, queue_max_size: int = 64, workers: int = 1, warmup: bool = True) -> None:
+    def __init__(
+        self,
+        backend_factory: Callable[[], Backend],
+        *,
+        batch_max_size: int = 8,
+        batch_wait_ms: float = 10,
+        queue_max_size: int = 64,
+        workers: int = 1,
+        warmup: bool = True,
+    ) -> None:
         self._backend_factory = backend_factory
         self.batch_max_size = batch_max_size
         self.batch_wait_s = batch_wait_ms / 1000
@@ -384,9 +411,14 @@ class TranscriptionEngine:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TranscriptionEngine:
-        return cls(lambda: WhisperBackend.load(settings), batch_max_size=settings.batch_max_size,
-                   batch_wait_ms=settings.batch_wait_ms, queue_max_size=settings.queue_max_size,
-                   workers=settings.inference_workers, warmup=settings.warmup)
+        return cls(
+            lambda: WhisperBackend.load(settings),
+            batch_max_size=settings.batch_max_size,
+            batch_wait_ms=settings.batch_wait_ms,
+            queue_max_size=settings.queue_max_size,
+            workers=settings.inference_workers,
+            warmup=settings.warmup,
+        )
 
     @property
     def model_id(self) -> str:

@@ -29,10 +29,15 @@ def wav_header(encoding: str, sample_rate: int, channels: int, data_bytes: int) 
     bits = 16 if encoding == "pcm_s16le" else 32
     fmt = _FORMAT_PCM if encoding == "pcm_s16le" else _FORMAT_IEEE_FLOAT
     block_align = channels * bits // 8
-    return (b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVE"
-            + b"fmt " + struct.pack("<IHHIIHH", 16, fmt, channels, sample_rate, sample_rate * block_align,
-                                    block_align, bits)
-            + b"data" + struct.pack("<I", data_bytes))
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_bytes)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<IHHIIHH", 16, fmt, channels, sample_rate, sample_rate * block_align, block_align, bits)
+        + b"data"
+        + struct.pack("<I", data_bytes)
+    )
 
 
 def _now_iso() -> str:
@@ -56,8 +61,14 @@ class SessionRecorder:
         self._last_flush = time.monotonic()
         self._flushed_bytes = 0
         self._metadata: dict[str, Any] = {
-            "session_id": session_id, "status": "active", "started_at": _now_iso(), "ended_at": None,
-            **metadata, "audio_file": self.audio_path.name, "bytes": 0, "sha256": self._sha256.hexdigest(),
+            "session_id": session_id,
+            "status": "active",
+            "started_at": _now_iso(),
+            "ended_at": None,
+            **metadata,
+            "audio_file": self.audio_path.name,
+            "bytes": 0,
+            "sha256": self._sha256.hexdigest(),
         }
         self._write_metadata()
 

@@ -95,8 +95,11 @@ class FixedSegmentPolicy:
             return self._window(self.segment_start + self.max_samples, final=True)
         if finalize_until is not None and finalize_until > self.segment_start:
             return self._window(min(finalize_until, self.segment_start + self.max_samples), final=True)
-        if (self.interim_results and self.received > self._last_partial_end
-                and now - self._last_partial_at >= self.partial_interval_s):
+        if (
+            self.interim_results
+            and self.received > self._last_partial_end
+            and now - self._last_partial_at >= self.partial_interval_s
+        ):
             self._last_partial_at = now
             return self._window(self.received, final=False)
         return None
@@ -120,7 +123,7 @@ class FixedSegmentPolicy:
             self.transcribed = max(self.transcribed, window.end)
             return [self._text(window, text, language)]
         assert window.start == self.segment_start, "finals must come in order"
-        self._buffer = self._buffer[window.end - window.start:].copy()
+        self._buffer = self._buffer[window.end - window.start :].copy()
         self.segment_start = window.end
         self.segment_id += 1
         self._last_partial_end = max(self._last_partial_end, window.end)
@@ -131,5 +134,11 @@ class FixedSegmentPolicy:
 
     @staticmethod
     def _text(window: Window, text: str, language: str | None) -> SegmentText:
-        return SegmentText(window.segment_id, window.is_final, text, round(window.start / MODEL_SAMPLE_RATE, 3),
-                           round(window.end / MODEL_SAMPLE_RATE, 3), language)
+        return SegmentText(
+            window.segment_id,
+            window.is_final,
+            text,
+            round(window.start / MODEL_SAMPLE_RATE, 3),
+            round(window.end / MODEL_SAMPLE_RATE, 3),
+            language,
+        )

@@ -41,8 +41,11 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_settings(checkpoint_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "transcription_model_id": str(checkpoint_dir), "audio_storage_dir": tmp_path / "audio",
-            "batch_wait_ms": 20, "partial_interval_ms": 200, "warmup": False,
+            "transcription_model_id": str(checkpoint_dir),
+            "audio_storage_dir": tmp_path / "audio",
+            "batch_wait_ms": 20,
+            "partial_interval_ms": 200,
+            "warmup": False,
         }
         values.update(overrides)
         return load_settings(**values)
@@ -84,7 +87,7 @@ def pcm16(samples: np.ndarray) -> bytes:
 
 
 def frames(data: bytes, size: int = 8192) -> list[bytes]:
-    return [data[i:i + size] for i in range(0, len(data), size)]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 def receive_until(ws: Any, predicate: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
@@ -117,8 +120,11 @@ class LiveServer:
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", ws="websockets-sansio"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", ws="websockets-sansio"
+            )
+        )
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.server_loop: asyncio.AbstractEventLoop
 
@@ -154,8 +160,15 @@ def live_server(app: FastAPI) -> Iterator[LiveServer]:
         yield server
 
 
-async def stream_session(url: str, audio: bytes, *, frame_bytes: int = 8192, delay_s: float = 0.0,
-                         config: dict[str, Any] | None = None, flush_every: int = 0) -> dict[str, Any]:
+async def stream_session(
+    url: str,
+    audio: bytes,
+    *,
+    frame_bytes: int = 8192,
+    delay_s: float = 0.0,
+    config: dict[str, Any] | None = None,
+    flush_every: int = 0,
+) -> dict[str, Any]:
     """Drive one session with the `websockets` client; returns every message and the close code."""
     import websockets
 

@@ -30,10 +30,13 @@ def test_half_a_stereo_pair_waits_for_the_next_frame() -> None:
     np.testing.assert_allclose(np.concatenate([first, second]) * 32768, [200, 600])
 
 
-@pytest.mark.parametrize(("encoding", "size", "message"), [
-    ("pcm_s16le", 3, "pcm_s16le frames must hold an even number of bytes; got 3"),
-    ("pcm_f32le", 6, "pcm_f32le frames must hold a multiple of 4 number of bytes; got 6"),
-])
+@pytest.mark.parametrize(
+    ("encoding", "size", "message"),
+    [
+        ("pcm_s16le", 3, "pcm_s16le frames must hold an even number of bytes; got 3"),
+        ("pcm_f32le", 6, "pcm_f32le frames must hold a multiple of 4 number of bytes; got 6"),
+    ],
+)
 def test_partial_samples_are_rejected(encoding: str, size: int, message: str) -> None:
     """A frame that is not a whole number of samples is refused before anything is decoded."""
     with pytest.raises(BadAudioError, match=message):
@@ -46,7 +49,7 @@ def test_resampling_keeps_duration_across_frames(rate: int) -> None:
     seconds = 2
     tone = (np.sin(2 * np.pi * 440 * np.arange(rate * seconds) / rate) * 10000).astype("<i2").tobytes()
     decoder = PcmDecoder("pcm_s16le", rate, 1)
-    pieces = [decoder.decode(tone[i:i + 1234]) for i in range(0, len(tone), 1234)]
+    pieces = [decoder.decode(tone[i : i + 1234]) for i in range(0, len(tone), 1234)]
     out = np.concatenate([*pieces, decoder.drain()])
     assert len(out) == 16000 * seconds
     # the tone survives: its dominant frequency is still 440 Hz

@@ -12,9 +12,23 @@ import pytest
 from real_time_audio.config import Settings, SettingsError, load_settings
 from tests.conftest import PROJECT_ROOT
 
-NAMES = ["HOST", "PORT", "TRANSCRIPTION_MODEL_ID", "DEVICE", "TORCH_DTYPE", "AUDIO_STORAGE_DIR", "LOG_LEVEL",
-         "BATCH_MAX_SIZE", "BATCH_WAIT_MS", "QUEUE_MAX_SIZE", "INFERENCE_WORKERS", "MAX_SESSIONS",
-         "MAX_FRAME_BYTES", "IDLE_TIMEOUT_S", "PARTIAL_INTERVAL_MS"]
+NAMES = [
+    "HOST",
+    "PORT",
+    "TRANSCRIPTION_MODEL_ID",
+    "DEVICE",
+    "TORCH_DTYPE",
+    "AUDIO_STORAGE_DIR",
+    "LOG_LEVEL",
+    "BATCH_MAX_SIZE",
+    "BATCH_WAIT_MS",
+    "QUEUE_MAX_SIZE",
+    "INFERENCE_WORKERS",
+    "MAX_SESSIONS",
+    "MAX_FRAME_BYTES",
+    "IDLE_TIMEOUT_S",
+    "PARTIAL_INTERVAL_MS",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -50,16 +64,20 @@ def test_environment_overrides_dotenv(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (settings.batch_max_size, settings.max_sessions, settings.device) == (4, 9, "cuda:1")
 
 
-@pytest.mark.parametrize(("name", "value", "expected"), [
-    ("BATCH_MAX_SIZE", "0", "BATCH_MAX_SIZE='0': Input should be greater than or equal to 1"),
-    ("DEVICE", "gpu", "DEVICE='gpu': must be auto, cpu, cuda or cuda:N"),
-    ("PORT", "http", "PORT='http': Input should be a valid integer"),
-    ("TORCH_DTYPE", "int8", "TORCH_DTYPE='int8': Input should be 'auto', 'float16', 'bfloat16' or 'float32'"),
-    ("IDLE_TIMEOUT_S", "-1", "IDLE_TIMEOUT_S='-1': Input should be greater than 0"),
-    ("MAX_FRAME_BYTES", str(64 * 1024 * 1024), "MAX_FRAME_BYTES='67108864'"),
-])
-def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
-                                          expected: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("BATCH_MAX_SIZE", "0", "BATCH_MAX_SIZE='0': Input should be greater than or equal to 1"),
+        ("DEVICE", "gpu", "DEVICE='gpu': must be auto, cpu, cuda or cuda:N"),
+        ("PORT", "http", "PORT='http': Input should be a valid integer"),
+        ("TORCH_DTYPE", "int8", "TORCH_DTYPE='int8': Input should be 'auto', 'float16', 'bfloat16' or 'float32'"),
+        ("IDLE_TIMEOUT_S", "-1", "IDLE_TIMEOUT_S='-1': Input should be greater than 0"),
+        ("MAX_FRAME_BYTES", str(64 * 1024 * 1024), "MAX_FRAME_BYTES='67108864'"),
+    ],
+)
+def test_invalid_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
     """An invalid value is refused with a message naming the variable and the problem."""
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError) as info:
@@ -77,7 +95,13 @@ def test_queue_must_hold_a_job_per_session(monkeypatch: pytest.MonkeyPatch) -> N
 def test_server_start_fails_naming_the_variable(tmp_path: Path) -> None:
     """`uvicorn main:app` with a bad setting exits non-zero and says which variable is wrong."""
     env = {**os.environ, "BATCH_WAIT_MS": "soon", "PYTHONPATH": str(PROJECT_ROOT)}
-    result = subprocess.run([sys.executable, "-m", "uvicorn", "main:app", "--port", "1"], cwd=PROJECT_ROOT,
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "main:app", "--port", "1"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "invalid configuration: BATCH_WAIT_MS='soon': Input should be a valid number" in result.stderr

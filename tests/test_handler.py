@@ -43,8 +43,7 @@ def test_sessions_are_isolated_and_batched(make_settings: Callable[..., Settings
         before = sum(n for size, n in engine.stats.batch_sizes.items() if size > 1)
 
         async def together() -> list[dict[str, Any]]:
-            return await asyncio.gather(*(stream_session(server.url, clip, delay_s=0.02, **options)
-                                          for clip in clips))
+            return await asyncio.gather(*(stream_session(server.url, clip, delay_s=0.02, **options) for clip in clips))
 
         concurrent = run(together())
         batched = sum(n for size, n in engine.stats.batch_sizes.items() if size > 1) - before
@@ -168,5 +167,4 @@ async def _server_tasks(server: LiveServer) -> list[str]:
 
 
 async def _task_names() -> list[str]:
-    return sorted(t.get_name() for t in asyncio.all_tasks()
-                  if t.get_name().startswith(("receive-", "transcribe-")))
+    return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(("receive-", "transcribe-")))

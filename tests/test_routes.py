@@ -59,8 +59,11 @@ def test_ready_is_503_when_the_engine_is_dead(client: TestClient) -> None:
     assert response.status_code == 503
     assert response.json() == {"status": "unavailable", "reason": "device failure: test"}
     with client.websocket_connect("/ws/transcribe") as ws:
-        assert ws.receive_json() == {"type": "error", "code": "internal",
-                                     "message": "the transcription engine is not available"}
+        assert ws.receive_json() == {
+            "type": "error",
+            "code": "internal",
+            "message": "the transcription engine is not available",
+        }
         expect_close(ws, 1011)
 
 
@@ -70,9 +73,15 @@ def test_connected_message(client: TestClient, checkpoint_dir: Path, settings: S
         hello = ws.receive_json()
         assert hello["type"] == "status" and hello["status"] == "connected" and hello["protocol"] == 1
         assert set(hello["config"]) == CONFIG_KEYS
-        assert hello["config"] == {"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1,
-                                   "chunk_samples": 4096, "language": None, "task": "transcribe",
-                                   "interim_results": True}
+        assert hello["config"] == {
+            "encoding": "pcm_s16le",
+            "sample_rate": 16000,
+            "channels": 1,
+            "chunk_samples": 4096,
+            "language": None,
+            "task": "transcribe",
+            "interim_results": True,
+        }
         assert (hello["model"], hello["device"]) == (str(checkpoint_dir), "cpu")
         assert len(hello["session_id"]) == 32
         assert (settings.audio_storage_dir / hello["session_id"] / "session.json").exists()
@@ -91,9 +100,15 @@ def test_full_session_persists_exactly_what_was_sent(client: TestClient, setting
     assert final_texts and all(final_texts)
     digest = hashlib.sha256(audio).hexdigest()
     folder = settings.audio_storage_dir / session_id
-    assert done == {"type": "status", "status": "completed", "session_id": session_id,
-                    "text": " ".join(final_texts), "duration": 4.0, "segments": len(final_texts),
-                    "recording": {"audio": str(folder / "audio.wav"), "bytes": len(audio), "sha256": digest}}
+    assert done == {
+        "type": "status",
+        "status": "completed",
+        "session_id": session_id,
+        "text": " ".join(final_texts),
+        "duration": 4.0,
+        "segments": len(final_texts),
+        "recording": {"audio": str(folder / "audio.wav"), "bytes": len(audio), "sha256": digest},
+    }
     with wave.open(str(folder / "audio.wav")) as wav:
         assert wav.readframes(wav.getnframes()) == audio
     meta = json.loads((folder / "session.json").read_text())
@@ -109,12 +124,32 @@ def test_config_message_and_float_stereo_audio(client: TestClient, settings: Set
     stereo = np.stack([mono, mono], axis=1).astype("<f4").tobytes()
     with client.websocket_connect("/ws/transcribe") as ws:
         session_id = ws.receive_json()["session_id"]
-        ws.send_text(json.dumps({"type": "config", "encoding": "pcm_f32le", "sample_rate": 44100, "channels": 2,
-                                 "language": "en", "interim_results": False}))
+        ws.send_text(
+            json.dumps(
+                {
+                    "type": "config",
+                    "encoding": "pcm_f32le",
+                    "sample_rate": 44100,
+                    "channels": 2,
+                    "language": "en",
+                    "interim_results": False,
+                }
+            )
+        )
         configured = ws.receive_json()
-        assert configured == {"type": "status", "status": "configured", "config": {
-            "encoding": "pcm_f32le", "sample_rate": 44100, "channels": 2, "chunk_samples": 4096,
-            "language": "en", "task": "transcribe", "interim_results": False}}
+        assert configured == {
+            "type": "status",
+            "status": "configured",
+            "config": {
+                "encoding": "pcm_f32le",
+                "sample_rate": 44100,
+                "channels": 2,
+                "chunk_samples": 4096,
+                "language": "en",
+                "task": "transcribe",
+                "interim_results": False,
+            },
+        }
         send_all(ws, stereo, 44100 * 8 // 4)
         messages = end_session(ws)
     assert all(m["is_final"] for m in messages if m["type"] == "transcription")
@@ -143,14 +178,17 @@ def test_bad_query_parameter_keeps_defaults(client: TestClient) -> None:
         assert end_session(ws)[-1]["duration"] == 1.0
 
 
-@pytest.mark.parametrize(("payload", "code", "fragment"), [
-    ("not json", "bad_message", "text frames must be JSON objects"),
-    ('{"type": "sing"}', "bad_message", "unknown message type 'sing'"),
-    ('{"type": "config", "speed": 2}', "bad_config", "speed: unknown field"),
-    ('{"type": "config", "sample_rate": 100}', "bad_config", "sample_rate"),
-    ('{"type": "config", "language": "xx"}', "bad_config", "language: 'xx' is not supported by this model"),
-    ('{"type": "config", "encoding": "ogg"}', "bad_config", "encoding: 'ogg' is not supported"),
-])
+@pytest.mark.parametrize(
+    ("payload", "code", "fragment"),
+    [
+        ("not json", "bad_message", "text frames must be JSON objects"),
+        ('{"type": "sing"}', "bad_message", "unknown message type 'sing'"),
+        ('{"type": "config", "speed": 2}', "bad_config", "speed: unknown field"),
+        ('{"type": "config", "sample_rate": 100}', "bad_config", "sample_rate"),
+        ('{"type": "config", "language": "xx"}', "bad_config", "language: 'xx' is not supported by this model"),
+        ('{"type": "config", "encoding": "ogg"}', "bad_config", "encoding: 'ogg' is not supported"),
+    ],
+)
 def test_bad_messages_keep_the_session_open(client: TestClient, payload: str, code: str, fragment: str) -> None:
     """Each bad text frame gets its error code; audio before and after it is all kept."""
     first, second = pcm16(speech_like(2, 0.5)), pcm16(speech_like(3, 0.5))
@@ -174,8 +212,11 @@ def test_config_after_audio_is_refused(client: TestClient) -> None:
         ws.receive_json()
         ws.send_bytes(pcm16(speech_like(1, 0.5)))
         ws.send_text(json.dumps({"type": "config", "sample_rate": 8000}))
-        assert ws.receive_json() == {"type": "error", "code": "bad_config",
-                                     "message": "config must come before the first audio frame"}
+        assert ws.receive_json() == {
+            "type": "error",
+            "code": "bad_config",
+            "message": "config must come before the first audio frame",
+        }
         assert end_session(ws)[-1]["duration"] == 0.5
 
 
@@ -204,8 +245,11 @@ def test_frame_over_the_limit_closes_with_1009(make_settings: Callable[..., Sett
         ws.send_bytes(good)
         ws.send_bytes(b"\0" * 4098)
         messages = receive_until(ws, lambda m: m["type"] == "error")
-        assert messages[-1] == {"type": "error", "code": "too_large",
-                                "message": "binary frame of 4098 bytes exceeds the limit of 4096 bytes"}
+        assert messages[-1] == {
+            "type": "error",
+            "code": "too_large",
+            "message": "binary frame of 4098 bytes exceeds the limit of 4096 bytes",
+        }
         expect_close(ws, 1009)
     meta = json.loads((settings.audio_storage_dir / session_id / "session.json").read_text())
     assert (meta["status"], meta["bytes"]) == ("frame_too_large", len(good))
@@ -220,8 +264,10 @@ def test_session_limit_closes_with_1013(make_settings: Callable[..., Settings]) 
             b.receive_json()
             with client.websocket_connect("/ws/transcribe") as c:
                 assert c.receive_json() == {
-                    "type": "error", "code": "server_busy",
-                    "message": "the server is at its limit of 2 sessions; try again later"}
+                    "type": "error",
+                    "code": "server_busy",
+                    "message": "the server is at its limit of 2 sessions; try again later",
+                }
                 expect_close(c, 1013)
             end_session(a)
             end_session(b)
@@ -273,7 +319,10 @@ def test_partials_then_finals_with_segment_limit(make_settings: Callable[..., Se
     partials = [m for m in texts if not m["is_final"]]
     assert partials, "expected partial results while streaming"
     assert [(m["segment_id"], m["start"], m["end"]) for m in finals(messages)] == [
-        (0, 0.0, 2.0), (1, 2.0, 4.0), (2, 4.0, 5.0)]
+        (0, 0.0, 2.0),
+        (1, 2.0, 4.0),
+        (2, 4.0, 5.0),
+    ]
     # a partial never follows the final of its own segment, and segment ids never go back
     final_ids: set[int] = set()
     last_id = 0
@@ -302,8 +351,11 @@ def test_a_failing_job_errors_only_its_session(client: TestClient) -> None:
         ws.send_bytes(silence)
         ws.send_text('{"type": "flush"}')
         error = ws.receive_json()
-        assert error == {"type": "error", "code": "internal", "message": (
-            "segment 0 (0.00-1.00 s) could not be transcribed; its audio is kept in the recording")}
+        assert error == {
+            "type": "error",
+            "code": "internal",
+            "message": ("segment 0 (0.00-1.00 s) could not be transcribed; its audio is kept in the recording"),
+        }
         assert ws.receive_json() == {"type": "status", "status": "flushed"}
         send_all(ws, pcm16(speech_like(9, 1.0)))
         messages = end_session(ws)

@@ -21,8 +21,15 @@ BIN = Path(sys.executable).parent
 
 
 def server_env(checkpoint_dir: Path, storage: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "TRANSCRIPTION_MODEL_ID": str(checkpoint_dir), "AUDIO_STORAGE_DIR": str(storage),
-            "WARMUP": "true", "PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1", **extra}
+    return {
+        **os.environ,
+        "TRANSCRIPTION_MODEL_ID": str(checkpoint_dir),
+        "AUDIO_STORAGE_DIR": str(storage),
+        "WARMUP": "true",
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
 
 
 def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -41,17 +48,31 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float) -> N
 
 
 @pytest.fixture(params=["uvicorn", "gunicorn"])
-def server_process(request: pytest.FixtureRequest, checkpoint_dir: Path,
-                   tmp_path: Path) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
+def server_process(
+    request: pytest.FixtureRequest, checkpoint_dir: Path, tmp_path: Path
+) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
     port = free_port()
     storage = tmp_path / "audio"
     if request.param == "uvicorn":
         command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
     else:
-        command = [str(BIN / "gunicorn"), "main:app", "-k", "uvicorn.workers.UvicornWorker",
-                   "-b", f"127.0.0.1:{port}", "--timeout", "120"]
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=server_env(checkpoint_dir, storage),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        command = [
+            str(BIN / "gunicorn"),
+            "main:app",
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--timeout",
+            "120",
+        ]
+    process = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        env=server_env(checkpoint_dir, storage),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_ready(port, process, seconds(120))
         yield port, storage, process
@@ -91,25 +112,48 @@ def test_real_server_process_serves_sessions(server_process: tuple[int, Path, su
 def test_unreachable_hub_fails_fast(tmp_path: Path) -> None:
     """A hub model id with no cache and no hub exits at once with a message saying exactly that."""
     closed_port = free_port()  # nothing listens here: the "hub" refuses at once, nothing leaves the host
-    env = {**os.environ, "TRANSCRIPTION_MODEL_ID": "openai/whisper-tiny", "HF_HOME": str(tmp_path / "hf"),
-           "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}", "PYTHONPATH": str(PROJECT_ROOT),
-           "AUDIO_STORAGE_DIR": str(tmp_path / "audio")}
+    env = {
+        **os.environ,
+        "TRANSCRIPTION_MODEL_ID": "openai/whisper-tiny",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}",
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "AUDIO_STORAGE_DIR": str(tmp_path / "audio"),
+    }
     env.pop("HF_HUB_OFFLINE", None)
     started = time.monotonic()
-    result = subprocess.run([str(BIN / "uvicorn"), "main:app", "--port", str(free_port())], cwd=PROJECT_ROOT,
-                            env=env, capture_output=True, text=True, timeout=seconds(120))
+    result = subprocess.run(
+        [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds(120),
+    )
     assert result.returncode != 0
-    assert ("cannot load TRANSCRIPTION_MODEL_ID='openai/whisper-tiny': it is not a local folder, it is not in "
-            "the Hugging Face cache, and the model hub cannot be reached") in result.stderr
+    assert (
+        "cannot load TRANSCRIPTION_MODEL_ID='openai/whisper-tiny': it is not a local folder, it is not in "
+        "the Hugging Face cache, and the model hub cannot be reached"
+    ) in result.stderr
     assert time.monotonic() - started < seconds(60)
 
 
 def test_missing_local_folder_is_reported(tmp_path: Path) -> None:
     """A path that does not exist is reported as a missing folder, without trying the hub."""
     missing = tmp_path / "no-such-model"
-    env = {**os.environ, "TRANSCRIPTION_MODEL_ID": str(missing), "PYTHONPATH": str(PROJECT_ROOT),
-           "AUDIO_STORAGE_DIR": str(tmp_path / "audio")}
-    result = subprocess.run([str(BIN / "uvicorn"), "main:app", "--port", str(free_port())], cwd=PROJECT_ROOT,
-                            env=env, capture_output=True, text=True, timeout=seconds(120))
+    env = {
+        **os.environ,
+        "TRANSCRIPTION_MODEL_ID": str(missing),
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "AUDIO_STORAGE_DIR": str(tmp_path / "audio"),
+    }
+    result = subprocess.run(
+        [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds(120),
+    )
     assert result.returncode != 0
     assert f"TRANSCRIPTION_MODEL_ID={str(missing)!r} looks like a path, but no such folder exists" in result.stderr

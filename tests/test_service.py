@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import operator
 import threading
 import time
 from collections.abc import Sequence
@@ -27,10 +29,12 @@ from real_time_audio.service import (
 from tests.conftest import speech_like
 
 
-def request(seconds: float = 1.0, *, final: bool = True, language: str | None = None,
-            session: str = "s") -> TranscriptionRequest:
-    return TranscriptionRequest(audio=np.zeros(int(seconds * 16000), np.float32), language=language,
-                                is_final=final, session_id=session)
+def request(
+    seconds: float = 1.0, *, final: bool = True, language: str | None = None, session: str = "s"
+) -> TranscriptionRequest:
+    return TranscriptionRequest(
+        audio=np.zeros(int(seconds * 16000), np.float32), language=language, is_final=final, session_id=session
+    )
 
 
 def job(req: TranscriptionRequest) -> _Job:
@@ -130,7 +134,7 @@ def test_concurrent_submissions_are_batched() -> None:
         assert [f.result(timeout=10).text for f in futures] == [f"s{i}" for i in range(5)]
     finally:
         engine.stop()
-    assert sorted(sum(backend.batches, [])) == [f"s{i}" for i in range(5)]
+    assert sorted(functools.reduce(operator.iadd, backend.batches, [])) == [f"s{i}" for i in range(5)]
     assert max(len(b) for b in backend.batches) >= 4
     assert engine.stats.jobs_completed == 5
 
@@ -151,7 +155,7 @@ def test_cancelled_jobs_are_dropped_unrun() -> None:
         assert stays.result(timeout=10).text == "stays"
     finally:
         engine.stop()
-    assert "gone" not in sum(backend.batches, [])
+    assert "gone" not in functools.reduce(operator.iadd, backend.batches, [])
 
 
 def test_awaiting_caller_cancellation_cancels_the_job() -> None:
@@ -175,7 +179,7 @@ def test_awaiting_caller_cancellation_cancels_the_job() -> None:
         engine.submit(request(session="after")).result(timeout=10)
     finally:
         engine.stop()
-    assert "abandoned" not in sum(backend.batches, [])
+    assert "abandoned" not in functools.reduce(operator.iadd, backend.batches, [])
     assert engine.stats.jobs_dropped + len(engine.queue) <= 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from real_time_audio.streaming import FixedSegmentPolicy
@@ -72,7 +74,7 @@ def test_every_sample_lands_in_exactly_one_final() -> None:
         flush = p.received if rng.random() < 0.05 else None
         while (window := p.next_window(now, flush)) is not None:
             start = window.start
-            expected = np.concatenate(stream)[window.start:window.end]
+            expected = np.concatenate(stream)[window.start : window.end]
             np.testing.assert_array_equal(window.audio, expected)
             texts = p.accept(window, "x", None)
             if window.is_final:
@@ -83,7 +85,7 @@ def test_every_sample_lands_in_exactly_one_final() -> None:
         if window.is_final:
             covered.append((window.start, window.end))
     assert covered[0][0] == 0 and covered[-1][1] == p.received
-    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
     assert all(end - start <= 2 * RATE for start, end in covered)
 
 

@@ -44,20 +44,44 @@ def _write_tokenizer(out: Path) -> tuple[dict[str, int], list[int]]:
             vocab[space + syllable] = len(vocab)
     specials = ["<|endoftext|>", "<|startoftranscript|>"]
     specials += [f"<|{lang}|>" for lang in LANGUAGES]
-    specials += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
-                 "<|notimestamps|>"]
+    specials += [
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nospeech|>",
+        "<|notimestamps|>",
+    ]
     specials += [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
     added = {tok: len(vocab) + i for i, tok in enumerate(specials)}
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     (out / "added_tokens.json").write_text(json.dumps(added))
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-         "pad_token": "<|endoftext|>", "additional_special_tokens": specials[1:]}))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "WhisperTokenizer", "model_max_length": 1024, "errors": "replace",
-         "add_prefix_space": False, "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-         "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "additional_special_tokens": specials[1:],
+            }
+        )
+    )
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "WhisperTokenizer",
+                "model_max_length": 1024,
+                "errors": "replace",
+                "add_prefix_space": False,
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
+    )
     # Keep the text readable: only whole syllable tokens (and end-of-text) may be generated.
     suppress = [i for ch, i in vocab.items() if len(ch) == 1]
     suppress += [i for tok, i in added.items() if tok != "<|endoftext|>"]
@@ -79,18 +103,33 @@ def build_checkpoint(out: Path, *, d_model: int = 64, layers: int = 2, heads: in
     added, suppress = _write_tokenizer(out)
     eot, sot = added["<|endoftext|>"], added["<|startoftranscript|>"]
     config = WhisperConfig(
-        vocab_size=max(added.values()) + 1, num_mel_bins=80, d_model=d_model,
-        encoder_layers=layers, decoder_layers=layers,
-        encoder_attention_heads=heads, decoder_attention_heads=heads,
-        encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
-        max_source_positions=1500, max_target_positions=448,
-        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
+        vocab_size=max(added.values()) + 1,
+        num_mel_bins=80,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model,
+        max_source_positions=1500,
+        max_target_positions=448,
+        pad_token_id=eot,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        decoder_start_token_id=sot,
     )
     generation = GenerationConfig(
-        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
-        suppress_tokens=suppress, begin_suppress_tokens=[eot],
-        no_timestamps_token_id=added["<|notimestamps|>"], prev_sot_token_id=added["<|startofprev|>"],
-        max_initial_timestamp_index=50, is_multilingual=True,
+        decoder_start_token_id=sot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        bos_token_id=eot,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=[eot],
+        no_timestamps_token_id=added["<|notimestamps|>"],
+        prev_sot_token_id=added["<|startofprev|>"],
+        max_initial_timestamp_index=50,
+        is_multilingual=True,
         alignment_heads=[[layers - 1, h] for h in range(heads)],
         lang_to_id={f"<|{lang}|>": added[f"<|{lang}|>"] for lang in LANGUAGES},
         task_to_id={"transcribe": added["<|transcribe|>"], "translate": added["<|translate|>"]},
