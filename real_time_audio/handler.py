@@ -59,6 +59,7 @@ CLOSE_INTERNAL = 1011
 CLOSE_IDLE = 4408
 # Audio received but not yet in a final, beyond which the server stops reading (back-pressure).
 PENDING_LIMIT_SEGMENTS = 2
+RECORDER_TICK_S = 1.0
 
 
 class ClientGone(Exception):
@@ -203,23 +204,41 @@ class Session:
     # -- receiving ------------------------------------------------------------------------------
 
     async def _receive(self) -> None:
-        """Read frames until the client leaves, the session idles out, or a frame is too large."""
-        while True:
-            timeout = None if self._ended else self.settings.idle_timeout_s
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout)
-            except TimeoutError:
-                self._status = "idle_timeout"
-                await self._close_with_error(
-                    "idle_timeout", f"no data for {self.settings.idle_timeout_s:g} s", CLOSE_IDLE
-                )
-                raise SessionClosed from None
-            if message["type"] == "websocket.disconnect":
-                raise ClientGone
-            if message.get("bytes") is not None:
-                await self._on_audio(message["bytes"])
-            elif message.get("text") is not None:
-                await self._on_text(message["text"])
+        """Read frames until the client leaves, the session idles out, or a frame is too large.
+
+        Wakes at least once a second, even when nothing arrives, so that the audio on disk is never
+        more than a second behind what was received.
+        """
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[Any] | None = None
+        idle_deadline = loop.time() + self.settings.idle_timeout_s
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(self.ws.receive())
+                    idle_deadline = loop.time() + self.settings.idle_timeout_s
+                wait = RECORDER_TICK_S if self._ended else min(RECORDER_TICK_S, idle_deadline - loop.time())
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, wait))
+                if not done:
+                    assert self._recorder is not None
+                    await asyncio.to_thread(self._recorder.tick)
+                    if not self._ended and loop.time() >= idle_deadline:
+                        self._status = "idle_timeout"
+                        await self._close_with_error(
+                            "idle_timeout", f"no data for {self.settings.idle_timeout_s:g} s", CLOSE_IDLE
+                        )
+                        raise SessionClosed
+                    continue
+                message, pending = pending.result(), None
+                if message["type"] == "websocket.disconnect":
+                    raise ClientGone
+                if message.get("bytes") is not None:
+                    await self._on_audio(message["bytes"])
+                elif message.get("text") is not None:
+                    await self._on_text(message["text"])
+        finally:
+            if pending is not None:
+                pending.cancel()
 
     async def _on_audio(self, frame: bytes) -> None:
         if len(frame) > self.settings.max_frame_bytes:

@@ -483,8 +483,8 @@ class TranscriptionEngine:
                 if live:
                     self._run(live)
         except BaseException as exc:  # the worker itself broke: nothing can be trusted
+            logger.exception("worker %s crashed", threading.current_thread().name)
             self._die(f"worker {threading.current_thread().name} crashed: {exc!r}")
-            raise
 
     def _run(self, jobs: list[_Job]) -> None:
         assert self.backend is not None

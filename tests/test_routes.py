@@ -361,3 +361,15 @@ def test_a_failing_job_errors_only_its_session(client: TestClient) -> None:
         messages = end_session(ws)
     assert [(m["segment_id"], m["start"]) for m in finals(messages)] == [(1, 1.0)]
     assert messages[-1]["recording"]["bytes"] == len(silence) + 32000
+
+
+def test_audio_reaches_disk_within_a_second_while_the_client_pauses(client: TestClient, settings: Settings) -> None:
+    """A frame followed by silence from the client is flushed, with a valid WAV header, within ~1 s."""
+    audio = pcm16(speech_like(12, 0.5))
+    with client.websocket_connect("/ws/transcribe?interim_results=false") as ws:
+        session_id = ws.receive_json()["session_id"]
+        ws.send_bytes(audio)
+        time.sleep(2.5)  # the session is still open and the client sends nothing meanwhile
+        with wave.open(str(settings.audio_storage_dir / session_id / "audio.wav")) as wav:
+            assert wav.readframes(wav.getnframes()) == audio
+        end_session(ws)

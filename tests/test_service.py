@@ -248,3 +248,26 @@ def test_prompt_changes_the_decoding_context(backend: WhisperBackend) -> None:
     prompted = backend.transcribe_batch([TranscriptionRequest(audio=clip, prompt="ba ke ti mo " * 3)])[0].text
     assert prompted != plain
     assert not prompted.startswith("ba ke ti mo")
+
+
+def test_crashed_worker_kills_the_engine() -> None:
+    """If a worker thread itself dies, the engine is marked dead and waiting jobs fail at once."""
+    backend = RecordingBackend()
+    backend.gate.clear()
+    engine = engine_with(backend, batch_wait_ms=0, queue_max_size=8)
+    try:
+        running = engine.submit(request(session="running"))
+        time.sleep(0.2)
+        waiting = engine.submit(request(session="waiting"))
+
+        def broken(*_: object) -> None:
+            raise RuntimeError("scheduler bug")
+
+        engine.queue.take_batch = broken  # type: ignore[method-assign]
+        backend.gate.set()
+        assert running.result(timeout=10).text == "running"
+        with pytest.raises(EngineUnavailableError, match="scheduler bug"):
+            waiting.result(timeout=10)
+        assert not engine.ready and "crashed" in (engine.dead_reason or "")
+    finally:
+        engine.stop()
