@@ -79,6 +79,7 @@ class ConfigUpdate(WireModel):
     task: str | None = None
     prompt: str | None = None
     interim_results: bool | None = None
+    chunk_samples: int | None = None  # the server's recommendation; accepted (and ignored) if echoed back
 
 
 class FlushMessage(WireModel):
@@ -149,12 +150,10 @@ def parse_client_text(text: str) -> ClientMessage:
 
 def apply_config(current: SessionConfig, update: dict[str, Any]) -> SessionConfig:
     """Return `current` with `update` applied, or raise a `bad_config` ProtocolError naming the field."""
-    unknown = sorted(set(update) - set(ConfigUpdate.model_fields) - {"chunk_samples"})
+    unknown = sorted(set(update) - set(ConfigUpdate.model_fields))
     if unknown:
         raise ProtocolError("bad_config", f"unknown config field(s): {', '.join(unknown)}")
-    if "chunk_samples" in update:
-        raise ProtocolError("bad_config", "chunk_samples: set by the server, not by the client")
-    merged = current.model_dump() | {k: v for k, v in update.items() if k != "type"}
+    merged = current.model_dump() | {k: v for k, v in update.items() if k not in ("type", "chunk_samples")}
     try:
         config = SessionConfig.model_validate(merged)
     except ValidationError as exc:

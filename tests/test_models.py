@@ -67,7 +67,6 @@ def test_bad_client_messages(text: str, code: str, fragment: str) -> None:
         ({"encoding": "aiff"}, "encoding: Input should be"),
         ({"encoding": "webm"}, "encoding: 'webm' is not supported by this server yet"),
         ({"language": "english"}, "language: must be an ISO language code"),
-        ({"chunk_samples": 1024}, "chunk_samples: set by the server"),
         ({"volume": 3}, "unknown config field(s): volume"),
     ],
 )
@@ -92,6 +91,12 @@ def test_config_update_keeps_unset_fields() -> None:
         "task": "transcribe",
         "interim_results": False,
     }
+
+
+def test_echoed_server_config_is_accepted() -> None:
+    """A client may send back the config the server announced, chunk_samples included."""
+    announced = SessionConfig().wire() | {"sample_rate": 48000}
+    assert apply_config(SessionConfig(), announced).sample_rate == 48000
 
 
 def test_transcription_omits_words_when_unavailable() -> None:
