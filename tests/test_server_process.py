@@ -109,6 +109,12 @@ def test_real_server_process_serves_sessions(server_process: tuple[int, Path, su
     assert "engine stopped" in log, log[-2000:]
 
 
+def start_uvicorn_expecting_failure(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `uvicorn main:app` to completion (it should refuse to start) and capture its output."""
+    command = [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())]
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=seconds(120))
+
+
 def test_unreachable_hub_fails_fast(tmp_path: Path) -> None:
     """A hub model id with no cache and no hub exits at once with a message saying exactly that."""
     closed_port = free_port()  # nothing listens here: the "hub" refuses at once, nothing leaves the host
@@ -122,14 +128,7 @@ def test_unreachable_hub_fails_fast(tmp_path: Path) -> None:
     }
     env.pop("HF_HUB_OFFLINE", None)
     started = time.monotonic()
-    result = subprocess.run(
-        [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=seconds(120),
-    )
+    result = start_uvicorn_expecting_failure(env)
     assert result.returncode != 0
     assert (
         "cannot load TRANSCRIPTION_MODEL_ID='openai/whisper-tiny': it is not a local folder, it is not in "
@@ -147,13 +146,6 @@ def test_missing_local_folder_is_reported(tmp_path: Path) -> None:
         "PYTHONPATH": str(PROJECT_ROOT),
         "AUDIO_STORAGE_DIR": str(tmp_path / "audio"),
     }
-    result = subprocess.run(
-        [str(BIN / "uvicorn"), "main:app", "--port", str(free_port())],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=seconds(120),
-    )
+    result = start_uvicorn_expecting_failure(env)
     assert result.returncode != 0
     assert f"TRANSCRIPTION_MODEL_ID={str(missing)!r} looks like a path, but no such folder exists" in result.stderr
