@@ -7,7 +7,7 @@ import soxr
 from numpy.typing import NDArray
 
 MODEL_SAMPLE_RATE = 16000
-_SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
+SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}  # bytes per sample of each PCM encoding
 
 
 class BadAudioError(ValueError):
@@ -23,12 +23,12 @@ class PcmDecoder:
     """
 
     def __init__(self, encoding: str, sample_rate: int, channels: int) -> None:
-        if encoding not in _SAMPLE_WIDTH:
+        if encoding not in SAMPLE_WIDTH:
             raise ValueError(f"not a PCM encoding: {encoding}")
         self.encoding = encoding
         self.sample_rate = sample_rate
         self.channels = channels
-        self._width = _SAMPLE_WIDTH[encoding]
+        self._width = SAMPLE_WIDTH[encoding]
         self._dtype = np.dtype("<i2") if encoding == "pcm_s16le" else np.dtype("<f4")
         self._carry = b""
         self._resampler = (

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 from starlette.websockets import WebSocket, WebSocketState
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE, BadAudioError, PcmDecoder
+from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, BadAudioError, PcmDecoder
 from real_time_audio.config import Settings
 from real_time_audio.models import (
     ConfigUpdate,
@@ -168,7 +168,7 @@ class Session:
         """Seconds of audio received, from the byte count in the session's own format."""
         if self._recorder is None:
             return 0.0
-        width = 2 if self.config.encoding == "pcm_s16le" else 4
+        width = SAMPLE_WIDTH[self.config.encoding]
         return self._recorder.bytes_received / (self.config.sample_rate * self.config.channels * width)
 
     # -- configuration --------------------------------------------------------------------------
@@ -221,7 +221,8 @@ class Session:
                 done, _ = await asyncio.wait({pending}, timeout=max(0.0, wait))
                 if not done:
                     assert self._recorder is not None
-                    await asyncio.to_thread(self._recorder.tick)
+                    if self._recorder.has_unflushed_audio:
+                        await asyncio.to_thread(self._recorder.tick)
                     if not self._ended and loop.time() >= idle_deadline:
                         self._status = "idle_timeout"
                         await self._close_with_error(

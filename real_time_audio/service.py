@@ -204,11 +204,11 @@ class WhisperBackend:
         return cls(settings.transcription_model_id, device, dtype, model, processor, settings.tokens_per_second)
 
     def _prompt_ids(self, prompt: str) -> Any:
-        ids = self.processor.get_prompt_ids(prompt, return_tensors="pt")
-        if len(ids) > MAX_PROMPT_TOKENS + 1:  # keep <|startofprev|> and the most recent tokens
-            ids = np.concatenate([ids[:1], ids[-MAX_PROMPT_TOKENS:]])
         import torch
 
+        ids = self.processor.get_prompt_ids(prompt, return_tensors="np")
+        if len(ids) > MAX_PROMPT_TOKENS + 1:  # keep <|startofprev|> and the most recent tokens
+            ids = np.concatenate([ids[:1], ids[-MAX_PROMPT_TOKENS:]])
         return torch.as_tensor(ids).to(self.device)
 
     def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from real_time_audio.audio import SAMPLE_WIDTH
+
 _WAV_HEADER_BYTES = 44
 _FORMAT_PCM = 1
 _FORMAT_IEEE_FLOAT = 3
@@ -26,7 +28,7 @@ _FORMAT_IEEE_FLOAT = 3
 
 def wav_header(encoding: str, sample_rate: int, channels: int, data_bytes: int) -> bytes:
     """A canonical 44-byte RIFF/WAVE header for raw PCM data of `data_bytes` bytes."""
-    bits = 16 if encoding == "pcm_s16le" else 32
+    bits = 8 * SAMPLE_WIDTH[encoding]
     fmt = _FORMAT_PCM if encoding == "pcm_s16le" else _FORMAT_IEEE_FLOAT
     block_align = channels * bits // 8
     return (
@@ -104,6 +106,10 @@ class SessionRecorder:
         self._audio.seek(0, os.SEEK_END)
         self._audio.flush()
         self._flushed_bytes = self.bytes_received
+
+    @property
+    def has_unflushed_audio(self) -> bool:
+        return self._flushed_bytes != self.bytes_received
 
     def tick(self) -> None:
         """Flush if a second has passed since the last flush (called when audio pauses)."""

@@ -71,7 +71,9 @@ class FixedSegmentPolicy:
         self.segment_start = 0  # sample where the current segment begins
         self.received = 0
         self.transcribed = 0
-        self._buffer = np.zeros(0, dtype=np.float32)  # audio from segment_start to received
+        # Audio from segment_start to received, as received; joined only when a window needs it,
+        # so a frame costs no copy of the whole segment.
+        self._chunks: list[NDArray[np.float32]] = []
         self._last_partial_at = float("-inf")
         self._last_partial_end = 0
 
@@ -82,7 +84,7 @@ class FixedSegmentPolicy:
 
     def feed(self, samples: NDArray[np.float32]) -> None:
         if len(samples):
-            self._buffer = np.concatenate([self._buffer, samples])
+            self._chunks.append(samples)
             self.received += len(samples)
 
     def next_window(self, now: float, finalize_until: int | None) -> Window | None:
@@ -110,8 +112,14 @@ class FixedSegmentPolicy:
             return None
         return max(0.0, self._last_partial_at + self.partial_interval_s - now)
 
+    def _segment_audio(self) -> NDArray[np.float32]:
+        """The current segment's audio as one array (joined once, then kept joined)."""
+        if len(self._chunks) != 1:
+            self._chunks = [np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.float32)]
+        return self._chunks[0]
+
     def _window(self, end: int, *, final: bool) -> Window:
-        audio = self._buffer[: end - self.segment_start]
+        audio = self._segment_audio()[: end - self.segment_start]
         return Window(self.segment_id, self.segment_start, end, final, audio)
 
     def accept(self, window: Window, text: str | None, language: str | None) -> list[SegmentText]:
@@ -123,7 +131,8 @@ class FixedSegmentPolicy:
             self.transcribed = max(self.transcribed, window.end)
             return [self._text(window, text, language)]
         assert window.start == self.segment_start, "finals must come in order"
-        self._buffer = self._buffer[window.end - window.start :].copy()
+        rest = self._segment_audio()[window.end - window.start :]
+        self._chunks = [rest.copy()] if len(rest) else []
         self.segment_start = window.end
         self.segment_id += 1
         self._last_partial_end = max(self._last_partial_end, window.end)
