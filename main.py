@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from real_time_audio.config import Settings, load_settings
 from real_time_audio.routes import router
 from real_time_audio.service import TranscriptionEngine
+from real_time_audio.vad import FrameScorer, SileroScorer
 
 logger = logging.getLogger("real_time_audio")
 
@@ -30,8 +31,9 @@ def configure_logging(level: str) -> None:
 def create_app(
     settings: Settings | None = None,
     engine_factory: Callable[[Settings], TranscriptionEngine] = TranscriptionEngine.from_settings,
+    vad_factory: Callable[[], FrameScorer] = SileroScorer.shared,
 ) -> FastAPI:
-    """Build the application. The engine is made and started by the lifespan, not here."""
+    """Build the application. The engine and the VAD model are loaded by the lifespan, not here."""
     settings = settings or load_settings()
     configure_logging(settings.log_level)
 
@@ -40,6 +42,8 @@ def create_app(
         settings.audio_storage_dir.mkdir(parents=True, exist_ok=True)
         engine = engine_factory(settings)
         app.state.engine = engine
+        if settings.vad != "off":
+            app.state.vad_scorer = await asyncio.to_thread(vad_factory)
         await asyncio.to_thread(engine.start)
         logger.info(
             "ready: %s on %s, storage in %s", engine.model_id, engine.device, settings.audio_storage_dir.resolve()
@@ -53,6 +57,7 @@ def create_app(
     app = FastAPI(title="Real-time audio transcription", version="1.0.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = None
+    app.state.vad_scorer = None
     app.state.sessions = {}
     app.include_router(router)
     return app

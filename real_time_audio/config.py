@@ -55,7 +55,27 @@ class Settings(BaseSettings):
     partial_interval_ms: int = Field(1000, ge=50)
     """Shortest time between two partial transcriptions of one session."""
     segment_max_s: float = Field(30, ge=1, le=30)
-    """Longest stretch of audio transcribed as one segment before it is finalized."""
+    """Longest stretch of audio one decode covers; speech that runs on is committed and cut there."""
+    buffer_trim_s: float = Field(15, ge=1, le=30)
+    """Once a session's decode buffer is longer than this, it is cut at the last committed word."""
+    context_prompt_chars: int = Field(200, ge=0, le=1000)
+    """Committed text (that has left the buffer) given to the model as context; 0 turns it off."""
+    vad: Literal["silero", "off"] = "silero"
+    """Voice-activity detection: silero (silence is never decoded) or off (all audio is decoded)."""
+    vad_threshold: float = Field(0.5, gt=0, lt=1)
+    """Speech probability at which a frame counts as speech."""
+    vad_silence_ms: int = Field(500, ge=100, le=10000)
+    """Silence that ends an utterance; its text is then finalized."""
+    vad_pad_ms: int = Field(200, ge=0, le=1000)
+    """Audio kept before a speech start and after a speech end, so word edges are not cut."""
+    vad_min_speech_ms: int = Field(96, ge=32, le=2000)
+    """Shortest sound that starts an utterance; shorter clicks and bumps are ignored."""
+    no_speech_threshold: float = Field(0.6, ge=0, le=1)
+    """A decode is dropped as silence when its no-speech probability is above this ..."""
+    logprob_threshold: float = Field(-1.0, le=0)
+    """... and its average token log-probability is below this."""
+    compression_ratio_threshold: float = Field(2.4, gt=0)
+    """A decode whose text compresses better than this is a loop and is dropped."""
     tokens_per_second: float = Field(6, gt=0)
     """Cap on generated tokens per second of audio (plus a small allowance), against runaway text."""
     warmup: bool = True
@@ -82,11 +102,17 @@ class Settings(BaseSettings):
         return value.strip()
 
     @model_validator(mode="after")
-    def _check_queue(self) -> Settings:
+    def _check_related(self) -> Settings:
         if self.queue_max_size < self.max_sessions:
             # Each session has at most one job queued, so this makes partials the only thing skipped.
             raise ValueError(
                 f"QUEUE_MAX_SIZE ({self.queue_max_size}) must be at least MAX_SESSIONS ({self.max_sessions})"
+            )
+        if self.vad_pad_ms > self.vad_silence_ms:
+            raise ValueError(f"VAD_PAD_MS ({self.vad_pad_ms}) must not exceed VAD_SILENCE_MS ({self.vad_silence_ms})")
+        if self.buffer_trim_s > self.segment_max_s:
+            raise ValueError(
+                f"BUFFER_TRIM_S ({self.buffer_trim_s:g}) must not exceed SEGMENT_MAX_S ({self.segment_max_s:g})"
             )
         return self
 

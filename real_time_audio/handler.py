@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, BadAudioError, PcmDecoder
 from real_time_audio.config import Settings
+from real_time_audio.guards import GuardThresholds
 from real_time_audio.models import (
     ConfigUpdate,
     EndMessage,
@@ -33,11 +34,14 @@ from real_time_audio.models import (
     Recording,
     ServerMessage,
     SessionConfig,
+    SpeechEnded,
+    SpeechStarted,
     StatusCompleted,
     StatusConfigured,
     StatusConnected,
     StatusFlushed,
     Transcription,
+    WordTiming,
     apply_config,
     parse_client_text,
     to_json,
@@ -47,9 +51,11 @@ from real_time_audio.service import (
     QueueFullError,
     TranscriptionEngine,
     TranscriptionRequest,
+    TranscriptionResult,
 )
 from real_time_audio.storage import SessionRecorder
-from real_time_audio.streaming import FixedSegmentPolicy, SegmentText, Window
+from real_time_audio.streaming import SegmentText, UtterancePolicy, Window
+from real_time_audio.vad import FrameScorer, SpeechEvent, VoiceActivityDetector
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +88,12 @@ class Session:
     """One client's live transcription session."""
 
     def __init__(
-        self, websocket: WebSocket, engine: TranscriptionEngine, settings: Settings, query: dict[str, str] | None = None
+        self,
+        websocket: WebSocket,
+        engine: TranscriptionEngine,
+        settings: Settings,
+        query: dict[str, str] | None = None,
+        vad_scorer: FrameScorer | None = None,
     ) -> None:
         self.ws = websocket
         self.engine = engine
@@ -94,6 +105,16 @@ class Session:
         self._recorder: SessionRecorder | None = None
         self._decoder: PcmDecoder | None = None
         self._policy = self._make_policy()
+        self._vad = (
+            VoiceActivityDetector(
+                vad_scorer,
+                threshold=settings.vad_threshold,
+                silence_ms=settings.vad_silence_ms,
+                min_speech_ms=settings.vad_min_speech_ms,
+            )
+            if vad_scorer is not None
+            else None
+        )
         self._finalize: deque[_Finalize] = deque()
         self._wake = asyncio.Event()  # audio or a finalize request arrived
         self._progress = asyncio.Event()  # a final was produced (releases back-pressure)
@@ -103,11 +124,21 @@ class Session:
         self._finals: list[str] = []
         self._status = "disconnected"
 
-    def _make_policy(self) -> FixedSegmentPolicy:
-        return FixedSegmentPolicy(
-            partial_interval_s=self.settings.partial_interval_ms / 1000,
-            segment_max_s=self.settings.segment_max_s,
+    def _make_policy(self) -> UtterancePolicy:
+        settings = self.settings
+        return UtterancePolicy(
+            partial_interval_s=settings.partial_interval_ms / 1000,
+            max_window_s=settings.segment_max_s,
+            trim_s=settings.buffer_trim_s,
+            pad_s=settings.vad_pad_ms / 1000,
+            context_chars=settings.context_prompt_chars,
             interim_results=self.config.interim_results,
+            vad_enabled=settings.vad != "off",
+            guards=GuardThresholds(
+                no_speech=settings.no_speech_threshold,
+                logprob=settings.logprob_threshold,
+                compression_ratio=settings.compression_ratio_threshold,
+            ),
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -261,19 +292,37 @@ class Session:
             await self._send_error("bad_audio", str(exc))
             return
         self._audio_started = True  # the first accepted frame fixes the format
-        samples = await asyncio.to_thread(self._ingest, frame)
-        self._policy.feed(samples)
-        self._wake.set()
+        samples, events = await asyncio.to_thread(self._ingest, frame)
+        await self._feed(samples, events)
         limit = PENDING_LIMIT_SEGMENTS * self._policy.max_samples
         while self._policy.pending > limit:  # stop reading until the transcriber catches up
             self._progress.clear()
             await self._progress.wait()
 
-    def _ingest(self, frame: bytes) -> NDArray[np.float32]:
-        """Persist then decode one frame (in a worker thread: file I/O and resampling)."""
+    def _ingest(self, frame: bytes) -> tuple[NDArray[np.float32], list[SpeechEvent]]:
+        """Persist, decode and run voice-activity detection on one frame (in a worker thread)."""
         assert self._recorder is not None and self._decoder is not None
         self._recorder.write_audio(frame, self.config.encoding, self.config.sample_rate, self.config.channels)
-        return self._decoder.decode(frame)
+        samples = self._decoder.decode(frame)
+        return samples, self._detect(samples)
+
+    def _detect(self, samples: NDArray[np.float32]) -> list[SpeechEvent]:
+        return self._vad.process(samples) if self._vad is not None and len(samples) else []
+
+    def _drain(self, end: bool) -> tuple[NDArray[np.float32], list[SpeechEvent]]:
+        """The samples still inside the resampler; at the end of stream, open speech ends too."""
+        samples = self._decoder.drain() if self._decoder is not None else np.zeros(0, dtype=np.float32)
+        events = self._detect(samples)
+        if end and self._vad is not None:
+            events += self._vad.finish(self._policy.received + len(samples))
+        return samples, events
+
+    async def _feed(self, samples: NDArray[np.float32], events: list[SpeechEvent]) -> None:
+        """Hand audio to the policy and tell the client where speech starts and ends."""
+        self._policy.feed(samples, events)
+        self._wake.set()
+        for event in events:
+            await self._send(SpeechStarted(at=event.at) if event.kind == "start" else SpeechEnded(at=event.at))
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -287,14 +336,14 @@ class Session:
         if isinstance(message, ConfigUpdate):
             await self._on_config(message)
         elif isinstance(message, FlushMessage):
-            self._request_finalize("flush")
+            await self._request_finalize("flush")
         elif isinstance(message, EndMessage):
             self._ended = True
             if self._recorder is not None and self._recorder.bytes_received == 0:
                 await asyncio.to_thread(
                     self._recorder.write_audio, b"", self.config.encoding, self.config.sample_rate, self.config.channels
                 )
-            self._request_finalize("end")
+            await self._request_finalize("end")
         # keepalive: receiving it has already reset the idle timer
 
     async def _on_config(self, message: ConfigUpdate) -> None:
@@ -310,9 +359,8 @@ class Session:
         await asyncio.to_thread(self._recorder.update_metadata, config=self.config.wire())
         await self._send(StatusConfigured(config=self.config.wire()))
 
-    def _request_finalize(self, kind: Literal["flush", "end"]) -> None:
-        if self._decoder is not None:
-            self._policy.feed(self._decoder.drain())
+    async def _request_finalize(self, kind: Literal["flush", "end"]) -> None:
+        await self._feed(*await asyncio.to_thread(self._drain, kind == "end"))
         self._finalize.append(_Finalize(kind, self._policy.received))
         self._wake.set()
 
@@ -342,19 +390,18 @@ class Session:
                 await asyncio.wait_for(self._wake.wait(), delay)
 
     async def _run_window(self, window: Window) -> None:
+        prompt = " ".join(p for p in (self.config.prompt, window.context) if p) or None
         request = TranscriptionRequest(
             audio=window.audio,
             language=self.config.language,
             task=self.config.task,
-            prompt=self.config.prompt,
+            prompt=prompt,
             is_final=window.is_final,
             session_id=self.id,
         )
-        text: str | None = None
-        language: str | None = None
+        result: TranscriptionResult | None = None
         try:
             result = await self.engine.transcribe(request)
-            text, language = result.text, result.language
         except QueueFullError:
             self.log.debug("partial skipped: queue full")
         except EngineUnavailableError as exc:
@@ -362,20 +409,17 @@ class Session:
             await self._close_with_error("internal", f"transcription engine unavailable: {exc}", CLOSE_INTERNAL)
             raise SessionClosed from None
         except Exception as exc:
-            self.log.warning("transcription of segment %d failed: %r", window.segment_id, exc)
+            span = f"{window.start / MODEL_SAMPLE_RATE:.2f}-{window.end / MODEL_SAMPLE_RATE:.2f} s"
+            self.log.warning("transcription of %s failed: %r", span, exc)
             await self._send_error(
-                "internal",
-                f"segment {window.segment_id} "
-                f"({window.start / MODEL_SAMPLE_RATE:.2f}-{window.end / MODEL_SAMPLE_RATE:.2f} s) "
-                "could not be transcribed; its audio is kept in the recording",
+                "internal", f"the audio at {span} could not be transcribed; it is kept in the recording"
             )
-        for segment in self._policy.accept(window, text, language):
+        for segment in self._policy.accept(window, result):
             await self._send_segment(segment)
         if window.is_final:
             self._progress.set()
 
     async def _send_segment(self, segment: SegmentText) -> None:
-        lag = max(0.0, self._policy.received / MODEL_SAMPLE_RATE - segment.end)
         message = Transcription(
             segment_id=segment.segment_id,
             is_final=segment.is_final,
@@ -383,13 +427,14 @@ class Session:
             start=segment.start,
             end=segment.end,
             language=segment.language,
-            lag=round(lag, 3),
+            lag=segment.lag,
+            words=[WordTiming(word=w.text, start=w.start, end=w.end) for w in segment.words],
         )
         if segment.is_final:
             self._finals.append(segment.text)
             assert self._recorder is not None
             await asyncio.to_thread(
-                self._recorder.append_final, message.model_dump(exclude={"type", "is_final", "lag", "words"})
+                self._recorder.append_final, message.model_dump(exclude={"type", "is_final", "lag"})
             )
         await self._send(message)
 

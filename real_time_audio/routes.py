@@ -59,7 +59,7 @@ async def transcribe(websocket: WebSocket) -> None:
             CLOSE_TRY_AGAIN_LATER,
         )
         return
-    session = Session(websocket, engine, settings, dict(websocket.query_params))
+    session = Session(websocket, engine, settings, dict(websocket.query_params), app.state.vad_scorer)
     sessions[session.id] = session
     try:
         await session.run()

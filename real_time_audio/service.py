@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import numpy as np
 from numpy.typing import NDArray
 
+from real_time_audio.agreement import Word
 from real_time_audio.audio import MODEL_SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 MAX_TARGET_TOKENS = 448  # Whisper's decoder context
 TOKEN_ALLOWANCE = 8  # extra tokens on top of the per-second cap, for very short clips
 MAX_PROMPT_TOKENS = 200
+WORD_START = "\u0120"  # how byte-level BPE marks a token that begins with a space
 
 
 class EngineError(RuntimeError):
@@ -64,9 +66,9 @@ class TranscriptionRequest:
     session_id: str = ""
 
     @property
-    def batch_key(self) -> tuple[str | None, str, str | None]:
-        """Only jobs with equal keys share a model call (generate takes one language/task/prompt)."""
-        return (self.language, self.task, self.prompt)
+    def batch_key(self) -> str:
+        """Only jobs with equal keys share a model call; language and prompt may differ per row."""
+        return self.task
 
     @property
     def duration(self) -> float:
@@ -75,10 +77,15 @@ class TranscriptionRequest:
 
 @dataclass(slots=True)
 class TranscriptionResult:
+    """What the model heard in one request; word times are seconds from the start of its audio."""
+
     text: str
     language: str | None
     tokens: int
     truncated: bool = False
+    words: list[Word] = field(default_factory=list)
+    avg_logprob: float = 0.0
+    no_speech_prob: float | None = None  # None: the model has no no-speech token
 
 
 class Backend(Protocol):
@@ -134,7 +141,13 @@ def _hub_reachable(timeout_s: float = 5.0) -> tuple[bool, str]:
 
 
 class WhisperBackend:
-    """A Hugging Face Whisper model and its processor, run with batched `generate`."""
+    """A Hugging Face Whisper model and its processor, run with batched `generate`.
+
+    Each row of a batch has its own decoder prompt (context text, language), left-padded to a
+    common length, so sessions with different contexts and languages still share one model call.
+    Every result carries word timings (cross-attention alignment), its average log-probability
+    and the no-speech probability, which the streaming policy's guards use.
+    """
 
     def __init__(
         self, model_id: str, device: str, dtype: Any, model: Any, processor: Any, tokens_per_second: float
@@ -145,16 +158,35 @@ class WhisperBackend:
         self.model = model
         self.processor = processor
         self.tokens_per_second = tokens_per_second
+        tokenizer = processor.tokenizer
         generation = model.generation_config
         self.multilingual = bool(getattr(generation, "is_multilingual", False))
         lang_to_id: dict[str, int] = getattr(generation, "lang_to_id", None) or {}
         self._id_to_language = {token_id: token[2:-2] for token, token_id in lang_to_id.items()}
+        self._language_ids = sorted(self._id_to_language)
+        self._task_ids: dict[str, int] = getattr(generation, "task_to_id", None) or {}
         self.languages: frozenset[str] | None = (
             frozenset(self._id_to_language.values()) if self.multilingual else frozenset({"en"})
         )
-        self._no_timestamps = getattr(generation, "no_timestamps_token_id", None)
+        self._sot = generation.decoder_start_token_id
+        self._no_timestamps = generation.no_timestamps_token_id
+        self._pad = generation.pad_token_id if generation.pad_token_id is not None else generation.eos_token_id
         self._eot = generation.eos_token_id if isinstance(generation.eos_token_id, int) else None
-        self._special_ids = frozenset(processor.tokenizer.all_special_ids)
+        self._special_ids = frozenset(tokenizer.all_special_ids)
+        self._no_speech = next(
+            (
+                token_id
+                for name in ("<|nospeech|>", "<|nocaptions|>")
+                if (token_id := tokenizer.convert_tokens_to_ids(name)) not in (None, tokenizer.unk_token_id)
+            ),
+            None,
+        )
+        if not getattr(generation, "alignment_heads", None):
+            # No published alignment heads: use every head of the upper half of the decoder.
+            layers, heads = model.config.decoder_layers, model.config.decoder_attention_heads
+            generation.alignment_heads = [
+                [layer, head] for layer in range(layers // 2, layers) for head in range(heads)
+            ]
         # Real checkpoints set max_length=448; we always pass max_new_tokens instead.
         generation.max_length = None
 
@@ -164,7 +196,8 @@ class WhisperBackend:
         import torch
         from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
 
-        # We pass max_new_tokens on purpose; transformers' advice about it would repeat on every call.
+        # We pass max_new_tokens and our own decoder prompts on purpose; transformers' advice
+        # about them would repeat on every call.
         for name in ("transformers.generation.utils", "transformers.generation.configuration_utils"):
             logging.getLogger(name).setLevel(logging.ERROR)
         device, reason = resolve_device(settings.device)
@@ -203,19 +236,28 @@ class WhisperBackend:
         logger.info("loaded %s in %.1f s", settings.transcription_model_id, time.perf_counter() - started)
         return cls(settings.transcription_model_id, device, dtype, model, processor, settings.tokens_per_second)
 
-    def _prompt_ids(self, prompt: str) -> Any:
-        import torch
+    def _prompt_ids(self, prompt: str | None) -> list[int]:
+        """<|startofprev|> and the prompt's most recent MAX_PROMPT_TOKENS tokens (none without a prompt)."""
+        if not prompt:
+            return []
+        ids: list[int] = self.processor.get_prompt_ids(prompt, return_tensors="np").tolist()
+        if len(ids) > MAX_PROMPT_TOKENS + 1:
+            ids = ids[:1] + ids[-MAX_PROMPT_TOKENS:]
+        return ids
 
-        ids = self.processor.get_prompt_ids(prompt, return_tensors="np")
-        if len(ids) > MAX_PROMPT_TOKENS + 1:  # keep <|startofprev|> and the most recent tokens
-            ids = np.concatenate([ids[:1], ids[-MAX_PROMPT_TOKENS:]])
-        return torch.as_tensor(ids).to(self.device)
+    def _decoder_prompt(self, request: TranscriptionRequest, language: str | None) -> list[int]:
+        ids = [*self._prompt_ids(request.prompt), self._sot]
+        if self.multilingual:
+            if language is not None:
+                ids.append(self.model.generation_config.lang_to_id[f"<|{language}|>"])
+            ids.append(self._task_ids[request.task])
+        ids.append(self._no_timestamps)
+        return ids
 
     def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
-        """One batched feature extraction and one `generate` for all requests (equal batch keys)."""
+        """One batched feature extraction, encoder pass and `generate` for all requests (same task)."""
         import torch
 
-        first = requests[0]
         features = self.processor.feature_extractor(
             [r.audio for r in requests],
             sampling_rate=MODEL_SAMPLE_RATE,
@@ -224,44 +266,114 @@ class WhisperBackend:
         )
         input_features = features.input_features.to(self.device, self.dtype)
         attention_mask = features.attention_mask.to(self.device)
-        caps = [token_cap(r.duration, self.tokens_per_second) for r in requests]
-        # One generate call per window (no second pass over "unfinished" rows), so that the
-        # returned sequences hold exactly one row per request, decoder prompt included.
-        options: dict[str, Any] = {"return_dict_in_generate": True, "force_unique_generate_call": True}
-        prefix = 4
-        if self.multilingual:
-            options["task"] = first.task
-            if first.language:
-                options["language"] = first.language
-        if first.prompt:
-            options["prompt_ids"] = self._prompt_ids(first.prompt)
-            prefix += len(options["prompt_ids"])
-        options["max_new_tokens"] = max(1, min(max(caps), MAX_TARGET_TOKENS - prefix - 1))
         with torch.inference_mode():
-            output = self.model.generate(input_features, attention_mask=attention_mask, **options)
-        sequences = output.sequences.tolist()
-        if len(sequences) != len(requests):
-            raise EngineError(f"model returned {len(sequences)} results for {len(requests)} inputs")
-        return [self._result(tokens, cap, first.language) for tokens, cap in zip(sequences, caps, strict=True)]
+            encoded = self.model.get_encoder()(input_features)
+            # One decoder step on <|startoftranscript|> gives both the no-speech probability and,
+            # for rows without a language, the detected language.
+            start = torch.full((len(requests), 1), self._sot, device=self.device)
+            first = self.model(encoder_outputs=encoded, decoder_input_ids=start).logits[:, -1].float()
+            probabilities = first.softmax(dim=-1)
+            no_speech = (
+                probabilities[:, self._no_speech].tolist() if self._no_speech is not None else [None] * len(requests)
+            )
+            languages = [r.language for r in requests]
+            if self.multilingual and any(language is None for language in languages):
+                detected = first[:, self._language_ids].argmax(dim=-1).tolist()
+                languages = [
+                    language or self._id_to_language[self._language_ids[index]]
+                    for language, index in zip(languages, detected, strict=True)
+                ]
+            elif not self.multilingual:
+                languages = ["en"] * len(requests)
+            prompts = [self._decoder_prompt(r, lang) for r, lang in zip(requests, languages, strict=True)]
+            width = max(len(p) for p in prompts)
+            decoder_ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts], device=self.device)
+            caps = [token_cap(r.duration, self.tokens_per_second) for r in requests]
+            options: dict[str, Any] = {
+                "encoder_outputs": encoded,
+                "attention_mask": attention_mask,
+                "decoder_input_ids": decoder_ids,
+                "decoder_attention_mask": decoder_ids != self._pad,
+                "max_new_tokens": max(1, min(max(caps), MAX_TARGET_TOKENS - width - 1)),
+                "return_dict_in_generate": True,
+                "output_scores": True,
+                "return_token_timestamps": True,
+                # One generate call per window (no second pass over "unfinished" rows), so the
+                # returned sequences hold exactly one row per request, decoder prompt included.
+                "force_unique_generate_call": True,
+            }
+            if self.multilingual:
+                options["language"] = languages
+                options["task"] = requests[0].task
+            output = self.model.generate(**options)
+            sequences = output["sequences"]
+            if len(sequences) != len(requests):
+                raise EngineError(f"model returned {len(sequences)} results for {len(requests)} inputs")
+            steps = sequences.shape[1] - width
+            chosen = sequences[:, width:].unsqueeze(-1)
+            logprobs = torch.cat(
+                [
+                    output["scores"][step].float().log_softmax(dim=-1).gather(1, chosen[:, step])
+                    for step in range(steps)
+                ],
+                dim=1,
+            )
+            times = output["token_timestamps"].float().cpu().tolist()
+        generated = sequences[:, width:].tolist()
+        logprob_rows = logprobs.cpu().tolist()
+        return [
+            self._result(tokens, row_times[width:], row_logprobs, cap, language, speechless)
+            for tokens, row_times, row_logprobs, cap, language, speechless in zip(
+                generated, times, logprob_rows, caps, languages, no_speech, strict=True
+            )
+        ]
 
-    def _result(self, tokens: list[int], cap: int, language: str | None) -> TranscriptionResult:
-        """Split the decoder prompt from the text, read the language, cut at end-of-text and the cap."""
-        start = 0
-        if self._no_timestamps is not None and self._no_timestamps in tokens:
-            start = tokens.index(self._no_timestamps) + 1
-        detected = next((self._id_to_language[t] for t in tokens[:start] if t in self._id_to_language), None)
-        text_tokens = tokens[start:]
-        if self._eot is not None and self._eot in text_tokens:
-            text_tokens = text_tokens[: text_tokens.index(self._eot)]
-        truncated = len(text_tokens) > cap
-        text_tokens = text_tokens[:cap]
-        text = self.processor.tokenizer.decode([t for t in text_tokens if t not in self._special_ids]).strip()
+    def _result(
+        self,
+        tokens: list[int],
+        times: list[float],
+        logprobs: list[float],
+        cap: int,
+        language: str | None,
+        no_speech: float | None,
+    ) -> TranscriptionResult:
+        """Cut at end-of-text and at the cap; group tokens into timed words; score the decode."""
+        length = tokens.index(self._eot) if self._eot is not None and self._eot in tokens else len(tokens)
+        scored = logprobs[: min(length + 1, len(logprobs))]  # Whisper counts the end-of-text token too
+        avg_logprob = sum(scored) / max(1, len(scored))
+        truncated = length > cap
+        length = min(length, cap)
+        kept = [(i, t) for i, t in enumerate(tokens[:length]) if t not in self._special_ids]
+        text = self.processor.tokenizer.decode([t for _, t in kept]).strip()
         return TranscriptionResult(
             text=text,
-            language=language or detected or ("en" if not self.multilingual else None),
-            tokens=len(text_tokens),
+            language=language,
+            tokens=length,
             truncated=truncated,
+            words=self._words(kept, times),
+            avg_logprob=avg_logprob,
+            no_speech_prob=no_speech,
         )
+
+    def _words(self, kept: list[tuple[int, int]], times: list[float]) -> list[Word]:
+        """Group byte-level BPE tokens into words (a leading space starts one) with their times."""
+        tokenizer = self.processor.tokenizer
+        pieces = tokenizer.convert_ids_to_tokens([t for _, t in kept])
+        groups: list[list[tuple[int, int]]] = []
+        for (index, token), piece in zip(kept, pieces, strict=True):
+            if not groups or piece.startswith(WORD_START):
+                groups.append([])
+            groups[-1].append((index, token))
+        words: list[Word] = []
+        for group in groups:
+            text = tokenizer.decode([t for _, t in group]).strip()
+            if not text:
+                continue
+            first, last = group[0][0], group[-1][0]
+            start = times[first] if first < len(times) else times[-1]
+            end = times[last + 1] if last + 1 < len(times) else times[-1]
+            words.append(Word(text, round(start, 3), round(max(start, end), 3)))
+        return words
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -324,7 +436,7 @@ class JobQueue:
                 jobs.clear()
                 jobs.extend(live)
 
-    def _pop(self, key: tuple[str | None, str, str | None] | None) -> _Job | None:
+    def _pop(self, key: str | None) -> _Job | None:
         for jobs in (self._finals, self._partials):
             for job in jobs:
                 if key is None or job.request.batch_key == key:

@@ -1,31 +1,62 @@
-"""Streaming policy: which stretch of a session's audio to transcribe next, and what the result means.
+"""Streaming policy: which stretch of a session's audio to decode next, and what each result means.
 
-The policy is pure Python with no model and no I/O, so it is unit-tested on its own. The session
-feeds it audio, asks it for the next window to transcribe, and hands back the engine's result; the
-policy answers with the texts to send. A policy with voice-activity endpointing and word-level
-agreement can replace `FixedSegmentPolicy` behind the same `StreamingPolicy` interface.
+The policy is pure Python with no model and no I/O, so it is tested on its own (with a scripted
+transcriber standing in for Whisper). The session feeds it audio with the voice-activity events
+for that audio, asks it for the next window to decode, and hands back what the model heard; the
+policy answers with the transcriptions to send.
+
+How a session's audio becomes text:
+- Only speech is decoded. A speech region runs from a speech start (minus `pad_s` of pre-roll) to
+  a speech end (plus `pad_s`); the audio between regions never reaches the model.
+- Inside a region the buffer from `decode_start` to the newest sample is re-decoded every
+  `partial_interval_s`. Words that two consecutive decodes agree on are committed and sent as a
+  final (LocalAgreement-2); the rest is sent as the partial.
+- Once the buffer is longer than `trim_s`, its start moves up to the end of the last committed
+  word; a decode never covers more than `max_window_s`. Committed text that leaves the buffer
+  becomes the prompt (at most `context_chars` characters) for the next decodes.
+- When the region ends, on flush and at the end of the stream, the buffer is decoded one last
+  time and every word not yet committed is sent as a final.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
+from real_time_audio.agreement import LocalAgreement, Word, join_words
 from real_time_audio.audio import MODEL_SAMPLE_RATE
+from real_time_audio.guards import GuardThresholds, loop_start, verdict
+from real_time_audio.vad import SpeechEvent
+
+if TYPE_CHECKING:
+    from real_time_audio.service import TranscriptionResult
+
+MIN_PARTIAL_S = 0.3  # too little audio for a useful partial decode
+CAP_HOLD_BACK_S = 1.0  # when the buffer is full, words ending this close to its end wait
+MIN_CAP_PROGRESS_S = 1.0  # a full buffer always moves on at least this far
 
 
 @dataclass(slots=True, frozen=True)
 class Window:
-    """A stretch of session audio to transcribe; sample positions count from the session start."""
+    """A stretch of session audio to decode; sample positions count from the session start."""
 
-    segment_id: int
     start: int
     end: int
-    is_final: bool
+    kind: Literal["partial", "cap", "final"]
     audio: NDArray[np.float32]
+    context: str  # committed text that left the buffer, for the prompt
+    epoch: int  # the buffer position this window was cut from; a partial from an older one is stale
+
+    @property
+    def is_final(self) -> bool:
+        """Finals and full-buffer windows must run; only partials may be skipped under load."""
+        return self.kind != "partial"
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,116 +69,293 @@ class SegmentText:
     start: float
     end: float
     language: str | None
+    words: tuple[Word, ...]
+    lag: float
 
 
-class StreamingPolicy(Protocol):
-    received: int  # samples fed so far
-    transcribed: int  # samples covered by the latest transcription sent
+@dataclass(slots=True)
+class _Region:
+    """Speech not yet finalized: from `start` to `end` (None while the speaker goes on)."""
 
-    def feed(self, samples: NDArray[np.float32]) -> None: ...
-
-    def next_window(self, now: float, finalize_until: int | None) -> Window | None: ...
-
-    def accept(self, window: Window, text: str | None, language: str | None) -> list[SegmentText]: ...
-
-    @property
-    def pending(self) -> int: ...
+    start: int
+    end: int | None = None
 
 
-class FixedSegmentPolicy:
-    """First-version policy: one growing segment at a time.
+@dataclass(slots=True)
+class PolicyStats:
+    """What the policy did, for tests and benchmarks."""
 
-    While audio arrives, the whole current segment is re-transcribed as a partial at most every
-    `partial_interval_s`. It becomes final when it reaches `segment_max_s`, or on request (flush
-    or end of stream); the next segment starts exactly where it ended, so every sample belongs
-    to exactly one final.
-    """
+    windows: dict[str, int] = field(default_factory=lambda: {"partial": 0, "cap": 0, "final": 0})
+    longest_window: int = 0
+    dropped_no_speech: int = 0
+    dropped_degenerate: int = 0
+    loops_cut: int = 0
 
-    def __init__(self, *, partial_interval_s: float, segment_max_s: float, interim_results: bool) -> None:
+
+class UtterancePolicy:
+    """Voice-activity endpointing with LocalAgreement-2 partials; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        partial_interval_s: float = 1.0,
+        max_window_s: float = 30.0,
+        trim_s: float = 15.0,
+        pad_s: float = 0.2,
+        context_chars: int = 200,
+        interim_results: bool = True,
+        vad_enabled: bool = True,
+        guards: GuardThresholds | None = None,
+    ) -> None:
         self.partial_interval_s = partial_interval_s
-        self.max_samples = int(segment_max_s * MODEL_SAMPLE_RATE)
+        self.max_samples = int(max_window_s * MODEL_SAMPLE_RATE)
+        self.trim_samples = int(min(trim_s, max_window_s) * MODEL_SAMPLE_RATE)
+        self.pad = int(pad_s * MODEL_SAMPLE_RATE)
+        self.context_chars = context_chars
         self.interim_results = interim_results
+        self.guards = guards or GuardThresholds()
+        self.stats = PolicyStats()
         self.segment_id = 0
-        self.segment_start = 0  # sample where the current segment begins
         self.received = 0
-        self.transcribed = 0
-        # Audio from segment_start to received, as received; joined only when a window needs it,
-        # so a frame costs no copy of the whole segment.
+        self.transcribed = 0  # samples settled: decoded, or known to be silence
+        self._buffer_start = 0  # first sample still held in _chunks
         self._chunks: list[NDArray[np.float32]] = []
-        self._last_partial_at = float("-inf")
+        self._regions: deque[_Region] = deque()
+        self._floor = 0  # everything before this sample is final
+        self._decode_start = 0
+        self._epoch = 0
+        self._agreement = LocalAgreement()
+        self._buffered_words: list[Word] = []  # committed words still inside the buffer
+        self._context = ""
+        self._last_word_end = 0.0
+        self._last_partial_at = -math.inf
         self._last_partial_end = 0
+        if not vad_enabled:
+            self._regions.append(_Region(0))  # without VAD the whole stream is one region
+
+    # -- input ----------------------------------------------------------------------------------
 
     @property
     def pending(self) -> int:
-        """Samples received but not yet in any final."""
-        return self.received - self.segment_start
+        """Samples held for decoding (bounded by the session's back-pressure)."""
+        return self.received - self._buffer_start
 
-    def feed(self, samples: NDArray[np.float32]) -> None:
+    @property
+    def in_speech(self) -> bool:
+        return bool(self._regions)
+
+    def feed(self, samples: NDArray[np.float32], events: Sequence[SpeechEvent] = ()) -> None:
+        """Add audio and the voice-activity events found in it (or before it)."""
         if len(samples):
             self._chunks.append(samples)
             self.received += len(samples)
+        for event in events:
+            if event.kind == "start":
+                start = max(event.sample - self.pad, self._floor, self._buffer_start)
+                self._regions.append(_Region(start))
+                if len(self._regions) == 1:
+                    self._set_decode_start(start)
+            elif self._regions and self._regions[-1].end is None:
+                self._regions[-1].end = min(max(event.sample + self.pad, self._regions[-1].start), self.received)
+        if not self._regions:  # silence: keep only the pre-roll
+            self.transcribed = self.received
+            self._drop_audio_before(max(self._buffer_start, self.received - self.pad))
 
-    def next_window(self, now: float, finalize_until: int | None) -> Window | None:
-        """The next window to transcribe, or None when nothing is due.
+    # -- scheduling -----------------------------------------------------------------------------
 
-        `finalize_until`: a sample position that everything before must be finalized (a flush or
-        the end of stream), or None.
+    def next_window(self, now: float, finalize_until: int | None = None) -> Window | None:
+        """The next window to decode, or None when nothing is due.
+
+        `finalize_until`: everything before this sample must be finalized (a flush or the end of
+        stream), or None.
         """
-        if self.pending >= self.max_samples:
-            return self._window(self.segment_start + self.max_samples, final=True)
-        if finalize_until is not None and finalize_until > self.segment_start:
-            return self._window(min(finalize_until, self.segment_start + self.max_samples), final=True)
-        if (
-            self.interim_results
-            and self.received > self._last_partial_end
-            and now - self._last_partial_at >= self.partial_interval_s
-        ):
-            self._last_partial_at = now
-            return self._window(self.received, final=False)
+        while self._regions:
+            region = self._regions[0]
+            start = self._decode_start
+            closing = region.end
+            if closing is None and finalize_until is not None and finalize_until > start:
+                closing = finalize_until
+            if closing is not None and closing <= start:  # nothing left in it to decode
+                self._finish_region(closing)
+                continue
+            if (closing if closing is not None else self.received) - start > self.max_samples:
+                return self._window(start, start + self.max_samples, "cap")
+            if closing is not None:
+                return self._window(start, closing, "final")
+            if (
+                now - self._last_partial_at >= self.partial_interval_s
+                and self.received > self._last_partial_end
+                and self.received - start >= MIN_PARTIAL_S * MODEL_SAMPLE_RATE
+            ):
+                self._last_partial_at = now
+                return self._window(start, self.received, "partial")
+            return None
         return None
 
     def seconds_until_partial(self, now: float) -> float | None:
-        """How long until a partial may be due again (None: no new audio to show)."""
-        if not self.interim_results or self.received <= self._last_partial_end:
-            return None
+        """How long until a partial decode may be due (None: nothing new to decode)."""
+        if (
+            not self._regions
+            or self._regions[0].end is not None
+            or self.received <= self._last_partial_end
+            or self.received - self._decode_start < MIN_PARTIAL_S * MODEL_SAMPLE_RATE
+        ):
+            return None  # new audio will wake the session
         return max(0.0, self._last_partial_at + self.partial_interval_s - now)
 
-    def _segment_audio(self) -> NDArray[np.float32]:
-        """The current segment's audio as one array (joined once, then kept joined)."""
+    def _window(self, start: int, end: int, kind: Literal["partial", "cap", "final"]) -> Window:
+        audio = self._joined()[start - self._buffer_start : end - self._buffer_start]
+        self.stats.windows[kind] += 1
+        self.stats.longest_window = max(self.stats.longest_window, end - start)
+        return Window(start, end, kind, audio, self._context, self._epoch)
+
+    # -- results --------------------------------------------------------------------------------
+
+    def accept(self, window: Window, result: TranscriptionResult | None) -> list[SegmentText]:
+        """Take what the model heard in `window` (None: the decode failed) and say what to send."""
+        if window.epoch != self._epoch or window.start != self._decode_start:
+            return []  # a partial of audio that has been finalized or trimmed meanwhile
+        words, language = self._heard(window, result)
+        out: list[SegmentText] = []
+        if window.kind == "partial":
+            if result is None:
+                return []
+            self._last_partial_end = window.end
+            self.transcribed = max(self.transcribed, window.end)
+            out += self._final(self._agreement.insert(words), language, window)
+            if window.end - self._decode_start > self.trim_samples and self._buffered_words:
+                self._trim_to(self._sample(self._buffered_words[-1].end))
+            if self.interim_results and self._agreement.tail:
+                out.append(self._segment(self._agreement.tail, False, language, window))
+            return out
+        if window.kind == "cap":
+            cutoff = window.end / MODEL_SAMPLE_RATE - CAP_HOLD_BACK_S
+            committed = self._agreement.commit_until(words, cutoff)
+            out += self._final(committed, language, window)
+            target = self._sample(committed[-1].end) if committed else 0
+            if target < self._decode_start + MIN_CAP_PROGRESS_S * MODEL_SAMPLE_RATE:
+                target = self._sample(cutoff)  # nothing (or too little) confirmed: move on regardless
+            self._trim_to(target)
+            self.transcribed = max(self.transcribed, self._decode_start)
+            return out
+        out += self._final(self._agreement.finish(words), language, window)
+        self.transcribed = max(self.transcribed, window.end)
+        self._finish_region(window.end)
+        return out
+
+    def _heard(self, window: Window, result: TranscriptionResult | None) -> tuple[list[Word], str | None]:
+        """The words of a result in session time, with the guards applied."""
+        if result is None:
+            return [], None
+        judged = verdict(result.text, result.avg_logprob, result.no_speech_prob, self.guards)
+        if judged != "speech":
+            if judged == "no_speech":
+                self.stats.dropped_no_speech += 1
+            else:
+                self.stats.dropped_degenerate += 1
+                self._context = ""
+            return [], result.language
+        offset = window.start / MODEL_SAMPLE_RATE
+        limit = window.end / MODEL_SAMPLE_RATE
+        words = [w.shifted(offset) for w in result.words if w.text.strip()]
+        words = [Word(w.text, min(w.start, limit), min(w.end, limit)) for w in words]
+        cut = loop_start([w.key for w in words])
+        if cut is not None:  # keep what came before the loop; never let the loop into the prompt
+            self.stats.loops_cut += 1
+            words = words[:cut]
+            self._context = ""
+            self._agreement.reset_tail()
+        return words, result.language
+
+    def _final(self, words: list[Word], language: str | None, window: Window) -> list[SegmentText]:
+        if not words:
+            return []
+        segment = self._segment(words, True, language, window)
+        self._buffered_words += segment.words
+        self.segment_id += 1
+        return [segment]
+
+    def _segment(self, words: Sequence[Word], is_final: bool, language: str | None, window: Window) -> SegmentText:
+        timed: list[Word] = []
+        previous_end = self._last_word_end
+        for word in words:  # word times only ever move forward
+            start = max(word.start, previous_end)
+            end = max(word.end, start)
+            timed.append(Word(word.text, round(start, 3), round(end, 3)))
+            previous_end = end
+        if is_final:
+            self._last_word_end = previous_end
+        lag = max(0.0, (self.received - window.end) / MODEL_SAMPLE_RATE)
+        return SegmentText(
+            self.segment_id,
+            is_final,
+            join_words(timed),
+            timed[0].start,
+            timed[-1].end,
+            language,
+            tuple(timed),
+            round(lag, 3),
+        )
+
+    # -- buffer ---------------------------------------------------------------------------------
+
+    def _trim_to(self, sample: int) -> None:
+        """Move the decode start up to `sample` (a committed word's end); its words become context."""
+        if sample <= self._decode_start:
+            return
+        limit = sample / MODEL_SAMPLE_RATE
+        leaving = [w for w in self._buffered_words if w.end <= limit]
+        self._buffered_words = [w for w in self._buffered_words if w.end > limit]
+        self._add_context(leaving)
+        self._set_decode_start(sample)
+
+    def _finish_region(self, end: int) -> None:
+        """Everything before `end` is final; the first region ends there (or goes on after it)."""
+        self._add_context(self._buffered_words)
+        self._buffered_words = []
+        self._agreement.reset_tail()
+        self._floor = max(self._floor, end)
+        region = self._regions[0]
+        if region.end is not None and end >= region.end:
+            self._regions.popleft()
+            if self._regions:
+                self._regions[0].start = max(self._regions[0].start, end)
+        else:
+            region.start = end
+        if self._regions:
+            self._set_decode_start(self._regions[0].start)
+        else:
+            self._set_decode_start(end)
+            self.transcribed = max(self.transcribed, end)
+            self._drop_audio_before(max(end, self.received - self.pad))
+
+    def _set_decode_start(self, sample: int) -> None:
+        self._decode_start = sample
+        self._epoch += 1
+        self._last_partial_end = min(self._last_partial_end, sample)
+        self._drop_audio_before(sample)
+
+    def _add_context(self, words: Sequence[Word]) -> None:
+        if not words or self.context_chars <= 0:
+            return
+        text = f"{self._context} {join_words(words)}".strip()
+        if len(text) > self.context_chars:  # keep the most recent words that fit
+            text = text[-self.context_chars :]
+            text = text.partition(" ")[2] if " " in text else ""
+        self._context = text
+
+    def _joined(self) -> NDArray[np.float32]:
         if len(self._chunks) != 1:
             self._chunks = [np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.float32)]
         return self._chunks[0]
 
-    def _window(self, end: int, *, final: bool) -> Window:
-        audio = self._segment_audio()[: end - self.segment_start]
-        return Window(self.segment_id, self.segment_start, end, final, audio)
-
-    def accept(self, window: Window, text: str | None, language: str | None) -> list[SegmentText]:
-        """Take the result for `window` (None = it could not be transcribed) and say what to send."""
-        if not window.is_final:
-            if window.segment_id != self.segment_id or text is None:
-                return []  # the segment was finalized meanwhile, or the partial failed
-            self._last_partial_end = window.end
-            self.transcribed = max(self.transcribed, window.end)
-            return [self._text(window, text, language)]
-        assert window.start == self.segment_start, "finals must come in order"
-        rest = self._segment_audio()[window.end - window.start :]
-        self._chunks = [rest.copy()] if len(rest) else []
-        self.segment_start = window.end
-        self.segment_id += 1
-        self._last_partial_end = max(self._last_partial_end, window.end)
-        self.transcribed = max(self.transcribed, window.end)
-        if text is None:
-            return []
-        return [self._text(window, text, language)]
+    def _drop_audio_before(self, sample: int) -> None:
+        if sample <= self._buffer_start:
+            return
+        audio = self._joined()[sample - self._buffer_start :]
+        self._chunks = [audio.copy()] if len(audio) else []
+        self._buffer_start = sample
 
     @staticmethod
-    def _text(window: Window, text: str, language: str | None) -> SegmentText:
-        return SegmentText(
-            window.segment_id,
-            window.is_final,
-            text,
-            round(window.start / MODEL_SAMPLE_RATE, 3),
-            round(window.end / MODEL_SAMPLE_RATE, 3),
-            language,
-        )
+    def _sample(seconds: float) -> int:
+        return round(seconds * MODEL_SAMPLE_RATE)

@@ -1,110 +1,267 @@
-"""The first-version streaming policy, without a model."""
+"""The streaming policy without a model: endpointing, LocalAgreement-2, trimming, guards.
+
+Driven by the burst-speech doubles of tests/burst_speech.py, with a simulated clock that runs at
+the speed of the audio (each frame arrives when it would in real time; decodes take no time).
+"""
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
+from numpy.typing import NDArray
 
-from real_time_audio.streaming import FixedSegmentPolicy
-
-RATE = 16000
-
-
-def policy(**kw: object) -> FixedSegmentPolicy:
-    options = {"partial_interval_s": 1.0, "segment_max_s": 3.0, "interim_results": True} | kw
-    return FixedSegmentPolicy(**options)  # type: ignore[arg-type]
-
-
-def audio(seconds: float, value: float = 0.1) -> np.ndarray:
-    return np.full(int(seconds * RATE), value, dtype=np.float32)
+from real_time_audio.agreement import Word
+from real_time_audio.service import TranscriptionRequest, TranscriptionResult
+from real_time_audio.streaming import SegmentText, UtterancePolicy, Window
+from real_time_audio.vad import SpeechEvent, VoiceActivityDetector
+from tests.burst_speech import RATE, BurstTranscriber, EnergyScorer, burst, speech_block
 
 
-def test_partials_respect_the_interval() -> None:
-    """A partial of the whole segment is due at most once per interval, and only with new audio."""
-    p = policy()
-    p.feed(audio(0.5))
-    window = p.next_window(now=10.0, finalize_until=None)
-    assert window is not None and not window.is_final and (window.start, window.end) == (0, 8000)
-    p.accept(window, "a", "en")
-    p.feed(audio(0.5))
-    assert p.next_window(now=10.5, finalize_until=None) is None
-    assert p.seconds_until_partial(10.5) == 0.5
-    window = p.next_window(now=11.0, finalize_until=None)
-    assert window is not None and window.end == 16000
-    p.accept(window, "a b", "en")
-    assert p.next_window(now=20.0, finalize_until=None) is None  # nothing new to show
-    assert p.seconds_until_partial(20.0) is None
+@dataclass
+class Run:
+    outputs: list[SegmentText] = field(default_factory=list)
+    windows: list[tuple[float, Window]] = field(default_factory=list)  # (arrival time, window)
+
+    @property
+    def finals(self) -> list[SegmentText]:
+        return [o for o in self.outputs if o.is_final]
+
+    def final_words(self) -> list[str]:
+        return [w.text for o in self.finals for w in o.words]
 
 
-def test_no_partials_when_interim_results_are_off() -> None:
-    """With interim_results false only finals are produced."""
-    p = policy(interim_results=False)
-    p.feed(audio(2.0))
-    assert p.next_window(now=100.0, finalize_until=None) is None
-    window = p.next_window(now=100.0, finalize_until=p.received)
-    assert window is not None and window.is_final
+def simulate(
+    audio: NDArray[np.float32], policy: UtterancePolicy, model: BurstTranscriber, seed: int = 0, max_frame_s: float = 0.5
+) -> Run:
+    """Stream `audio` in random frame sizes through VAD and policy, decoding every due window."""
+    rng = np.random.default_rng(seed)
+    vad = VoiceActivityDetector(EnergyScorer())
+    run = Run()
+
+    def drain(now: float, finalize_until: int | None = None) -> None:
+        while (window := policy.next_window(now, finalize_until)) is not None:
+            run.windows.append((now, window))
+            result = model.transcribe_batch([TranscriptionRequest(audio=window.audio)])[0]
+            run.outputs.extend(policy.accept(window, result))
+
+    position = 0
+    while position < len(audio):
+        size = int(rng.integers(int(0.02 * RATE), int(max_frame_s * RATE)))
+        chunk = audio[position : position + size]
+        position += len(chunk)
+        policy.feed(chunk, vad.process(chunk))
+        drain(position / RATE)
+    policy.feed(np.zeros(0, dtype=np.float32), vad.finish(policy.received))
+    drain(position / RATE, finalize_until=policy.received)
+    return run
 
 
-def test_segment_is_finalized_at_its_maximum_length() -> None:
-    """A segment that reaches segment_max_s becomes final at exactly that length; the rest carries on."""
-    p = policy(interim_results=False)
-    p.feed(audio(7.25))
-    ends = []
-    while (window := p.next_window(now=0.0, finalize_until=None)) is not None:
-        texts = p.accept(window, f"s{window.segment_id}", None)
-        assert [t.is_final for t in texts] == [True]
-        ends.append(window.end)
-    assert ends == [3 * RATE, 6 * RATE]
-    assert p.pending == int(1.25 * RATE)
+def test_a_half_hour_stream_is_transcribed_exactly_at_constant_cost() -> None:
+    """30 minutes, random frames and pauses: finals are the spoken words; cost stays flat; windows ≤ 30 s."""
+    block, spoken = speech_block(seed=7, seconds=60.0, long_utterance_s=40.0)
+    minutes = 30
+    audio = np.tile(block, minutes)
+    expected = [w.text for _ in range(minutes) for w in spoken]
+    model = BurstTranscriber()
+    policy = UtterancePolicy()
+    run = simulate(audio, policy, model, seed=3)
+
+    assert run.final_words() == expected
+    assert any("~" in o.text for o in run.outputs if not o.is_final), "the model never misheard: nothing tested"
+    # Partials only ever show words after the last final; finals come in order with growing ids.
+    last_final_end = 0.0
+    next_id = 0
+    for output in run.outputs:
+        assert output.segment_id == next_id
+        assert all(w.start >= last_final_end for w in output.words)
+        starts = [w.start for w in output.words]
+        assert starts == sorted(starts)
+        if output.is_final:
+            last_final_end = output.words[-1].end
+            next_id += 1
+    assert max(model.window_seconds) <= 30.0
+    assert policy.stats.longest_window <= 30 * RATE
+    assert policy.stats.windows["cap"] == 0  # trimming kept every window under the limit
+    calls_per_minute = np.bincount([int(at // 60) for at, _ in run.windows], minlength=minutes)
+    first, last = calls_per_minute[:5].sum(), calls_per_minute[-6:-1].sum()
+    assert abs(int(last) - int(first)) <= 0.05 * first, calls_per_minute
+    assert sum(len(w.audio) for _, w in run.windows) / len(audio) < 10  # no growing re-decode
 
 
-def test_every_sample_lands_in_exactly_one_final() -> None:
-    """Random frames, flushes and partials: the finals tile the stream with no gap and no overlap."""
-    rng = np.random.default_rng(7)
-    p = policy(segment_max_s=2.0)
-    covered: list[tuple[int, int]] = []
-    stream = []
-    now = 0.0
-    for _ in range(400):
-        chunk = rng.standard_normal(int(rng.integers(1, 9000))).astype(np.float32)
-        stream.append(chunk)
-        p.feed(chunk)
-        now += 0.1
-        flush = p.received if rng.random() < 0.05 else None
-        while (window := p.next_window(now, flush)) is not None:
-            start = window.start
-            expected = np.concatenate(stream)[window.start : window.end]
-            np.testing.assert_array_equal(window.audio, expected)
-            texts = p.accept(window, "x", None)
-            if window.is_final:
-                covered.append((start, window.end))
-                assert [t.segment_id for t in texts] == [len(covered) - 1]
-    while (window := p.next_window(now, p.received)) is not None:
-        p.accept(window, "x", None)
-        if window.is_final:
-            covered.append((window.start, window.end))
-    assert covered[0][0] == 0 and covered[-1][1] == p.received
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
-    assert all(end - start <= 2 * RATE for start, end in covered)
+def test_silence_costs_no_decode() -> None:
+    """Ten minutes of silence and of low noise: no window, no text, and only a pre-roll held."""
+    rng = np.random.default_rng(0)
+    audio = np.concatenate(
+        [np.zeros(300 * RATE, dtype=np.float32), (rng.standard_normal(300 * RATE) * 0.003).astype(np.float32)]
+    )
+    model = BurstTranscriber()
+    policy = UtterancePolicy()
+    run = simulate(audio, policy, model)
+    assert (model.calls, run.outputs) == (0, [])
+    assert policy.pending <= policy.pad
 
 
-def test_partial_of_a_finalized_segment_is_discarded() -> None:
-    """A partial whose segment became final meanwhile is not sent."""
-    p = policy()
-    p.feed(audio(1.0))
-    partial = p.next_window(now=5.0, finalize_until=None)
-    final = p.next_window(now=5.0, finalize_until=p.received)
-    assert partial is not None and final is not None
-    assert [t.is_final for t in p.accept(final, "done", None)] == [True]
-    assert p.accept(partial, "stale", None) == []
+def speech(*words: int, gap_s: float = 0.1) -> NDArray[np.float32]:
+    pieces = [np.zeros(int(0.3 * RATE), dtype=np.float32)]
+    for index in words:
+        pieces += [burst(index, 0.3), np.zeros(int(gap_s * RATE), dtype=np.float32)]
+    return np.concatenate(pieces)
 
 
-def test_failed_final_still_advances() -> None:
-    """A final that could not be transcribed sends nothing but the next segment starts after it."""
-    p = policy()
-    p.feed(audio(1.0))
-    final = p.next_window(now=0.0, finalize_until=p.received)
-    assert final is not None
-    assert p.accept(final, None, None) == []
-    assert (p.segment_id, p.segment_start, p.pending) == (1, RATE, 0)
+def result(*words: tuple[str, float, float], **kw: float | None) -> TranscriptionResult:
+    timed = [Word(text, start, end) for text, start, end in words]
+    options: dict[str, float | None] = {"avg_logprob": -0.2, "no_speech_prob": 0.01} | kw
+    return TranscriptionResult(
+        text=" ".join(w.text for w in timed),
+        language="en",
+        tokens=len(timed),
+        words=timed,
+        avg_logprob=float(options["avg_logprob"] or 0.0),
+        no_speech_prob=options["no_speech_prob"],
+    )
+
+
+def started_policy(seconds: float = 3.0, **kw: object) -> UtterancePolicy:
+    policy = UtterancePolicy(**kw)  # type: ignore[arg-type]
+    policy.feed(np.full(int(seconds * RATE), 0.1, dtype=np.float32), [SpeechEvent("start", 0)])
+    return policy
+
+
+def test_agreeing_prefix_is_committed_and_the_tail_is_the_partial() -> None:
+    """Two decodes agreeing on "a b" commit it as a final; "c" stays the partial."""
+    policy = started_policy()
+    first = policy.next_window(now=1.0)
+    assert first is not None and first.kind == "partial"
+    out = policy.accept(first, result(("a", 0.1, 0.4), ("b", 0.5, 0.9), ("x", 1.0, 1.2)))
+    assert [(o.is_final, o.text) for o in out] == [(False, "a b x")]
+    policy.feed(np.full(RATE, 0.1, dtype=np.float32))
+    second = policy.next_window(now=2.0)
+    assert second is not None
+    out = policy.accept(second, result(("a", 0.1, 0.4), ("b", 0.55, 0.9), ("c", 1.0, 1.3), ("d", 2.0, 2.2)))
+    assert [(o.segment_id, o.is_final, o.text) for o in out] == [(0, True, "a b"), (1, False, "c d")]
+    assert out[0].words == (Word("a", 0.1, 0.4), Word("b", 0.55, 0.9))
+
+
+def test_words_that_moved_in_time_are_not_agreed() -> None:
+    """The same word more than the tolerance later is a different word."""
+    policy = started_policy()
+    window = policy.next_window(now=1.0)
+    assert window is not None
+    policy.accept(window, result(("a", 0.1, 0.4)))
+    policy.feed(np.full(RATE, 0.1, dtype=np.float32))
+    window = policy.next_window(now=2.0)
+    assert window is not None
+    out = policy.accept(window, result(("a", 1.5, 1.8)))
+    assert [o.is_final for o in out] == [False]
+
+
+def test_speech_end_finalizes_everything_left() -> None:
+    """At the end of an utterance all unconfirmed words become one final; the padding is decoded too."""
+    policy = UtterancePolicy(pad_s=0.2)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final"
+    assert (window.start, window.end) == (RATE // 2 - 3200, RATE + RATE // 2 + 3200)
+    out = policy.accept(window, result(("hello", 0.3, 0.6), ("there", 0.7, 1.0)))
+    assert [(o.is_final, o.text, o.start, o.end) for o in out] == [(True, "hello there", 0.6, 1.3)]
+    assert policy.next_window(now=100.0) is None
+
+
+def test_flush_inside_speech_finalizes_up_to_the_flush() -> None:
+    """A flush cuts the utterance: a final up to the flush point; speech after it continues."""
+    policy = started_policy(seconds=2.0)
+    window = policy.next_window(now=0.0, finalize_until=policy.received)
+    assert window is not None and (window.kind, window.start, window.end) == ("final", 0, 2 * RATE)
+    policy.accept(window, result(("one", 0.2, 0.5)))
+    assert policy.next_window(now=0.0, finalize_until=2 * RATE) is None
+    policy.feed(np.full(RATE, 0.1, dtype=np.float32))
+    window = policy.next_window(now=5.0)
+    assert window is not None and (window.kind, window.start, window.end) == ("partial", 2 * RATE, 3 * RATE)
+
+
+def test_full_buffer_commits_all_but_the_last_second() -> None:
+    """Speech with no agreement reaching 30 s: words ending before the last second are committed."""
+    policy = started_policy(seconds=31.0)
+    window = policy.next_window(now=0.0)
+    assert window is not None and (window.kind, window.end - window.start) == ("cap", 30 * RATE)
+    out = policy.accept(window, result(("early", 1.0, 1.5), ("late", 29.2, 29.6)))
+    assert [(o.is_final, o.text) for o in out] == [(True, "early")]
+    next_window = policy.next_window(now=100.0)
+    assert next_window is not None and next_window.start == int(1.5 * RATE)
+
+
+def test_silence_verdicts_and_loops_are_guarded() -> None:
+    """No-speech and degenerate decodes are dropped; a looping tail is cut before the loop."""
+    policy = started_policy(seconds=1.0)
+    window = policy.next_window(now=0.0, finalize_until=policy.received)
+    assert window is not None
+    assert policy.accept(window, result(("thank", 0.1, 0.2), ("you", 0.2, 0.3), avg_logprob=-1.5, no_speech_prob=0.9)) == []
+    assert policy.stats.dropped_no_speech == 1
+
+    policy = started_policy(seconds=3.0)
+    window = policy.next_window(now=0.0, finalize_until=policy.received)
+    assert window is not None
+    looping = [("we", 0.0, 0.1), ("said", 0.1, 0.2)] + [
+        (word, 0.2 + i * 0.1, 0.3 + i * 0.1) for i, word in enumerate(["go", "on"] * 5)
+    ]
+    out = policy.accept(window, result(*looping))
+    assert [o.text for o in out] == ["we said go on"]
+    assert policy.stats.loops_cut == 1
+
+
+def test_committed_text_that_leaves_the_buffer_becomes_the_bounded_prompt() -> None:
+    """Trimmed committed words become context: the most recent ≤ context_chars characters."""
+    policy = UtterancePolicy(trim_s=2.0, context_chars=20)
+    policy.feed(np.zeros(0, dtype=np.float32), [SpeechEvent("start", 0)])
+    words = [(f"word{i}", i * 0.5, i * 0.5 + 0.4) for i in range(8)]
+    seconds = 0
+    for step in range(2):
+        seconds += 2
+        policy.feed(np.full(2 * RATE, 0.1, dtype=np.float32))
+        window = policy.next_window(now=float(step * 10))
+        assert window is not None
+        policy.accept(window, result(*[w for w in words if w[2] <= seconds - window.start / RATE]))
+    window = policy.next_window(now=100.0, finalize_until=policy.received)
+    assert window is not None
+    assert window.context == "word1 word2 word3"
+    assert len(window.context) <= 20
+
+
+def test_interim_results_off_sends_only_finals() -> None:
+    """Without interim results, agreement still commits finals but no partial is sent."""
+    policy = started_policy(interim_results=False)
+    for now in (1.0, 2.0):
+        window = policy.next_window(now=now)
+        assert window is not None
+        out = policy.accept(window, result(("a", 0.1, 0.4), ("b", 0.5, 0.8)))
+        policy.feed(np.full(RATE, 0.1, dtype=np.float32))
+    assert [(o.is_final, o.text) for o in out] == [(True, "a b")]
+
+
+def test_without_vad_everything_is_one_region() -> None:
+    """VAD off: all audio is decoded; finals at flush and at the window limit."""
+    policy = UtterancePolicy(vad_enabled=False, max_window_s=3.0, trim_s=3.0)
+    policy.feed(np.zeros(RATE, dtype=np.float32))
+    window = policy.next_window(now=0.0)
+    assert window is not None and (window.kind, window.start, window.end) == ("partial", 0, RATE)
+
+
+def test_a_failed_decode_keeps_going() -> None:
+    """A final whose decode failed sends nothing and moves on; the next audio is decoded."""
+    policy = started_policy(seconds=1.0)
+    window = policy.next_window(now=0.0, finalize_until=policy.received)
+    assert window is not None
+    assert policy.accept(window, None) == []
+    assert policy.next_window(now=0.0, finalize_until=policy.received) is None
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_short_streams_with_small_frames_are_exact(seed: int) -> None:
+    """Two minutes with tiny frames (down to 20 ms): the finals are still exactly the spoken words."""
+    audio, spoken = speech_block(seed=seed, seconds=120.0)
+    run = simulate(audio, UtterancePolicy(partial_interval_s=0.5), BurstTranscriber(), seed=seed, max_frame_s=0.1)
+    assert run.final_words() == [w.text for w in spoken]
+    assert any(not o.is_final for o in run.outputs)

@@ -1,0 +1,100 @@
+"""Words with timings, and LocalAgreement-2: commit what two consecutive hypotheses agree on.
+
+The same growing stretch of audio is decoded again and again while the speaker talks. The words
+at its end change between decodes (the model has heard only part of them); the words both of the
+last two decodes begin with are stable and are committed. Committed words are never sent again:
+later hypotheses are cut to what follows the last committed word, by time and by text.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MATCH_TOLERANCE_S = 0.6  # two hypotheses agree on a word if its start moved less than this
+# A word starting up to this much before the committed end may still be new; one starting up to
+# this much after it may still be the last committed word heard again (timings are not exact).
+OVERLAP_TOLERANCE_S = 0.1
+MAX_OVERLAP_WORDS = 5
+RECENT_WORDS = 8
+
+
+@dataclass(slots=True, frozen=True)
+class Word:
+    """One word and where it lies in the session's audio (seconds from the first sample)."""
+
+    text: str
+    start: float
+    end: float
+
+    @property
+    def key(self) -> str:
+        """The word as compared between hypotheses: case and punctuation do not count."""
+        folded = "".join(ch for ch in self.text.casefold() if not unicodedata.category(ch).startswith("P"))
+        return folded.strip() or self.text.strip()
+
+    def shifted(self, offset: float) -> Word:
+        return Word(self.text, round(self.start + offset, 3), round(self.end + offset, 3))
+
+
+def join_words(words: Sequence[Word]) -> str:
+    return " ".join(w.text for w in words)
+
+
+class LocalAgreement:
+    """The committed history and the unconfirmed tail of one stream of hypotheses."""
+
+    def __init__(self) -> None:
+        self.committed_end = 0.0  # end of the last committed word
+        self.tail: list[Word] = []  # the latest hypothesis's words that are not committed
+        self._recent: list[Word] = []  # the last committed words, to recognise a repeat of them
+
+    def fresh(self, words: Sequence[Word]) -> list[Word]:
+        """The words of a hypothesis that come after everything committed."""
+        new = [w for w in words if w.start >= self.committed_end - OVERLAP_TOLERANCE_S]
+        if new and self._recent and new[0].start < self.committed_end + OVERLAP_TOLERANCE_S:
+            # Words whose timing puts them at or before the committed end, and whose text repeats
+            # the last committed words, are those words heard again; a word clearly after it is new.
+            for size in range(min(MAX_OVERLAP_WORDS, len(new), len(self._recent)), 0, -1):
+                if [w.key for w in self._recent[-size:]] == [w.key for w in new[:size]]:
+                    new = new[size:]
+                    break
+        return new
+
+    def insert(self, words: Sequence[Word]) -> list[Word]:
+        """Take a new hypothesis; returns the words it confirms (now committed)."""
+        new = self.fresh(words)
+        agreed = 0
+        for old, word in zip(self.tail, new, strict=False):
+            if old.key != word.key or abs(old.start - word.start) > MATCH_TOLERANCE_S:
+                break
+            agreed += 1
+        committed, self.tail = new[:agreed], new[agreed:]
+        self._commit(committed)
+        return committed
+
+    def commit_until(self, words: Sequence[Word], cutoff: float) -> list[Word]:
+        """Commit the new words that end before `cutoff` (the buffer is full; the rest waits)."""
+        new = self.fresh(words)
+        count = 0
+        while count < len(new) and new[count].end <= cutoff:
+            count += 1
+        committed, self.tail = new[:count], []
+        self._commit(committed)
+        return committed
+
+    def finish(self, words: Sequence[Word]) -> list[Word]:
+        """The audio is over (end of utterance, flush or end of stream): commit every new word."""
+        committed = self.fresh(words)
+        self.tail = []
+        self._commit(committed)
+        return committed
+
+    def reset_tail(self) -> None:
+        self.tail = []
+
+    def _commit(self, words: list[Word]) -> None:
+        if words:
+            self.committed_end = max(self.committed_end, words[-1].end)
+            self._recent = (self._recent + words)[-RECENT_WORDS:]

@@ -1,0 +1,186 @@
+"""Voice-activity detection: per-session endpointing on top of a shared Silero VAD model.
+
+The Silero model (shipped inside the `silero-vad` wheel, so nothing is downloaded) scores each
+32 ms frame of 16 kHz audio with a speech probability. Its network is stateless apart from one
+LSTM state, so a single loaded model serves every session: each session keeps its own LSTM state
+and frame context in a `VoiceActivityDetector`. The convolutional front end runs on all the
+frames of a chunk at once; only the LSTM steps frame by frame.
+
+`VoiceActivityDetector` turns probabilities into `speech_start` / `speech_end` events with
+hysteresis, a minimum speech length and a minimum silence length. It takes any `FrameScorer`,
+so its state machine is unit-tested with a deterministic scorer.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from real_time_audio.audio import MODEL_SAMPLE_RATE
+
+FRAME_SAMPLES = 512  # Silero's frame at 16 kHz (32 ms)
+CONTEXT_SAMPLES = 64  # samples of the previous frame the model sees before each frame
+NEGATIVE_MARGIN = 0.15  # speech continues until the probability drops this far below the threshold
+
+
+@dataclass(slots=True, frozen=True)
+class SpeechEvent:
+    """Speech began or ended at `sample` (16 kHz samples from the session start)."""
+
+    kind: Literal["start", "end"]
+    sample: int
+
+    @property
+    def at(self) -> float:
+        return self.sample / MODEL_SAMPLE_RATE
+
+
+class FrameScorer(Protocol):
+    """Scores whole frames of 16 kHz audio; `state` is the scorer's per-stream memory."""
+
+    def new_state(self) -> Any: ...
+
+    def score(self, frames: NDArray[np.float32], state: Any) -> tuple[NDArray[np.float32], Any]: ...
+
+
+class SileroScorer:
+    """The Silero VAD network with its recurrent state held by the caller (thread-safe)."""
+
+    _shared: SileroScorer | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        import torch
+
+        threads = torch.get_num_threads()
+        from silero_vad import load_silero_vad  # importing it sets torch to one thread; undo that
+
+        torch.set_num_threads(threads)
+        self._torch = torch
+        self._model = load_silero_vad(onnx=False)._model  # the 16 kHz network inside the wrapper
+
+    @classmethod
+    def shared(cls) -> SileroScorer:
+        """The process-wide model, loaded on first use."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def new_state(self) -> dict[str, Any]:
+        torch = self._torch
+        return {
+            "context": np.zeros(CONTEXT_SAMPLES, dtype=np.float32),
+            "h": torch.zeros(1, 128),
+            "c": torch.zeros(1, 128),
+        }
+
+    def score(self, frames: NDArray[np.float32], state: dict[str, Any]) -> tuple[NDArray[np.float32], Any]:
+        """Speech probability of each frame (shape (n, 512)), carrying the state across calls."""
+        torch = self._torch
+        model = self._model
+        context = np.concatenate([state["context"][None, :], frames[:-1, -CONTEXT_SAMPLES:]])
+        inputs = torch.from_numpy(np.ascontiguousarray(np.concatenate([context, frames], axis=1)))
+        rnn = model.decoder.rnn
+        with torch.inference_mode():
+            features = model.encoder(model.run_extractors(inputs)).squeeze(-1)
+            h, c = state["h"], state["c"]
+            hidden = []
+            for row in range(len(frames)):
+                h, c = torch.lstm_cell(
+                    features[row : row + 1], [h, c], rnn.weight_ih, rnn.weight_hh, rnn.bias_ih, rnn.bias_hh
+                )
+                hidden.append(h)
+            out = model.decoder.decoder(torch.cat(hidden).unsqueeze(-1))
+            probabilities = out.squeeze(1).mean(dim=1).numpy().astype(np.float32)
+        new_state = {"context": frames[-1, -CONTEXT_SAMPLES:].copy(), "h": h, "c": c}
+        return probabilities, new_state
+
+
+class VoiceActivityDetector:
+    """One session's endpointing: feed 16 kHz audio, get speech start/end events.
+
+    Speech starts once `min_speech_ms` of consecutive frames score at least `threshold` (the event
+    is dated at the first of them). It ends once `silence_ms` of frames score below
+    `threshold - 0.15` (the event is dated where that silence began).
+    """
+
+    def __init__(
+        self, scorer: FrameScorer, *, threshold: float = 0.5, silence_ms: int = 500, min_speech_ms: int = 96
+    ) -> None:
+        self.scorer = scorer
+        self.threshold = threshold
+        self.negative_threshold = max(0.01, threshold - NEGATIVE_MARGIN)
+        self.silence_frames = max(1, math.ceil(silence_ms * MODEL_SAMPLE_RATE / 1000 / FRAME_SAMPLES))
+        self.min_speech_frames = max(1, math.ceil(min_speech_ms * MODEL_SAMPLE_RATE / 1000 / FRAME_SAMPLES))
+        self.in_speech = False
+        self._state = scorer.new_state()
+        self._carry = np.zeros(0, dtype=np.float32)  # less than one frame, waiting for more audio
+        self._position = 0  # sample where the next frame starts
+        self._candidate: int | None = None  # first sample of a run of speech frames not yet confirmed
+        self._candidate_frames = 0
+        self._silence_start: int | None = None
+        self._silence_frames = 0
+
+    def process(self, samples: NDArray[np.float32]) -> list[SpeechEvent]:
+        """Score every whole frame now available; returns the events they caused, in order."""
+        audio = np.concatenate([self._carry, samples]) if len(self._carry) else samples
+        whole = len(audio) // FRAME_SAMPLES * FRAME_SAMPLES
+        self._carry = audio[whole:].copy()
+        if whole == 0:
+            return []
+        frames = audio[:whole].reshape(-1, FRAME_SAMPLES).astype(np.float32, copy=False)
+        probabilities, self._state = self.scorer.score(frames, self._state)
+        events: list[SpeechEvent] = []
+        for probability in probabilities.tolist():
+            event = self._step(probability)
+            if event is not None:
+                events.append(event)
+            self._position += FRAME_SAMPLES
+        return events
+
+    def finish(self, end: int) -> list[SpeechEvent]:
+        """End of stream at sample `end`: score the last partial frame; open speech ends at `end`."""
+        events: list[SpeechEvent] = []
+        if len(self._carry):
+            padded = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+            padded[: len(self._carry)] = self._carry
+            self._carry = np.zeros(0, dtype=np.float32)
+            events = self.process(padded)
+        if self.in_speech:
+            self.in_speech = False
+            self._silence_start, self._silence_frames = None, 0
+            events.append(SpeechEvent("end", end))
+        self._candidate = None
+        return events
+
+    def _step(self, probability: float) -> SpeechEvent | None:
+        if not self.in_speech:
+            if probability >= self.threshold:
+                if self._candidate is None:
+                    self._candidate, self._candidate_frames = self._position, 0
+                self._candidate_frames += 1
+                if self._candidate_frames >= self.min_speech_frames:
+                    self.in_speech = True
+                    self._silence_start, self._silence_frames = None, 0
+                    start, self._candidate = self._candidate, None
+                    return SpeechEvent("start", start)
+            else:
+                self._candidate = None
+            return None
+        if probability >= self.threshold:
+            self._silence_start, self._silence_frames = None, 0
+        elif probability < self.negative_threshold or self._silence_start is not None:
+            if self._silence_start is None:
+                self._silence_start = self._position
+            self._silence_frames += 1
+            if self._silence_frames >= self.silence_frames:
+                self.in_speech = False
+                end, self._silence_start, self._silence_frames = self._silence_start, None, 0
+                return SpeechEvent("end", end)
+        return None
