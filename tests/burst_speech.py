@@ -46,7 +46,9 @@ def burst(word_index: int, duration_s: float) -> NDArray[np.float32]:
     return tone.astype(np.float32)
 
 
-def speech_block(seed: int, seconds: float, long_utterance_s: float = 0.0) -> tuple[NDArray[np.float32], list[SpokenWord]]:
+def speech_block(
+    seed: int, seconds: float, long_utterance_s: float = 0.0
+) -> tuple[NDArray[np.float32], list[SpokenWord]]:
     """`seconds` of utterances separated by random pauses; optionally one long utterance first."""
     rng = np.random.default_rng(seed)
     pieces: list[NDArray[np.float32]] = []

@@ -33,7 +33,11 @@ class Run:
 
 
 def simulate(
-    audio: NDArray[np.float32], policy: UtterancePolicy, model: BurstTranscriber, seed: int = 0, max_frame_s: float = 0.5
+    audio: NDArray[np.float32],
+    policy: UtterancePolicy,
+    model: BurstTranscriber,
+    seed: int = 0,
+    max_frame_s: float = 0.5,
 ) -> Run:
     """Stream `audio` in random frame sizes through VAD and policy, decoding every due window."""
     rng = np.random.default_rng(seed)
@@ -198,7 +202,8 @@ def test_silence_verdicts_and_loops_are_guarded() -> None:
     policy = started_policy(seconds=1.0)
     window = policy.next_window(now=0.0, finalize_until=policy.received)
     assert window is not None
-    assert policy.accept(window, result(("thank", 0.1, 0.2), ("you", 0.2, 0.3), avg_logprob=-1.5, no_speech_prob=0.9)) == []
+    silence = result(("thank", 0.1, 0.2), ("you", 0.2, 0.3), avg_logprob=-1.5, no_speech_prob=0.9)
+    assert policy.accept(window, silence) == []
     assert policy.stats.dropped_no_speech == 1
 
     policy = started_policy(seconds=3.0)
