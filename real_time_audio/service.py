@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
 import math
 import socket
 import threading
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from real_time_audio.agreement import Word
+from real_time_audio.alignment import token_start_times
 from real_time_audio.audio import MODEL_SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -189,6 +192,19 @@ class WhisperBackend:
             ]
         # Real checkpoints set max_length=448; we always pass max_new_tokens instead.
         generation.max_length = None
+        self._decoder_returns_attention()
+
+    def _decoder_returns_attention(self) -> None:
+        """Run the decoder with eager attention, which returns the cross-attention weights that word
+        timing needs; the encoder, where nearly all the compute is, keeps its fast kernel."""
+        decoder = self.model.get_decoder()
+        if self.model.config._attn_implementation == "eager":
+            return
+        eager = copy.copy(self.model.config)
+        eager._attn_implementation = "eager"
+        for module in decoder.modules():
+            if getattr(module, "config", None) is self.model.config:
+                module.config = eager
 
     @classmethod
     def load(cls, settings: Settings) -> WhisperBackend:
@@ -200,6 +216,9 @@ class WhisperBackend:
         # about them would repeat on every call.
         for name in ("transformers.generation.utils", "transformers.generation.configuration_utils"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # transformers' word timings pass a torch tensor to np.repeat when clips differ in length; numpy
+        # warns about the tensor's __array_wrap__ on every such batch. The result is right.
+        warnings.filterwarnings("ignore", message="__array_wrap__ must accept context", category=DeprecationWarning)
         device, reason = resolve_device(settings.device)
         dtype_name = settings.torch_dtype
         if dtype_name == "auto":
@@ -297,7 +316,7 @@ class WhisperBackend:
                 "max_new_tokens": max(1, min(max(caps), MAX_TARGET_TOKENS - width - 1)),
                 "return_dict_in_generate": True,
                 "output_scores": True,
-                "return_token_timestamps": True,
+                "output_attentions": True,  # cross-attention gives the word timings
                 # One generate call per window (no second pass over "unfinished" rows), so the
                 # returned sequences hold exactly one row per request, decoder prompt included.
                 "force_unique_generate_call": True,
@@ -318,20 +337,30 @@ class WhisperBackend:
                 ],
                 dim=1,
             )
-            times = output["token_timestamps"].float().cpu().tolist()
+            # The alignment heads' attention of the query that produced each generated token.
+            heads = self.model.generation_config.alignment_heads
+            attention = torch.stack(
+                [
+                    torch.stack([step[layer][:, head, -1] for layer, head in heads], dim=1)
+                    for step in output["cross_attentions"]
+                ],
+                dim=2,
+            )
+            attention_rows = attention.float().cpu().numpy()  # batch × heads × tokens × frames
         generated = sequences[:, width:].tolist()
         logprob_rows = logprobs.cpu().tolist()
+        frames = (features.attention_mask.sum(dim=-1) // 2).tolist()  # encoder frames of each clip
         return [
-            self._result(tokens, row_times[width:], row_logprobs, cap, language, speechless)
-            for tokens, row_times, row_logprobs, cap, language, speechless in zip(
-                generated, times, logprob_rows, caps, languages, no_speech, strict=True
+            self._result(tokens, row_attention[..., :row_frames], row_logprobs, cap, language, speechless)
+            for tokens, row_attention, row_frames, row_logprobs, cap, language, speechless in zip(
+                generated, attention_rows, frames, logprob_rows, caps, languages, no_speech, strict=True
             )
         ]
 
     def _result(
         self,
         tokens: list[int],
-        times: list[float],
+        attention: NDArray[np.float32],
         logprobs: list[float],
         cap: int,
         language: str | None,
@@ -344,6 +373,8 @@ class WhisperBackend:
         truncated = length > cap
         length = min(length, cap)
         kept = [(i, t) for i, t in enumerate(tokens[:length]) if t not in self._special_ids]
+        aligned = min(len(scored), attention.shape[1])  # the text tokens and the end-of-text token
+        times = token_start_times(attention[:, :aligned].astype(np.float64)).tolist() if kept else []
         text = self.processor.tokenizer.decode([t for _, t in kept]).strip()
         return TranscriptionResult(
             text=text,
@@ -356,6 +387,8 @@ class WhisperBackend:
         )
 
     def _words(self, kept: list[tuple[int, int]], times: list[float]) -> list[Word]:
+        if not kept or not times:
+            return []
         """Group byte-level BPE tokens into words (a leading space starts one) with their times."""
         tokenizer = self.processor.tokenizer
         pieces = tokenizer.convert_ids_to_tokens([t for _, t in kept])

@@ -13,8 +13,10 @@ so its state machine is unit-tested with a deterministic scorer.
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -58,11 +60,15 @@ class SileroScorer:
         import torch
 
         threads = torch.get_num_threads()
-        from silero_vad import load_silero_vad  # importing it sets torch to one thread; undo that
+        from silero_vad.utils_vad import init_jit_model  # importing silero sets torch to one thread
 
         torch.set_num_threads(threads)
         self._torch = torch
-        self._model = load_silero_vad(onnx=False)._model  # the 16 kHz network inside the wrapper
+        model_file = importlib.resources.files("silero_vad.data").joinpath("silero_vad.jit")
+        with warnings.catch_warnings(), importlib.resources.as_file(model_file) as path:
+            # The package ships a TorchScript file; torch marks jit.load deprecated, nothing to act on here.
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=DeprecationWarning)
+            self._model = init_jit_model(str(path))._model  # the 16 kHz network inside the wrapper
 
     @classmethod
     def shared(cls) -> SileroScorer:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile
+import soxr
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -82,6 +86,28 @@ def speech_like(seed: int, duration_s: float, rate: int = 16000) -> np.ndarray:
     tone = np.sin(2 * np.pi * (150 + 40 * (seed % 7)) * t)
     signal = (0.6 * rng.standard_normal(n) + tone) * envelope * 0.3
     return signal.astype(np.float32)
+
+
+ESPEAK = shutil.which("espeak-ng")
+needs_espeak = pytest.mark.skipif(ESPEAK is None, reason="espeak-ng is not installed (make test installs it as root)")
+
+
+@pytest.fixture(scope="session")
+def say(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], np.ndarray]:
+    """Speech synthesized by espeak-ng, as 16 kHz mono float32 (cached per text)."""
+    folder = tmp_path_factory.mktemp("espeak")
+    cache: dict[str, np.ndarray] = {}
+
+    def synthesize(text: str) -> np.ndarray:
+        if text not in cache:
+            assert ESPEAK is not None
+            path = folder / f"{len(cache)}.wav"
+            subprocess.run([ESPEAK, "-v", "en-us", "-s", "160", "-w", str(path), text], check=True)
+            audio, rate = soundfile.read(path, dtype="float32")
+            cache[text] = soxr.resample(audio, rate, 16000).astype(np.float32)
+        return cache[text]
+
+    return synthesize
 
 
 def pcm16(samples: np.ndarray) -> bytes:

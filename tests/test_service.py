@@ -94,15 +94,17 @@ def test_full_queue_refuses_partials_but_never_finals() -> None:
 
 
 def test_only_compatible_jobs_share_a_batch() -> None:
-    """Jobs with another language wait for the next batch instead of joining this one."""
+    """Languages and prompts may differ within a batch; another task waits for the next batch."""
     queue = JobQueue(maxsize=10)
-    for session, language in [("a", "en"), ("b", "de"), ("c", "en"), ("d", "de")]:
-        queue.put(job(request(language=language, session=session)))
+    for session, language, task in [("a", "en", "transcribe"), ("b", "de", "translate"), ("c", "de", "transcribe")]:
+        req = request(language=language, session=session)
+        req.task = task
+        queue.put(job(req))
     first = queue.take_batch(8, 0)
     second = queue.take_batch(8, 0)
     assert first is not None and second is not None
     assert [j.request.session_id for j in first] == ["a", "c"]
-    assert [j.request.session_id for j in second] == ["b", "d"]
+    assert [j.request.session_id for j in second] == ["b"]
 
 
 def test_batch_waits_one_deadline_for_late_jobs() -> None:
@@ -223,6 +225,37 @@ def test_batched_results_equal_single_results(backend: WhisperBackend) -> None:
     together = [r.text for r in backend.transcribe_batch([TranscriptionRequest(audio=c) for c in clips])]
     assert together == alone
     assert len(set(alone)) == len(alone), alone
+
+
+def test_rows_with_different_prompts_and_languages_share_a_batch(backend: WhisperBackend) -> None:
+    """Per-row prompts and languages are left-padded into one call; each row equals its single run."""
+    requests = [
+        TranscriptionRequest(audio=speech_like(11, 2.0)),
+        TranscriptionRequest(audio=speech_like(12, 1.5), prompt="ba ke ti mo ra", language="de"),
+        TranscriptionRequest(audio=speech_like(13, 2.5), prompt="su", language="en"),
+    ]
+    alone = [backend.transcribe_batch([r])[0] for r in requests]
+    together = backend.transcribe_batch(requests)
+    # Texts and words are exact. (Timings are not compared: a random-weight model's attention is
+    # nearly flat, so its alignment path turns on rounding-level differences.)
+    assert [(r.text, r.language) for r in together] == [(r.text, r.language) for r in alone]
+    assert [[w.text for w in r.words] for r in together] == [[w.text for w in r.words] for r in alone]
+    for a, b in zip(together, alone, strict=True):
+        assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=0.02)
+        assert a.no_speech_prob == pytest.approx(b.no_speech_prob, abs=1e-4)
+    assert len({r.text for r in together}) == 3
+
+
+def test_results_carry_timed_words_and_scores(backend: WhisperBackend) -> None:
+    """Words spell out the text, with times inside the clip that never go backwards."""
+    clip = speech_like(4, 3.0)
+    result = backend.transcribe_batch([TranscriptionRequest(audio=clip)])[0]
+    assert result.words and " ".join(w.text for w in result.words) == result.text
+    times = [t for w in result.words for t in (w.start, w.end)]
+    assert times == sorted(times)
+    assert 0.0 <= times[0] and times[-1] <= 30.0
+    assert result.avg_logprob < 0.0
+    assert result.no_speech_prob is not None and 0.0 <= result.no_speech_prob <= 1.0
 
 
 def test_generation_is_capped_by_duration(backend: WhisperBackend) -> None:
