@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MATCH_TOLERANCE_S = 0.6  # two hypotheses agree on a word if its start moved less than this
-# A word starting up to this much before the committed end may still be new; one starting up to
-# this much after it may still be the last committed word heard again (timings are not exact).
-OVERLAP_TOLERANCE_S = 0.1
+OVERLAP_TOLERANCE_S = 0.1  # a word starting up to this much before the committed end may still be new
+# A word that repeats the last committed word and starts no later than this after the committed end
+# is that word heard again (a decode that starts at the committed end can catch its tail); one that
+# starts later is the speaker saying it again.
+REPEAT_SLACK_S = 0.03
 MAX_OVERLAP_WORDS = 5
 RECENT_WORDS = 8
 
@@ -53,9 +55,7 @@ class LocalAgreement:
     def fresh(self, words: Sequence[Word]) -> list[Word]:
         """The words of a hypothesis that come after everything committed."""
         new = [w for w in words if w.start >= self.committed_end - OVERLAP_TOLERANCE_S]
-        if new and self._recent and new[0].start < self.committed_end + OVERLAP_TOLERANCE_S:
-            # Words whose timing puts them at or before the committed end, and whose text repeats
-            # the last committed words, are those words heard again; a word clearly after it is new.
+        if new and self._recent and new[0].start <= self.committed_end + REPEAT_SLACK_S:
             for size in range(min(MAX_OVERLAP_WORDS, len(new), len(self._recent)), 0, -1):
                 if [w.key for w in self._recent[-size:]] == [w.key for w in new[:size]]:
                     new = new[size:]

@@ -410,10 +410,11 @@ class Session:
             raise SessionClosed from None
         except Exception as exc:
             span = f"{window.start / MODEL_SAMPLE_RATE:.2f}-{window.end / MODEL_SAMPLE_RATE:.2f} s"
-            self.log.warning("transcription of %s failed: %r", span, exc)
-            await self._send_error(
-                "internal", f"the audio at {span} could not be transcribed; it is kept in the recording"
-            )
+            self.log.warning("%s decode of %s failed: %r", window.kind, span, exc)
+            if window.is_final:  # a failed partial loses nothing: the next decode covers its audio
+                await self._send_error(
+                    "internal", f"the audio at {span} could not be transcribed; it is kept in the recording"
+                )
         for segment in self._policy.accept(window, result):
             await self._send_segment(segment)
         if window.is_final:

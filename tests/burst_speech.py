@@ -67,7 +67,7 @@ def speech_block(
             samples = burst(index, float(rng.uniform(0.15, 0.45)))
             words.append(SpokenWord(VOCABULARY[index], position / RATE, (position + len(samples)) / RATE))
             add(samples)
-            add(np.zeros(int(rng.uniform(0.06, 0.25) * RATE), dtype=np.float32))
+            add(np.zeros(int(rng.uniform(0.08, 0.25) * RATE), dtype=np.float32))
 
     add(np.zeros(int(0.5 * RATE), dtype=np.float32))
     if long_utterance_s:

@@ -136,6 +136,20 @@ def finals(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [m for m in messages if m.get("type") == "transcription" and m["is_final"]]
 
 
+def assert_finals_within(messages: list[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
+    """The finals' word timings lie in [start, end], never go back, and give each final its span."""
+    found = finals(messages)
+    previous = start
+    for final in found:
+        words = final["words"]
+        assert words and " ".join(w["word"] for w in words) == final["text"]
+        assert (final["start"], final["end"]) == (words[0]["start"], words[-1]["end"])
+        for word in words:
+            assert previous <= word["start"] <= word["end"] <= end, (previous, word, end)
+            previous = word["end"]
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,16 +9,32 @@ import json
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import websockets
+from fastapi.testclient import TestClient
 
 from main import create_app
 from real_time_audio.config import Settings
-from real_time_audio.service import TranscriptionRequest, TranscriptionResult
-from tests.conftest import LiveServer, finals, frames, pcm16, seconds, speech_like, stream_session
+from real_time_audio.service import TranscriptionEngine, TranscriptionRequest, TranscriptionResult
+from tests.burst_speech import BurstTranscriber, EnergyScorer, speech_block
+from tests.conftest import (
+    LiveServer,
+    assert_finals_within,
+    finals,
+    frames,
+    is_status,
+    needs_espeak,
+    pcm16,
+    receive_until,
+    seconds,
+    speech_like,
+    stream_session,
+)
 
 N_SESSIONS = 6
 
@@ -92,8 +108,7 @@ def test_audio_arriving_during_a_job_is_coalesced(make_settings: Callable[..., S
     assert all(len({sid for sid, _, _ in batch}) == len(batch) for batch in spy.batches)
     assert len(jobs) < 60 / 3
     assert len(engine.queue) == 0
-    spans = [(m["start"], m["end"]) for m in finals(result["messages"])]
-    assert spans == [(0.0, 3.0)]
+    assert assert_finals_within(result["messages"], 0.0, 3.0)
 
 
 def test_disconnects_at_random_moments_leave_nothing_behind(make_settings: Callable[..., Settings]) -> None:
@@ -169,3 +184,104 @@ async def _server_tasks(server: LiveServer) -> list[str]:
 
 async def _task_names() -> list[str]:
     return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(("receive-", "transcribe-")))
+
+
+# -- voice activity, through the real Whisper code path and through the burst-speech double ----
+
+
+def send_paced(ws: Any, audio: bytes, frame_bytes: int, pause_s: float = 0.0) -> None:
+    for chunk in frames(audio, frame_bytes):
+        ws.send_bytes(chunk)
+        if pause_s:
+            time.sleep(pause_s)
+
+
+def test_ten_minutes_of_silence_or_low_noise_cost_no_inference(make_settings: Callable[..., Settings]) -> None:
+    """With Silero VAD, ten minutes of silence and ten of low noise: no text, no event, no model call."""
+    settings = make_settings(vad="silero")
+    noise = np.random.default_rng(3).standard_normal(600 * 16000) * 0.005
+    streams = [np.zeros(600 * 16000, dtype=np.float32), noise.astype(np.float32)]
+    with TestClient(create_app(settings)) as client:
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        for audio in streams:
+            data = pcm16(audio)
+            with client.websocket_connect("/ws/transcribe") as ws:
+                ws.receive_json()
+                send_paced(ws, data, 64000)
+                ws.send_text("END")
+                messages = receive_until(ws, is_status("completed"))
+            assert [m["type"] for m in messages] == ["status"]
+            assert (messages[-1]["text"], messages[-1]["segments"]) == ("", 0)
+            assert messages[-1]["recording"]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (engine.stats.batches, engine.stats.jobs_completed, engine.stats.jobs_failed) == (0, 0, 0)
+
+
+@needs_espeak
+def test_speech_gives_events_and_finals_inside_each_utterance(
+    make_settings: Callable[..., Settings], say: Callable[[str], np.ndarray]
+) -> None:
+    """Three spoken sentences with pauses: three start/end pairs near the truth, finals inside each
+    utterance, and the model only ever sees speech (plus padding)."""
+    settings = make_settings(vad="silero", partial_interval_ms=300)
+    sentences = [
+        say("the quick brown fox jumps over the lazy dog"),
+        say("she had your dark suit in greasy wash water all year"),
+        say("please call stella and ask her to bring these things"),
+    ]
+    silence = np.zeros(int(1.5 * 16000), dtype=np.float32)
+    pieces, truth, position = [silence], [], len(silence)
+    for sentence in sentences:
+        truth.append((position / 16000, (position + len(sentence)) / 16000))
+        pieces += [sentence, silence]
+        position += len(sentence) + len(silence)
+    audio = np.concatenate(pieces)
+    with TestClient(create_app(settings)) as client:
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        real = engine.backend.transcribe_batch
+        decoded: list[int] = []
+
+        def recording(requests: Any) -> Any:
+            decoded.extend(len(r.audio) for r in requests)
+            return real(requests)
+
+        engine.backend.transcribe_batch = recording
+        with client.websocket_connect("/ws/transcribe") as ws:
+            ws.receive_json()
+            send_paced(ws, pcm16(audio), 8192, pause_s=0.02)
+            ws.send_text("END")
+            messages = receive_until(ws, is_status("completed"))
+    events = [m for m in messages if m["type"] in ("speech_started", "speech_ended")]
+    assert [m["type"] for m in events] == ["speech_started", "speech_ended"] * 3
+    for (start, end), began, ended in zip(truth, events[::2], events[1::2], strict=True):
+        assert start - 0.1 <= began["at"] <= start + 0.3
+        assert end - 0.6 <= ended["at"] <= end + 0.1
+    for (start, end), ended in zip(truth, events[1::2], strict=True):
+        inside = [m for m in finals(messages) if start - 0.3 <= m["start"] and m["end"] <= ended["at"] + 0.25]
+        assert inside, f"no final for the utterance at {start:.2f}-{end:.2f} s"
+    assert_finals_within(messages, 0.0, len(audio) / 16000)
+    speech_and_padding = sum(end - start + 0.4 for start, end in truth)
+    assert max(decoded) / 16000 <= max(end - start for start, end in truth) + 0.5
+    assert sum(n for n in decoded) / 16000 < 10 * speech_and_padding  # never the silences
+
+
+def test_burst_speech_through_the_server_is_transcribed_exactly(make_settings: Callable[..., Settings]) -> None:
+    """Two minutes of burst speech through a real session and engine (test-double model and VAD
+    scorer): the finals are exactly the spoken words, and `completed` carries the same text."""
+    settings = make_settings(vad="silero", partial_interval_ms=100)
+    audio, spoken = speech_block(seed=11, seconds=120.0, long_utterance_s=35.0)
+    model = BurstTranscriber()
+
+    def engine_factory(_: Settings) -> TranscriptionEngine:
+        return TranscriptionEngine(lambda: model, warmup=False, batch_wait_ms=0)
+
+    app = create_app(settings, engine_factory=engine_factory, vad_factory=EnergyScorer)
+    with TestClient(app) as client, client.websocket_connect("/ws/transcribe") as ws:
+        ws.receive_json()
+        send_paced(ws, pcm16(audio), 16000, pause_s=0.05)  # 0.5 s frames at 10x real time
+        ws.send_text("END")
+        messages = receive_until(ws, is_status("completed"))
+    words = [w["word"] for m in finals(messages) for w in m["words"]]
+    assert words == [w.text for w in spoken]
+    assert messages[-1]["text"] == " ".join(w.text for w in spoken)
+    assert any(not m["is_final"] for m in messages if m["type"] == "transcription")
+    assert max(model.window_seconds) <= 30.0

@@ -18,7 +18,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from main import create_app
 from real_time_audio.config import Settings
-from tests.conftest import finals, frames, is_status, pcm16, receive_until, speech_like
+from tests.conftest import assert_finals_within, finals, frames, is_status, pcm16, receive_until, speech_like
 
 CONFIG_KEYS = {"encoding", "sample_rate", "channels", "chunk_samples", "language", "task", "interim_results"}
 
@@ -153,7 +153,7 @@ def test_config_message_and_float_stereo_audio(client: TestClient, settings: Set
         send_all(ws, stereo, 44100 * 8 // 4)
         messages = end_session(ws)
     assert all(m["is_final"] for m in messages if m["type"] == "transcription")
-    assert [(m["start"], m["end"], m["language"]) for m in finals(messages)] == [(0.0, 2.0, "en")]
+    assert [m["language"] for m in assert_finals_within(messages, 0.0, 2.0)] == ["en"]
     assert messages[-1]["duration"] == 2.0
     assert messages[-1]["recording"]["sha256"] == hashlib.sha256(stereo).hexdigest()
     info = sf.info(str(settings.audio_storage_dir / session_id / "audio.wav"))
@@ -301,15 +301,24 @@ def test_flush_finalizes_and_acknowledges(client: TestClient) -> None:
         assert ws.receive_json() == {"type": "status", "status": "flushed"}
         send_all(ws, pcm16(speech_like(7, 1.0)))
         rest = end_session(ws)
-    assert [(m["segment_id"], m["start"], m["end"]) for m in finals(first)] == [(0, 0.0, 1.5)]
-    assert [(m["segment_id"], m["start"], m["end"]) for m in finals(rest)] == [(1, 1.5, 2.5)]
+    assert [m["segment_id"] for m in assert_finals_within(first, 0.0, 1.5)] == [0]
+    assert [m["segment_id"] for m in assert_finals_within(rest, 1.5, 2.5)] == [1]
     assert finals(first)[0]["lag"] == 0.0
 
 
 def test_partials_then_finals_with_segment_limit(make_settings: Callable[..., Settings]) -> None:
-    """Partials arrive while audio streams; segments become final at SEGMENT_MAX_S and tile the audio."""
+    """Partials arrive while audio streams; no decode covers more than SEGMENT_MAX_S; finals tile in order."""
     settings = make_settings(segment_max_s=2, partial_interval_ms=100)
     with TestClient(create_app(settings)) as client, client.websocket_connect("/ws/transcribe") as ws:
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        real = engine.backend.transcribe_batch
+        lengths: list[int] = []
+
+        def recording(requests: Any) -> Any:
+            lengths.extend(len(r.audio) for r in requests)
+            return real(requests)
+
+        engine.backend.transcribe_batch = recording
         ws.receive_json()
         for chunk in frames(pcm16(speech_like(8, 5.0)), 6400):  # 0.2 s frames
             ws.send_bytes(chunk)
@@ -318,11 +327,8 @@ def test_partials_then_finals_with_segment_limit(make_settings: Callable[..., Se
     texts = [m for m in messages if m["type"] == "transcription"]
     partials = [m for m in texts if not m["is_final"]]
     assert partials, "expected partial results while streaming"
-    assert [(m["segment_id"], m["start"], m["end"]) for m in finals(messages)] == [
-        (0, 0.0, 2.0),
-        (1, 2.0, 4.0),
-        (2, 4.0, 5.0),
-    ]
+    assert max(lengths) <= 2 * 16000
+    assert [m["segment_id"] for m in assert_finals_within(messages, 0.0, 5.0)] == list(range(len(finals(messages))))
     # a partial never follows the final of its own segment, and segment ids never go back
     final_ids: set[int] = set()
     last_id = 0
@@ -354,12 +360,12 @@ def test_a_failing_job_errors_only_its_session(client: TestClient) -> None:
         assert error == {
             "type": "error",
             "code": "internal",
-            "message": ("segment 0 (0.00-1.00 s) could not be transcribed; its audio is kept in the recording"),
+            "message": "the audio at 0.00-1.00 s could not be transcribed; it is kept in the recording",
         }
         assert ws.receive_json() == {"type": "status", "status": "flushed"}
         send_all(ws, pcm16(speech_like(9, 1.0)))
         messages = end_session(ws)
-    assert [(m["segment_id"], m["start"]) for m in finals(messages)] == [(1, 1.0)]
+    assert [m["segment_id"] for m in assert_finals_within(messages, 1.0, 2.0)] == [0]  # nothing was final before
     assert messages[-1]["recording"]["bytes"] == len(silence) + 32000
 
 

@@ -253,7 +253,7 @@ def test_results_carry_timed_words_and_scores(backend: WhisperBackend) -> None:
     assert result.words and " ".join(w.text for w in result.words) == result.text
     times = [t for w in result.words for t in (w.start, w.end)]
     assert times == sorted(times)
-    assert 0.0 <= times[0] and times[-1] <= 30.0
+    assert times[0] >= 0.0 and times[-1] <= 30.0
     assert result.avg_logprob < 0.0
     assert result.no_speech_prob is not None and 0.0 <= result.no_speech_prob <= 1.0
 

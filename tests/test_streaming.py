@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from real_time_audio.agreement import Word
+from real_time_audio.agreement import LocalAgreement, Word
 from real_time_audio.service import TranscriptionRequest, TranscriptionResult
 from real_time_audio.streaming import SegmentText, UtterancePolicy, Window
 from real_time_audio.vad import SpeechEvent, VoiceActivityDetector
@@ -270,3 +270,16 @@ def test_short_streams_with_small_frames_are_exact(seed: int) -> None:
     run = simulate(audio, UtterancePolicy(partial_interval_s=0.5), BurstTranscriber(), seed=seed, max_frame_s=0.1)
     assert run.final_words() == [w.text for w in spoken]
     assert any(not o.is_final for o in run.outputs)
+
+
+def test_a_repeated_word_after_a_commit_is_kept_but_a_reheard_tail_is_not() -> None:
+    """ "go go": the second "go" starts after the committed one and is new; a decode that starts at
+    the committed end and catches the tail of the last word does not repeat it."""
+    agreement = LocalAgreement()
+    agreement.insert([Word("go", 1.0, 1.3)])
+    assert agreement.insert([Word("go", 1.0, 1.3), Word("go", 1.38, 1.7)]) == [Word("go", 1.0, 1.3)]
+    assert agreement.finish([Word("go", 1.38, 1.7), Word("on", 1.8, 2.0)]) == [
+        Word("go", 1.38, 1.7),
+        Word("on", 1.8, 2.0),
+    ]
+    assert agreement.finish([Word("on", 2.0, 2.1), Word("now", 2.2, 2.5)]) == [Word("now", 2.2, 2.5)]
