@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev run dev test lint bench
+.PHONY: install install-dev system-deps run dev test lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,19 @@ run: install  ## start the server with the settings from the environment and .en
 dev: install  ## development server that reloads on code changes
 	$(BIN)/uvicorn main:app --reload --reload-dir real_time_audio --host 127.0.0.1 --port 8000
 
+system-deps:  ## espeak-ng, which the speech tests use to synthesize speech (installed when root)
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -qq espeak-ng >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && apt-get install -y -qq espeak-ng >/dev/null)); \
+	  else echo "espeak-ng is missing: install it (apt-get install espeak-ng) or the speech tests are skipped"; fi; }
+
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install-dev lint  ## lint, type-check and run the whole test suite
+test: install-dev system-deps lint  ## lint, type-check and run the whole test suite
 	$(BIN)/python -m pytest
 
 bench: install-dev  ## batched vs sequential inference on the tiny architecture (needs ../shared)
