@@ -105,3 +105,10 @@ def test_server_start_fails_naming_the_variable(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "invalid configuration: BATCH_WAIT_MS='soon': Input should be a valid number" in result.stderr
+
+
+def test_vad_padding_cannot_exceed_the_silence_that_ends_speech() -> None:
+    """VAD_PAD_MS longer than VAD_SILENCE_MS would pad with audio that has not arrived yet."""
+    with pytest.raises(SettingsError, match=r"VAD_PAD_MS \(600\) must not exceed VAD_SILENCE_MS \(500\)"):
+        load_settings(vad_pad_ms=600, vad_silence_ms=500)
+    assert load_settings(vad="off").vad == "off"
