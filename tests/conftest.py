@@ -150,6 +150,19 @@ def assert_finals_within(messages: list[dict[str, Any]], start: float, end: floa
     return found
 
 
+def record_decode_lengths(engine: Any) -> list[int]:
+    """Make the engine's backend note the length (in samples) of every clip it decodes."""
+    real = engine.backend.transcribe_batch
+    lengths: list[int] = []
+
+    def recording(requests: Any) -> Any:
+        lengths.extend(len(r.audio) for r in requests)
+        return real(requests)
+
+    engine.backend.transcribe_batch = recording
+    return lengths
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,6 +31,7 @@ from tests.conftest import (
     needs_espeak,
     pcm16,
     receive_until,
+    record_decode_lengths,
     seconds,
     speech_like,
     stream_session,
@@ -236,15 +237,7 @@ def test_speech_gives_events_and_finals_inside_each_utterance(
         position += len(sentence) + len(silence)
     audio = np.concatenate(pieces)
     with TestClient(create_app(settings)) as client:
-        engine = client.app.state.engine  # type: ignore[attr-defined]
-        real = engine.backend.transcribe_batch
-        decoded: list[int] = []
-
-        def recording(requests: Any) -> Any:
-            decoded.extend(len(r.audio) for r in requests)
-            return real(requests)
-
-        engine.backend.transcribe_batch = recording
+        decoded = record_decode_lengths(client.app.state.engine)  # type: ignore[attr-defined]
         with client.websocket_connect("/ws/transcribe") as ws:
             ws.receive_json()
             send_paced(ws, pcm16(audio), 8192, pause_s=0.02)

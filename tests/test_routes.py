@@ -18,7 +18,16 @@ from starlette.websockets import WebSocketDisconnect
 
 from main import create_app
 from real_time_audio.config import Settings
-from tests.conftest import assert_finals_within, finals, frames, is_status, pcm16, receive_until, speech_like
+from tests.conftest import (
+    assert_finals_within,
+    finals,
+    frames,
+    is_status,
+    pcm16,
+    receive_until,
+    record_decode_lengths,
+    speech_like,
+)
 
 CONFIG_KEYS = {"encoding", "sample_rate", "channels", "chunk_samples", "language", "task", "interim_results"}
 
@@ -310,15 +319,7 @@ def test_partials_then_finals_with_segment_limit(make_settings: Callable[..., Se
     """Partials arrive while audio streams; no decode covers more than SEGMENT_MAX_S; finals tile in order."""
     settings = make_settings(segment_max_s=2, partial_interval_ms=100)
     with TestClient(create_app(settings)) as client, client.websocket_connect("/ws/transcribe") as ws:
-        engine = client.app.state.engine  # type: ignore[attr-defined]
-        real = engine.backend.transcribe_batch
-        lengths: list[int] = []
-
-        def recording(requests: Any) -> Any:
-            lengths.extend(len(r.audio) for r in requests)
-            return real(requests)
-
-        engine.backend.transcribe_batch = recording
+        lengths = record_decode_lengths(client.app.state.engine)  # type: ignore[attr-defined]
         ws.receive_json()
         for chunk in frames(pcm16(speech_like(8, 5.0)), 6400):  # 0.2 s frames
             ws.send_bytes(chunk)
