@@ -15,7 +15,6 @@ import math
 import socket
 import threading
 import time
-import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -216,9 +215,6 @@ class WhisperBackend:
         # about them would repeat on every call.
         for name in ("transformers.generation.utils", "transformers.generation.configuration_utils"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        # transformers' word timings pass a torch tensor to np.repeat when clips differ in length; numpy
-        # warns about the tensor's __array_wrap__ on every such batch. The result is right.
-        warnings.filterwarnings("ignore", message="__array_wrap__ must accept context", category=DeprecationWarning)
         device, reason = resolve_device(settings.device)
         dtype_name = settings.torch_dtype
         if dtype_name == "auto":
