@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import soxr
 from numpy.typing import NDArray
@@ -11,7 +13,34 @@ SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}  # bytes per sample of each PCM 
 
 
 class BadAudioError(ValueError):
-    """A frame that cannot be decoded in the session's encoding; nothing of it was used."""
+    """Audio that cannot be decoded in the session's encoding.
+
+    `salvaged` holds samples decoded before the problem was found (container streams), which are
+    still valid and must not be lost.
+    """
+
+    def __init__(self, message: str, salvaged: NDArray[np.float32] | None = None) -> None:
+        super().__init__(message)
+        self.salvaged = salvaged if salvaged is not None else np.zeros(0, dtype=np.float32)
+
+
+class AudioDecoder(Protocol):
+    """What a session needs from a decoder of its stream (raw PCM or a container)."""
+
+    def check(self, frame: bytes) -> None:
+        """Raise BadAudioError if `frame` can be rejected before it is persisted."""
+
+    def decode(self, frame: bytes) -> NDArray[np.float32]:
+        """The 16 kHz mono samples that `frame` completes. Raises BadAudioError (with salvaged samples)."""
+
+    def drain(self) -> NDArray[np.float32]:
+        """Samples held back by resampling, at a flush; the stream continues afterwards."""
+
+    def finish(self) -> NDArray[np.float32]:
+        """Everything left at the end of the stream. Raises BadAudioError (with salvaged samples)."""
+
+    def close(self) -> None:
+        """Release threads and buffers; nothing more will be decoded."""
 
 
 class PcmDecoder:
@@ -69,3 +98,10 @@ class PcmDecoder:
         tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self._resampler.clear()
         return np.asarray(tail, dtype=np.float32)
+
+    def finish(self) -> NDArray[np.float32]:
+        """At the end of stream, what is left is what the resampler holds (a half sample pair is dropped)."""
+        return self.drain()
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -21,8 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 from starlette.websockets import WebSocket, WebSocketState
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, BadAudioError, PcmDecoder
+from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
 from real_time_audio.config import Settings
+from real_time_audio.containers import ContainerDecoder
 from real_time_audio.guards import GuardThresholds
 from real_time_audio.models import (
     ConfigUpdate,
@@ -103,7 +104,7 @@ class Session:
         self.log = logging.LoggerAdapter(logger, {"session_id": self.id})
         self._query = query or {}
         self._recorder: SessionRecorder | None = None
-        self._decoder: PcmDecoder | None = None
+        self._decoder: AudioDecoder | None = None
         self._policy = self._make_policy()
         self._vad = (
             VoiceActivityDetector(
@@ -175,13 +176,18 @@ class Session:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.shield(asyncio.to_thread(self._close_recorder))
+            await asyncio.shield(asyncio.to_thread(self._release))
             self.log.info(
                 "session %s ended: %s, %d bytes",
                 self.id,
                 self._status,
                 self._recorder.bytes_received if self._recorder else 0,
             )
+
+    def _release(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+        self._close_recorder()
 
     def _close_recorder(self) -> None:
         if self._recorder is not None and not self._recorder.closed:
@@ -196,9 +202,11 @@ class Session:
         }
 
     def _duration(self) -> float:
-        """Seconds of audio received, from the byte count in the session's own format."""
+        """Seconds of audio received: from the byte count for PCM, from the decoded audio for containers."""
         if self._recorder is None:
             return 0.0
+        if self.config.encoding not in SAMPLE_WIDTH:
+            return self._policy.received / MODEL_SAMPLE_RATE
         width = SAMPLE_WIDTH[self.config.encoding]
         return self._recorder.bytes_received / (self.config.sample_rate * self.config.channels * width)
 
@@ -229,6 +237,8 @@ class Session:
         if config.task == "translate" and languages == frozenset({"en"}):
             raise ProtocolError("bad_config", "task: this English-only model cannot translate")
         self.config = config
+        if self._decoder is not None:
+            self._decoder.close()
         self._decoder = None  # made for the new format at the first audio frame
         self._policy.interim_results = config.interim_results
 
@@ -285,37 +295,58 @@ class Session:
             await self._send_error("bad_message", "audio after the end of stream is ignored")
             return
         if self._decoder is None:
-            self._decoder = PcmDecoder(self.config.encoding, self.config.sample_rate, self.config.channels)
+            self._decoder = self._new_decoder()
         try:
             self._decoder.check(frame)
         except BadAudioError as exc:
             await self._send_error("bad_audio", str(exc))
             return
         self._audio_started = True  # the first accepted frame fixes the format
-        samples, events = await asyncio.to_thread(self._ingest, frame)
+        samples, events, problem = await asyncio.to_thread(self._ingest, frame)
         await self._feed(samples, events)
+        if problem:
+            await self._send_error("bad_audio", problem)
         limit = PENDING_LIMIT_SEGMENTS * self._policy.max_samples
         while self._policy.pending > limit:  # stop reading until the transcriber catches up
             self._progress.clear()
             await self._progress.wait()
 
-    def _ingest(self, frame: bytes) -> tuple[NDArray[np.float32], list[SpeechEvent]]:
-        """Persist, decode and run voice-activity detection on one frame (in a worker thread)."""
+    def _new_decoder(self) -> AudioDecoder:
+        config = self.config
+        if config.encoding in SAMPLE_WIDTH:
+            return PcmDecoder(config.encoding, config.sample_rate, config.channels)
+        return ContainerDecoder(config.encoding)
+
+    def _ingest(self, frame: bytes) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None]:
+        """Persist, decode and run voice-activity detection on one frame (in a worker thread).
+
+        A container's problems show only while decoding, after the bytes were persisted; the audio
+        decoded before the problem still goes on, and the problem is returned for the client.
+        """
         assert self._recorder is not None and self._decoder is not None
         self._recorder.write_audio(frame, self.config.encoding, self.config.sample_rate, self.config.channels)
-        samples = self._decoder.decode(frame)
-        return samples, self._detect(samples)
+        problem = None
+        try:
+            samples = self._decoder.decode(frame)
+        except BadAudioError as exc:
+            samples, problem = exc.salvaged, str(exc)
+        return samples, self._detect(samples), problem
 
     def _detect(self, samples: NDArray[np.float32]) -> list[SpeechEvent]:
         return self._vad.process(samples) if self._vad is not None and len(samples) else []
 
-    def _drain(self, end: bool) -> tuple[NDArray[np.float32], list[SpeechEvent]]:
-        """The samples still inside the resampler; at the end of stream, open speech ends too."""
-        samples = self._decoder.drain() if self._decoder is not None else np.zeros(0, dtype=np.float32)
+    def _drain(self, end: bool) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None]:
+        """The samples still inside the decoder; at the end of stream, open speech ends too."""
+        samples, problem = np.zeros(0, dtype=np.float32), None
+        if self._decoder is not None:
+            try:
+                samples = self._decoder.finish() if end else self._decoder.drain()
+            except BadAudioError as exc:
+                samples, problem = exc.salvaged, str(exc)
         events = self._detect(samples)
         if end and self._vad is not None:
             events += self._vad.finish(self._policy.received + len(samples))
-        return samples, events
+        return samples, events, problem
 
     async def _feed(self, samples: NDArray[np.float32], events: list[SpeechEvent]) -> None:
         """Hand audio to the policy and tell the client where speech starts and ends."""
@@ -360,7 +391,10 @@ class Session:
         await self._send(StatusConfigured(config=self.config.wire()))
 
     async def _request_finalize(self, kind: Literal["flush", "end"]) -> None:
-        await self._feed(*await asyncio.to_thread(self._drain, kind == "end"))
+        samples, events, problem = await asyncio.to_thread(self._drain, kind == "end")
+        await self._feed(samples, events)
+        if problem:
+            await self._send_error("bad_audio", problem)
         self._finalize.append(_Finalize(kind, self._policy.received))
         self._wake.set()
 

@@ -158,11 +158,6 @@ def apply_config(current: SessionConfig, update: dict[str, Any]) -> SessionConfi
         config = SessionConfig.model_validate(merged)
     except ValidationError as exc:
         raise ProtocolError("bad_config", f"invalid config: {describe_validation_error(exc)}") from None
-    if config.encoding in CONTAINER_ENCODINGS:
-        raise ProtocolError(
-            "bad_config",
-            f"encoding: {config.encoding!r} is not supported by this server yet; use pcm_s16le or pcm_f32le",
-        )
     return config
 
 

@@ -1,7 +1,8 @@
 """Per-session record on disk: the received audio, the finals, and the session's metadata.
 
 Layout under the storage folder, one folder per server-generated session id:
-    audio.wav          the PCM bytes exactly as received, behind a WAV header kept valid as it grows
+    audio.wav          raw PCM exactly as received, behind a WAV header kept valid as it grows, or
+    audio.<container>  a container stream (webm, ogg, mp4, mp3, flac, wav) byte for byte as received
     transcript.jsonl   one JSON line per final transcription
     session.json       effective config, model, device, times, byte count, SHA-256, status
 
@@ -86,9 +87,14 @@ class SessionRecorder:
     def write_audio(self, frame: bytes, encoding: str, sample_rate: int, channels: int) -> None:
         """Append one received frame; the header and disk are brought up to date every second."""
         if self._audio is None:
-            self._audio_format = (encoding, sample_rate, channels)
+            if encoding in SAMPLE_WIDTH:
+                self._audio_format = (encoding, sample_rate, channels)
+            else:  # a container is kept as it came, under its own suffix
+                self.audio_path = self.folder / f"audio.{encoding}"
+                self._metadata["audio_file"] = self.audio_path.name
             self._audio = self.audio_path.open("wb")
-            self._audio.write(wav_header(encoding, sample_rate, channels, 0))
+            if self._audio_format is not None:
+                self._audio.write(wav_header(encoding, sample_rate, channels, 0))
         self._audio.write(frame)
         self._sha256.update(frame)
         self.bytes_received += len(frame)
@@ -96,15 +102,16 @@ class SessionRecorder:
             self._flush_audio()
 
     def _flush_audio(self) -> None:
-        """Flush the data, then rewrite the header's sizes to cover exactly what is on disk."""
+        """Flush the data, then (for PCM) rewrite the header's sizes to cover exactly what is on disk."""
         self._last_flush = time.monotonic()
-        if self._audio is None or self._audio_format is None or self._flushed_bytes == self.bytes_received:
+        if self._audio is None or self._flushed_bytes == self.bytes_received:
             return
         self._audio.flush()
-        self._audio.seek(0)
-        self._audio.write(wav_header(*self._audio_format, self.bytes_received))
-        self._audio.seek(0, os.SEEK_END)
-        self._audio.flush()
+        if self._audio_format is not None:
+            self._audio.seek(0)
+            self._audio.write(wav_header(*self._audio_format, self.bytes_received))
+            self._audio.seek(0, os.SEEK_END)
+            self._audio.flush()
         self._flushed_bytes = self.bytes_received
 
     @property

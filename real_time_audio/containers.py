@@ -1,0 +1,388 @@
+"""Streaming decoding of container audio (WebM, Ogg, MP4, MP3, FLAC, WAV) with PyAV.
+
+A browser's MediaRecorder hands over its stream in slices cut anywhere, so each session keeps one
+demuxer open for its whole life. FFmpeg reads through a blocking file object; the demuxer runs in
+its own thread and blocks there until more bytes arrive. `decode` feeds a slice, waits until the
+demuxer has used everything it can (it is blocked waiting for more, or finished) and returns the
+samples that slice completed, so the caller sees the same results however the bytes were cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import av
+import numpy as np
+import soxr
+from numpy.typing import NDArray
+
+from real_time_audio.audio import MODEL_SAMPLE_RATE, BadAudioError
+
+logger = logging.getLogger(__name__)
+
+# FFmpeg demuxer for each container encoding of the protocol.
+DEMUXERS = {"webm": "matroska", "ogg": "ogg", "mp4": "mp4", "mp3": "mp3", "flac": "flac", "wav": "wav"}
+# Bytes a stream may carry before its audio track is found; beyond that it is declared undecodable.
+# An MP4 may hold all its media before its index (moov), so it may look further ahead.
+OPEN_LIMIT_BYTES = 1 << 20
+MP4_OPEN_LIMIT_BYTES = 64 << 20
+_MAGIC_BYTES = 12
+_MP4_SCAN_BYTES = 64 << 10  # how far to look for the first moov/mdat box before assuming a plain MP4
+_AVSEEK_SIZE = 0x10000  # FFmpeg's "how big is the file?" pseudo-whence
+_STOP_TIMEOUT_S = 10.0
+
+
+def check_magic(encoding: str, head: bytes) -> str | None:
+    """Why `head` (the first bytes of a stream) cannot start a file of `encoding`, or None if it can."""
+    if encoding == "webm":
+        ok = head.startswith(b"\x1a\x45\xdf\xa3")
+        expected = "an EBML header (1A 45 DF A3)"
+    elif encoding == "ogg":
+        ok = head.startswith(b"OggS")
+        expected = "an Ogg page ('OggS')"
+    elif encoding == "mp4":
+        ok = len(head) >= 8 and head[4:8] in (b"ftyp", b"moov", b"styp", b"free", b"skip", b"wide", b"mdat")
+        expected = "an MP4 box such as 'ftyp'"
+    elif encoding == "flac":
+        ok = head.startswith((b"fLaC", b"ID3"))
+        expected = "a FLAC signature ('fLaC')"
+    elif encoding == "wav":
+        ok = head.startswith((b"RIFF", b"RF64")) and head[8:12] == b"WAVE"
+        expected = "a RIFF/WAVE header"
+    elif encoding == "mp3":
+        ok = head.startswith(b"ID3") or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+        expected = "an ID3 tag or an MPEG audio frame sync"
+    else:
+        raise ValueError(f"not a container encoding: {encoding}")
+    if ok:
+        return None
+    return f"the stream does not look like {encoding}: it should start with {expected}, got {head[:8].hex(' ')}"
+
+
+def mp4_index_first(head: bytes) -> bool | None:
+    """Whether an MP4's index (moov) comes before its media (mdat); None if `head` is too short to tell.
+
+    Fragmented and "fast start" files put it first and are read front to back as they arrive; a
+    plain file puts it last, and its media can only be decoded once the end has arrived.
+    """
+    offset = 0
+    while offset + 8 <= len(head):
+        size = int.from_bytes(head[offset : offset + 4], "big")
+        kind = head[offset + 4 : offset + 8]
+        if kind == b"moov":
+            return True
+        if kind in (b"mdat", b"moof"):
+            return False
+        if size == 1 and offset + 16 <= len(head):
+            size = int.from_bytes(head[offset + 8 : offset + 16], "big")
+        if size < 8:
+            return False  # a box running to the end of the file, or a corrupt size
+        offset += size
+    return None
+
+
+class _BlockingInput:
+    """The file object FFmpeg reads: `read` blocks until bytes are fed or the input is closed.
+
+    Forward-only, except while `retain` is set: then every byte stays available, so that a demuxer
+    that must look ahead (an MP4 whose index comes after its media) can seek back once it has it.
+    """
+
+    def __init__(self, retain: bool) -> None:
+        self._buf = bytearray()
+        self._base = 0  # stream offset of _buf[0]
+        self._pos = 0  # stream offset of the next read
+        self._cond = threading.Condition()
+        self._closed = False
+        self.aborted = False
+        self.retain = retain
+        self.starved = False  # the reader is blocked with nothing left to read
+
+    @property
+    def _available(self) -> int:
+        return self._base + len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        with self._cond:
+            self._buf += data
+            self.starved = False
+            self._cond.notify_all()
+
+    def close_input(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        """Make the reader see the end of the stream at once, dropping what it has not read."""
+        with self._cond:
+            self.aborted = self._closed = True
+            self._base, self._buf, self._pos = self._pos, bytearray(), self._pos
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        """Stop retaining: bytes already read are dropped, and seeking back becomes impossible."""
+        with self._cond:
+            self.retain = False
+            self._trim()
+
+    def _trim(self) -> None:
+        if not self.retain and self._pos > self._base:
+            del self._buf[: self._pos - self._base]
+            self._base = self._pos
+
+    def _wait_for(self, offset: int) -> None:
+        """Block until the byte at `offset` has arrived or the input is closed."""
+        while offset >= self._available and not self._closed:
+            self.starved = True
+            self._cond.notify_all()
+            self._cond.wait()
+        self.starved = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.retain
+
+    def read(self, size: int) -> bytes:
+        with self._cond:
+            self._wait_for(self._pos)
+            start = self._pos - self._base
+            data = bytes(self._buf[start : start + size])
+            self._pos += len(data)
+            self._trim()
+            return data
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == _AVSEEK_SIZE:
+            return -1  # the total size is unknown while the stream is live
+        with self._cond:
+            if whence == 2:
+                if not self._closed:
+                    return -1  # the end of a live stream is not known yet
+                target = self._available + offset
+            else:
+                target = offset if whence == 0 else self._pos + offset
+            if target < self._base:
+                return -1  # released already
+            self._wait_for(target - 1)
+            self._pos = min(target, self._available)
+            return self._pos
+
+    def wait_starved(self, finished: threading.Event) -> None:
+        """Block until the reader has read everything and waits for more (or has finished)."""
+        with self._cond:
+            while not self.starved and not finished.is_set():
+                self._cond.wait(timeout=0.05)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class ContainerDecoder:
+    """Decodes one session's container stream to 16 kHz mono float32, slice by slice.
+
+    Errors surface as BadAudioError from `decode`/`finish`. After an error the decoder resets: the
+    samples already returned stay valid, and the next slice is expected to begin a new stream.
+    """
+
+    def __init__(self, encoding: str) -> None:
+        if encoding not in DEMUXERS:
+            raise ValueError(f"not a container encoding: {encoding}")
+        self.encoding = encoding
+        self.samples_out = 0
+        self._open_limit = MP4_OPEN_LIMIT_BYTES if encoding == "mp4" else OPEN_LIMIT_BYTES
+        self._start()
+
+    def _start(self) -> None:
+        self._input = _BlockingInput(retain=False)
+        self._head = b""
+        self._out: list[NDArray[np.float32]] = []
+        self._error: str | None = None  # fatal: the demuxer has stopped
+        self._skipped: list[str] = []  # packets dropped; decoding went on
+        self._lock = threading.Lock()
+        self._finished = threading.Event()
+        self._opened = threading.Event()
+        self._resampler: soxr.ResampleStream | None = None
+        self._rate = 0
+        self._thread: threading.Thread | None = None
+        self.sample_rate: int | None = None  # of the decoded stream, once known
+
+    # -- the caller's side ----------------------------------------------------------------------
+
+    def check(self, frame: bytes) -> None:
+        """Containers are validated while decoding; every slice is accepted (and persisted) first."""
+
+    def decode(self, frame: bytes) -> NDArray[np.float32]:
+        """Feed one slice; return the 16 kHz samples it completed. Raises BadAudioError."""
+        if self._thread is None:
+            self._head += frame
+            if len(self._head) < _MAGIC_BYTES:
+                return np.zeros(0, dtype=np.float32)  # too little to recognise the stream yet
+            problem = check_magic(self.encoding, self._head)
+            if problem:
+                self._start()
+                raise BadAudioError(problem)
+            if self.encoding == "mp4" and mp4_index_first(self._head) is None and len(self._head) < _MP4_SCAN_BYTES:
+                return np.zeros(0, dtype=np.float32)  # the order of the top-level boxes is not known yet
+            frame = self._launch()
+        self._input.feed(frame)
+        self._input.wait_starved(self._finished)
+        if not self._opened.is_set() and self._input.tell() > self._open_limit:
+            self._input.abort()
+            self._join()
+            self._start()
+            raise BadAudioError(
+                f"no playable {self.encoding} audio found in the first {self._open_limit} bytes"
+                + (" (an MP4 must have its index, the moov box, before this point)" if self.encoding == "mp4" else "")
+            )
+        return self._collect()
+
+    def drain(self) -> NDArray[np.float32]:
+        """Samples held inside the resampler, for a flush; the demuxer stays open."""
+        with self._lock:
+            if self._resampler is None:
+                return np.zeros(0, dtype=np.float32)
+            tail = np.asarray(self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+            self._resampler.clear()
+            self.samples_out += len(tail)
+            return tail.astype(np.float32, copy=False)
+
+    def finish(self) -> NDArray[np.float32]:
+        """End of stream: decode what is left, including the decoder's own delay. Raises BadAudioError."""
+        if self._thread is None:
+            if not self._head:
+                return np.zeros(0, dtype=np.float32)
+            reason = check_magic(self.encoding, self._head) if len(self._head) >= _MAGIC_BYTES else "it is too short"
+            if reason:
+                size = len(self._head)
+                self._start()
+                raise BadAudioError(f"the stream ended after {size} bytes, before any audio: {reason}")
+            self._input.feed(self._launch())
+        self._input.close_input()
+        self._join()
+        samples = self._collect()
+        return np.concatenate([samples, self.drain()])
+
+    def _launch(self) -> bytes:
+        """Start the demuxer thread; returns the held-back head, which is the first thing to feed it."""
+        if self.encoding == "mp4":  # a plain MP4 (index last) needs seeking back once its end has arrived
+            self._input.retain = not mp4_index_first(self._head)
+        head, self._head = self._head, b""
+        self._thread = threading.Thread(target=self._demux, name=f"demux-{self.encoding}", daemon=True)
+        self._thread.start()
+        return head
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join(_STOP_TIMEOUT_S)
+
+    def close(self) -> None:
+        """Stop the demuxer thread without decoding the rest (the session is gone)."""
+        if self._thread is not None:
+            self._input.abort()
+            self._join()
+
+    def _collect(self) -> NDArray[np.float32]:
+        """Take the decoded samples; raise BadAudioError carrying them if anything went wrong."""
+        with self._lock:
+            samples = np.concatenate(self._out) if self._out else np.zeros(0, dtype=np.float32)
+            self._out.clear()
+            error, skipped = self._error, self._skipped
+            self._skipped = []
+        self.samples_out += len(samples)
+        if error is not None:
+            self._join()
+            samples = np.concatenate([samples, self.drain()])
+            self._start()
+            raise BadAudioError(error + "; a new stream, starting with its header, may follow", samples)
+        if skipped:
+            if len(skipped) > 1:
+                skipped = [f"{len(skipped)} corrupt {self.encoding} packets were skipped"]
+            raise BadAudioError(skipped[0], samples)
+        return samples
+
+    # -- the demuxer thread ---------------------------------------------------------------------
+
+    def _demux(self) -> None:
+        try:
+            with av.open(
+                self._input,
+                mode="r",
+                format=DEMUXERS[self.encoding],
+                options={"probesize": "32", "analyzeduration": "0"},
+            ) as container:
+                if not container.streams.audio:
+                    raise BadAudioError(f"the {self.encoding} stream has no audio track")
+                stream = container.streams.audio[0]
+                self._opened.set()
+                self._input.release()
+                mono = av.AudioResampler(format="flt", layout="mono")
+                for packet in container.demux(stream):
+                    try:
+                        frames = packet.decode()
+                    except av.InvalidDataError:
+                        self._skip(packet)
+                        continue
+                    for frame in frames:
+                        self._emit(mono, frame)
+                for frame in mono.resample(None):
+                    self._push(frame)
+        except BadAudioError as exc:
+            self._fail(str(exc))
+        except (av.FFmpegError, ValueError, EOFError) as exc:
+            if not self._input.aborted:
+                self._fail(f"could not decode the {self.encoding} stream: {_describe(exc)}")
+        except Exception as exc:  # never let a broken stream kill more than its own session
+            logger.exception("demuxer failed")
+            self._fail(f"could not decode the {self.encoding} stream: {exc!r}")
+        finally:
+            self._finished.set()
+            self._input.wake()
+
+    def _emit(self, mono: av.AudioResampler, frame: Any) -> None:
+        for out in mono.resample(frame):
+            self._push(out)
+
+    def _push(self, frame: Any) -> None:
+        samples = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+        rate = int(frame.sample_rate)
+        with self._lock:
+            if rate != self._rate:
+                if self._resampler is not None:
+                    tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+                    self._out.append(np.asarray(tail, dtype=np.float32))
+                self._rate = rate
+                self.sample_rate = rate
+                self._resampler = (
+                    soxr.ResampleStream(rate, MODEL_SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+                    if rate != MODEL_SAMPLE_RATE
+                    else None
+                )
+            samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+            if self._resampler is not None:
+                samples = np.asarray(self._resampler.resample_chunk(samples, last=False), dtype=np.float32)
+            self._out.append(samples)
+
+    def _skip(self, packet: Any) -> None:
+        """A corrupt packet: report it, drop it, and go on with the next one."""
+        at = float(packet.pts * packet.time_base) if packet.pts is not None and packet.time_base else None
+        where = f" at {at:.2f} s of the stream" if at is not None else ""
+        with self._lock:
+            self._skipped.append(f"a corrupt {self.encoding} packet{where} was skipped")
+
+    def _fail(self, message: str) -> None:
+        with self._lock:
+            self._error = message
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.replace("'<none>'", "").replace(": ''", "").strip().rstrip(":")

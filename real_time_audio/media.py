@@ -1,0 +1,130 @@
+"""Audio files for the clients: which protocol encoding a file is, reading it, and writing one.
+
+Reading and writing use PyAV, whose wheel bundles FFmpeg, so no system FFmpeg is needed.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+from numpy.typing import NDArray
+
+from real_time_audio.audio import MODEL_SAMPLE_RATE
+
+# File suffix → protocol encoding. Raw PCM has no header, so its suffix is the only clue.
+SUFFIX_ENCODING = {
+    ".webm": "webm",
+    ".weba": "webm",
+    ".mkv": "webm",
+    ".ogg": "ogg",
+    ".oga": "ogg",
+    ".opus": "ogg",
+    ".mp4": "mp4",
+    ".m4a": "mp4",
+    ".mp3": "mp3",
+    ".flac": "flac",
+    ".wav": "wav",
+    ".raw": "pcm_s16le",
+    ".pcm": "pcm_s16le",
+    ".s16": "pcm_s16le",
+    ".f32": "pcm_f32le",
+}
+# What `encode` writes for each container: (FFmpeg muxer, codec, sample rate, muxer options).
+_WRITERS: dict[str, tuple[str, str, int | None, dict[str, str]]] = {
+    "wav": ("wav", "pcm_s16le", None, {}),
+    "flac": ("flac", "flac", None, {}),
+    "mp3": ("mp3", "libmp3lame", None, {}),
+    "ogg": ("ogg", "libopus", 48000, {}),
+    "webm": ("webm", "libopus", 48000, {}),
+    # Fragmented like Safari's MediaRecorder output: playable from the front as it arrives.
+    "mp4": ("mp4", "aac", None, {"movflags": "frag_keyframe+empty_moov+default_base_moof", "frag_duration": "250000"}),
+}
+_FRAME = 960
+
+
+def encoding_for(path: Path) -> str:
+    """The protocol encoding of an audio file, from its suffix or, failing that, its first bytes."""
+    encoding = SUFFIX_ENCODING.get(path.suffix.lower())
+    if encoding:
+        return encoding
+    with path.open("rb") as handle:
+        head = handle.read(12)
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "webm"
+    if head.startswith(b"OggS"):
+        return "ogg"
+    if head.startswith(b"fLaC"):
+        return "flac"
+    if head.startswith((b"RIFF", b"RF64")):
+        return "wav"
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    raise ValueError(f"{path}: unknown audio format; name it .wav, .webm, .ogg, .mp4, .mp3, .flac or .raw")
+
+
+def load_audio(
+    path: Path, encoding: str | None = None, sample_rate: int = 16000, channels: int = 1
+) -> NDArray[np.float32]:
+    """Decode a whole file to 16 kHz mono float32 (raw PCM needs its rate and channel count)."""
+    encoding = encoding or encoding_for(path)
+    if encoding in ("pcm_s16le", "pcm_f32le"):
+        from real_time_audio.audio import PcmDecoder
+
+        decoder = PcmDecoder(encoding, sample_rate, channels)
+        data = path.read_bytes()
+        data = data[: len(data) - len(data) % (2 if encoding == "pcm_s16le" else 4)]
+        return np.concatenate([decoder.decode(data), decoder.finish()])
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ValueError(f"{path}: no audio track")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=MODEL_SAMPLE_RATE)
+            pieces = [
+                out.to_ndarray().reshape(-1)
+                for frame in container.decode(container.streams.audio[0])
+                for out in resampler.resample(frame)
+            ]
+            pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except av.FFmpegError as exc:
+        raise ValueError(f"{path}: cannot decode: {exc}") from None
+    return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, dtype=np.float32)
+
+
+def encode(samples: NDArray[np.float32], rate: int, encoding: str) -> bytes:
+    """Encode mono float samples as a file of `encoding` (a container, or raw PCM)."""
+    if encoding == "pcm_s16le":
+        return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    if encoding == "pcm_f32le":
+        return samples.astype("<f4").tobytes()
+    muxer, codec, codec_rate, options = _WRITERS[encoding]
+    out_rate = codec_rate or rate
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=muxer, options=options) as container:
+        stream = container.add_stream(codec, rate=out_rate, layout="mono")
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=out_rate)
+        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
+        for start in range(0, len(pcm) + 1, _FRAME):
+            if start < len(pcm):
+                frame = av.AudioFrame.from_ndarray(pcm[None, start : start + _FRAME], format="s16", layout="mono")
+                frame.sample_rate = rate
+                converted = resampler.resample(frame)
+            else:
+                converted = resampler.resample(None)
+            for piece in converted:
+                container.mux(stream.encode(piece))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def write_audio(path: Path, samples: NDArray[np.float32], rate: int) -> str:
+    """Write `samples` to `path` in the format its suffix names; returns the encoding used."""
+    encoding = SUFFIX_ENCODING.get(path.suffix.lower())
+    if encoding is None:
+        raise ValueError(f"{path}: cannot tell the format from the suffix; use .wav, .webm, .ogg, .mp4, .mp3 or .flac")
+    path.write_bytes(encode(samples, rate, encoding))
+    return encoding

@@ -1,0 +1,157 @@
+"""Streaming container decoding: every protocol container, cut anywhere, with broken input."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from real_time_audio.audio import BadAudioError
+from real_time_audio.containers import OPEN_LIMIT_BYTES, ContainerDecoder, check_magic, mp4_index_first
+from real_time_audio.media import encode
+from tests.conftest import speech_like
+
+CONTAINERS = ["webm", "ogg", "mp4", "mp3", "flac", "wav"]
+# Encoder padding and priming add a little audio at the ends of the lossy formats.
+EXTRA_SAMPLES = {"webm": 0, "ogg": 0, "mp4": 2048, "mp3": 1152, "flac": 0, "wav": 0}
+JUNK = np.random.default_rng(7).integers(0, 256, 1_300_000, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture(scope="module")
+def signal() -> NDArray[np.float32]:
+    return speech_like(seed=3, duration_s=6.0)
+
+
+@pytest.fixture(scope="module")
+def files(signal: NDArray[np.float32]) -> dict[str, bytes]:
+    return {encoding: encode(signal, 16000, encoding) for encoding in CONTAINERS}
+
+
+def random_slices(data: bytes, seed: int, largest: int = 6000) -> list[bytes]:
+    rng = random.Random(seed)
+    cuts, position = [], 0
+    while position < len(data):
+        size = rng.randint(1, largest)
+        cuts.append(data[position : position + size])
+        position += size
+    return cuts
+
+
+def decode_all(encoding: str, slices: list[bytes]) -> tuple[NDArray[np.float32], list[str]]:
+    """Decode the slices then finish; collect every problem reported on the way (and keep salvage)."""
+    decoder = ContainerDecoder(encoding)
+    pieces, problems = [], []
+    for piece in slices:
+        try:
+            pieces.append(decoder.decode(piece))
+        except BadAudioError as exc:
+            pieces.append(exc.salvaged)
+            problems.append(str(exc))
+    try:
+        pieces.append(decoder.finish())
+    except BadAudioError as exc:
+        pieces.append(exc.salvaged)
+        problems.append(str(exc))
+    decoder.close()
+    return np.concatenate(pieces), problems
+
+
+def best_correlation(reference: NDArray[np.float32], decoded: NDArray[np.float32], max_lag: int = 2048) -> float:
+    """Correlation of the decoded audio with the reference at the best small delay (codec priming)."""
+    middle = reference[4000:-4000]
+    return max(
+        float(np.corrcoef(middle, decoded[4000 + lag : 4000 + lag + len(middle)])[0, 1])
+        for lag in range(0, max_lag, 16)
+    )
+
+
+@pytest.mark.parametrize("encoding", CONTAINERS)
+def test_every_container_decodes_the_same_however_it_is_cut(
+    encoding: str, files: dict[str, bytes], signal: NDArray[np.float32]
+) -> None:
+    data = files[encoding]
+    whole, problems = decode_all(encoding, [data])
+    assert problems == []
+    assert len(signal) <= len(whole) <= len(signal) + EXTRA_SAMPLES[encoding]
+    assert best_correlation(signal, whole) > (0.999 if encoding in ("wav", "flac") else 0.8)
+    for seed in (1, 2, 3):
+        sliced, problems = decode_all(encoding, random_slices(data, seed))
+        assert problems == []
+        assert np.array_equal(sliced, whole)
+
+
+@pytest.mark.parametrize("encoding", ["webm", "ogg", "mp4", "mp3"])
+def test_streaming_containers_give_audio_before_the_end(encoding: str, files: dict[str, bytes]) -> None:
+    """Live formats are decoded as they arrive, not only once the stream ends."""
+    data = files[encoding]
+    decoder = ContainerDecoder(encoding)
+    half = sum(len(decoder.decode(piece)) for piece in random_slices(data[: len(data) // 2], 5))
+    decoder.close()
+    assert half > 16000 * 1.5  # at least half of the 3 seconds sent
+
+
+def test_a_plain_mp4_with_its_index_last_is_decoded_at_the_end(signal: NDArray[np.float32]) -> None:
+    import io
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:  # moov after mdat, the usual file layout
+        stream = container.add_stream("aac", rate=16000, layout="mono")
+        resampler = av.AudioResampler(format="fltp", layout="mono", rate=16000)
+        pcm = (signal * 32767).astype(np.int16)
+        for start in range(0, len(pcm), 1024):
+            frame = av.AudioFrame.from_ndarray(pcm[None, start : start + 1024], format="s16", layout="mono")
+            frame.sample_rate = 16000
+            for piece in resampler.resample(frame):
+                container.mux(stream.encode(piece))
+        container.mux(stream.encode(None))
+    data = buffer.getvalue()
+    assert mp4_index_first(data) is False
+    decoded, problems = decode_all("mp4", random_slices(data, 9))
+    assert problems == []
+    assert best_correlation(signal, decoded) > 0.9
+
+
+@pytest.mark.parametrize("encoding", CONTAINERS)
+def test_junk_is_refused_with_the_reason_and_a_real_stream_may_follow(encoding: str, files: dict[str, bytes]) -> None:
+    whole, _ = decode_all(encoding, [files[encoding]])
+    decoded, problems = decode_all(encoding, [JUNK[:5000], *random_slices(files[encoding], 4)])
+    assert problems == [check_magic(encoding, JUNK[:12])]
+    assert problems[0] is not None and problems[0].startswith(f"the stream does not look like {encoding}")
+    assert np.array_equal(decoded, whole)
+
+
+@pytest.mark.parametrize("encoding", ["mp3", "mp4"])
+def test_corrupt_packets_are_reported_and_the_audio_before_them_kept(encoding: str, files: dict[str, bytes]) -> None:
+    data = files[encoding]
+    whole, _ = decode_all(encoding, [data])
+    half = len(data) // 2
+    decoded, problems = decode_all(encoding, [*random_slices(data[:half], 6), JUNK[:40000]])
+    assert problems and all("corrupt" in p and "skipped" in p for p in problems)
+    valid, _ = decode_all(encoding, [data[:half]])
+    # Everything the valid half gave is there, unchanged, before whatever the junk gave.
+    assert np.array_equal(decoded[: len(valid) - 2048], valid[: len(valid) - 2048])
+    assert len(valid) > len(whole) // 3
+
+
+def test_a_stream_that_never_finds_audio_is_given_up(files: dict[str, bytes]) -> None:
+    """A FLAC signature followed by junk: the demuxer keeps reading what it takes for metadata, so
+    after the open limit the stream is declared undecodable rather than swallowing bytes for ever."""
+    data = b"fLaC" + JUNK[: OPEN_LIMIT_BYTES + 100_000]
+    _, problems = decode_all("flac", random_slices(data, 8, largest=64_000))
+    assert problems[0] == f"no playable flac audio found in the first {OPEN_LIMIT_BYTES} bytes"
+
+
+def test_a_stream_ending_inside_its_header_is_reported() -> None:
+    _, problems = decode_all("webm", [b"\x1a\x45\xdf"])
+    assert problems == ["the stream ended after 3 bytes, before any audio: it is too short"]
+
+
+def test_mp4_box_order_detection() -> None:
+    ftyp = (20).to_bytes(4, "big") + b"ftypisom" + bytes(8)
+    assert mp4_index_first(ftyp + (8).to_bytes(4, "big") + b"moov") is True
+    assert mp4_index_first(ftyp + (8).to_bytes(4, "big") + b"mdat") is False
+    assert mp4_index_first(ftyp) is None
