@@ -106,6 +106,7 @@ def encode(samples: NDArray[np.float32], rate: int, encoding: str) -> bytes:
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=muxer, options=options) as container:
         stream = container.add_stream(codec, rate=out_rate, layout="mono")
+        assert isinstance(stream, av.AudioStream)
         resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=out_rate)
         pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
         for start in range(0, len(pcm) + 1, _FRAME):
