@@ -10,15 +10,17 @@ samples that slice completed, so the caller sees the same results however the by
 from __future__ import annotations
 
 import logging
+import struct
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import av
 import numpy as np
 import soxr
 from numpy.typing import NDArray
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE, BadAudioError
+from real_time_audio.audio import MODEL_SAMPLE_RATE, BadAudioError, PcmDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ OPEN_LIMIT_BYTES = 1 << 20
 MP4_OPEN_LIMIT_BYTES = 64 << 20
 _MAGIC_BYTES = 12
 _MP4_SCAN_BYTES = 64 << 10  # how far to look for the first moov/mdat box before assuming a plain MP4
+_WAV_SCAN_BYTES = 64 << 10  # how far to look for a WAV's data chunk before handing it to FFmpeg
 _AVSEEK_SIZE = 0x10000  # FFmpeg's "how big is the file?" pseudo-whence
 _STOP_TIMEOUT_S = 10.0
 
@@ -80,6 +83,43 @@ def mp4_index_first(head: bytes) -> bool | None:
         if size < 8:
             return False  # a box running to the end of the file, or a corrupt size
         offset += size
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class WavFormat:
+    encoding: str  # pcm_s16le or pcm_f32le
+    sample_rate: int
+    channels: int
+    data_offset: int  # where the samples start
+    data_bytes: int | None  # None: unknown (a live stream writes 0 or 0xFFFFFFFF)
+
+
+def parse_wav_header(head: bytes) -> WavFormat | Literal[False] | None:
+    """The sample format of a WAV file from its first bytes.
+
+    None: the header is not complete yet. False: the samples are in a format other than 16-bit
+    integer or 32-bit float PCM with one or two channels (FFmpeg decodes those).
+    """
+    offset, fmt = 12, None
+    while offset + 8 <= len(head):
+        kind, size = head[offset : offset + 4], int.from_bytes(head[offset + 4 : offset + 8], "little")
+        body = offset + 8
+        if kind == b"fmt ":
+            if body + 16 > len(head):
+                return None
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", head[body : body + 16])
+            if tag == 0xFFFE and size >= 40 and body + 40 <= len(head):  # WAVE_FORMAT_EXTENSIBLE
+                tag = int.from_bytes(head[body + 24 : body + 26], "little")
+            fmt = {(1, 16): "pcm_s16le", (3, 32): "pcm_f32le"}.get((tag, bits))
+            if fmt is None or channels not in (1, 2) or not 1000 <= rate <= 384000:
+                return False
+            wav_channels, wav_rate = channels, rate
+        elif kind == b"data":
+            if fmt is None:
+                return False
+            return WavFormat(fmt, wav_rate, wav_channels, body, None if size in (0, 0xFFFFFFFF) else size)
+        offset = body + size + (size & 1)
     return None
 
 
@@ -213,6 +253,8 @@ class ContainerDecoder:
         self._resampler: soxr.ResampleStream | None = None
         self._rate = 0
         self._thread: threading.Thread | None = None
+        self._pcm: PcmDecoder | None = None  # a plain PCM WAV is decoded directly, without FFmpeg
+        self._pcm_left: int | None = None  # data bytes still expected, when the header says
         self.sample_rate: int | None = None  # of the decoded stream, once known
 
     # -- the caller's side ----------------------------------------------------------------------
@@ -222,6 +264,8 @@ class ContainerDecoder:
 
     def decode(self, frame: bytes) -> NDArray[np.float32]:
         """Feed one slice; return the 16 kHz samples it completed. Raises BadAudioError."""
+        if self._pcm is not None:
+            return self._decode_pcm(frame)
         if self._thread is None:
             self._head += frame
             if len(self._head) < _MAGIC_BYTES:
@@ -232,6 +276,12 @@ class ContainerDecoder:
                 raise BadAudioError(problem)
             if self.encoding == "mp4" and mp4_index_first(self._head) is None and len(self._head) < _MP4_SCAN_BYTES:
                 return np.zeros(0, dtype=np.float32)  # the order of the top-level boxes is not known yet
+            if self.encoding == "wav":
+                wav = parse_wav_header(self._head)
+                if wav is None and len(self._head) < _WAV_SCAN_BYTES:
+                    return np.zeros(0, dtype=np.float32)  # the header is not complete yet
+                if wav:
+                    return self._start_pcm(wav)
             frame = self._launch()
         self._input.feed(frame)
         self._input.wait_starved(self._finished)
@@ -245,8 +295,29 @@ class ContainerDecoder:
             )
         return self._collect()
 
+    def _start_pcm(self, wav: WavFormat) -> NDArray[np.float32]:
+        """FFmpeg's WAV reader holds back its first 64 KiB (it checks for S/PDIF data), two seconds of
+        16 kHz speech, so plain PCM WAV streams skip it: the samples go straight to a PCM decoder."""
+        self._pcm = PcmDecoder(wav.encoding, wav.sample_rate, wav.channels)
+        self._pcm_left = wav.data_bytes
+        self.sample_rate = wav.sample_rate
+        rest, self._head = self._head[wav.data_offset :], b""
+        return self._decode_pcm(rest)
+
+    def _decode_pcm(self, frame: bytes) -> NDArray[np.float32]:
+        assert self._pcm is not None
+        if self._pcm_left is not None:  # bytes after the data chunk (trailing metadata) are not audio
+            frame, self._pcm_left = frame[: self._pcm_left], max(0, self._pcm_left - len(frame))
+        samples = self._pcm.decode(frame)
+        self.samples_out += len(samples)
+        return samples
+
     def drain(self) -> NDArray[np.float32]:
         """Samples held inside the resampler, for a flush; the demuxer stays open."""
+        if self._pcm is not None:
+            tail = self._pcm.drain()
+            self.samples_out += len(tail)
+            return tail
         with self._lock:
             if self._resampler is None:
                 return np.zeros(0, dtype=np.float32)
@@ -257,6 +328,8 @@ class ContainerDecoder:
 
     def finish(self) -> NDArray[np.float32]:
         """End of stream: decode what is left, including the decoder's own delay. Raises BadAudioError."""
+        if self._pcm is not None:
+            return self.drain()
         if self._thread is None:
             if not self._head:
                 return np.zeros(0, dtype=np.float32)

@@ -24,7 +24,6 @@ from starlette.websockets import WebSocket, WebSocketState
 from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
 from real_time_audio.config import Settings
 from real_time_audio.containers import ContainerDecoder
-from real_time_audio.guards import GuardThresholds
 from real_time_audio.models import (
     ConfigUpdate,
     EndMessage,
@@ -105,7 +104,7 @@ class Session:
         self._query = query or {}
         self._recorder: SessionRecorder | None = None
         self._decoder: AudioDecoder | None = None
-        self._policy = self._make_policy()
+        self._policy = UtterancePolicy.from_settings(settings, self.config.interim_results)
         self._vad = (
             VoiceActivityDetector(
                 vad_scorer,
@@ -124,23 +123,6 @@ class Session:
         self._audio_started = False
         self._finals: list[str] = []
         self._status = "disconnected"
-
-    def _make_policy(self) -> UtterancePolicy:
-        settings = self.settings
-        return UtterancePolicy(
-            partial_interval_s=settings.partial_interval_ms / 1000,
-            max_window_s=settings.segment_max_s,
-            trim_s=settings.buffer_trim_s,
-            pad_s=settings.vad_pad_ms / 1000,
-            context_chars=settings.context_prompt_chars,
-            interim_results=self.config.interim_results,
-            vad_enabled=settings.vad != "off",
-            guards=GuardThresholds(
-                no_speech=settings.no_speech_threshold,
-                logprob=settings.logprob_threshold,
-                compression_ratio=settings.compression_ratio_threshold,
-            ),
-        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 

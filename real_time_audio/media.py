@@ -67,6 +67,17 @@ def encoding_for(path: Path) -> str:
     raise ValueError(f"{path}: unknown audio format; name it .wav, .webm, .ogg, .mp4, .mp3, .flac or .raw")
 
 
+def duration_of(path: Path) -> float:
+    """The playing time of an audio file in seconds (decoded when the header does not say)."""
+    try:
+        with av.open(str(path)) as container:
+            if container.duration:
+                return float(container.duration) / av.time_base
+    except av.FFmpegError as exc:
+        raise ValueError(f"{path}: cannot decode: {exc}") from None
+    return len(load_audio(path)) / MODEL_SAMPLE_RATE
+
+
 def load_audio(
     path: Path, encoding: str | None = None, sample_rate: int = 16000, channels: int = 1
 ) -> NDArray[np.float32]:

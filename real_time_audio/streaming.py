@@ -35,6 +35,7 @@ from real_time_audio.guards import GuardThresholds, loop_start, verdict
 from real_time_audio.vad import SpeechEvent
 
 if TYPE_CHECKING:
+    from real_time_audio.config import Settings
     from real_time_audio.service import TranscriptionResult
 
 MIN_PARTIAL_S = 0.3  # too little audio for a useful partial decode
@@ -132,6 +133,23 @@ class UtterancePolicy:
         self._last_partial_end = 0
         if not vad_enabled:
             self._regions.append(_Region(0))  # without VAD the whole stream is one region
+
+    @classmethod
+    def from_settings(cls, settings: Settings, interim_results: bool = True) -> UtterancePolicy:
+        return cls(
+            partial_interval_s=settings.partial_interval_ms / 1000,
+            max_window_s=settings.segment_max_s,
+            trim_s=settings.buffer_trim_s,
+            pad_s=settings.vad_pad_ms / 1000,
+            context_chars=settings.context_prompt_chars,
+            interim_results=interim_results,
+            vad_enabled=settings.vad != "off",
+            guards=GuardThresholds(
+                no_speech=settings.no_speech_threshold,
+                logprob=settings.logprob_threshold,
+                compression_ratio=settings.compression_ratio_threshold,
+            ),
+        )
 
     # -- input ----------------------------------------------------------------------------------
 

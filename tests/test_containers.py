@@ -9,7 +9,14 @@ import pytest
 from numpy.typing import NDArray
 
 from real_time_audio.audio import BadAudioError
-from real_time_audio.containers import OPEN_LIMIT_BYTES, ContainerDecoder, check_magic, mp4_index_first
+from real_time_audio.containers import (
+    OPEN_LIMIT_BYTES,
+    ContainerDecoder,
+    WavFormat,
+    check_magic,
+    mp4_index_first,
+    parse_wav_header,
+)
 from real_time_audio.media import encode
 from tests.conftest import speech_like
 
@@ -155,3 +162,39 @@ def test_mp4_box_order_detection() -> None:
     assert mp4_index_first(ftyp + (8).to_bytes(4, "big") + b"moov") is True
     assert mp4_index_first(ftyp + (8).to_bytes(4, "big") + b"mdat") is False
     assert mp4_index_first(ftyp) is None
+
+
+@pytest.mark.parametrize(("subtype", "exact"), [("PCM_16", False), ("FLOAT", True), ("PCM_24", False)])
+def test_wav_of_any_sample_format_streams_from_its_first_bytes(
+    subtype: str, exact: bool, signal: NDArray[np.float32], tmp_path: object
+) -> None:
+    """16-bit and float WAV skip FFmpeg (whose WAV reader holds back 64 KiB); 24-bit goes through it."""
+    import io
+
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, signal, 16000, subtype=subtype, format="WAV")
+    data = buffer.getvalue()
+    decoder = ContainerDecoder("wav")
+    early = sum(len(decoder.decode(piece)) for piece in random_slices(data[:16000], 2, largest=2000))
+    decoder.close()
+    if subtype != "PCM_24":
+        assert early > 3000  # most of the first 16 kB is already audio
+    decoded, problems = decode_all("wav", random_slices(data, 3))
+    assert problems == []
+    assert len(decoded) == len(signal)
+    tolerance = 1e-6 if exact else 1e-4
+    assert np.max(np.abs(decoded - signal)) < tolerance
+
+
+def test_wav_header_parsing() -> None:
+    import struct
+
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 2, 44100, 44100 * 4, 4, 16)
+    head = b"RIFF" + bytes(4) + b"WAVE" + fmt + b"LIST" + (3).to_bytes(4, "little") + b"abc\x00"
+    assert parse_wav_header(head) is None  # no data chunk yet
+    wav = parse_wav_header(head + b"data" + (0xFFFFFFFF).to_bytes(4, "little"))
+    assert wav == WavFormat("pcm_s16le", 44100, 2, len(head) + 8, None)
+    eight_bit = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, 8000, 8000, 1, 8)
+    assert parse_wav_header(b"RIFF" + bytes(4) + b"WAVE" + eight_bit + b"data" + bytes(4)) is False

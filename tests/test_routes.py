@@ -195,7 +195,7 @@ def test_bad_query_parameter_keeps_defaults(client: TestClient) -> None:
         ('{"type": "config", "speed": 2}', "bad_config", "speed: unknown field"),
         ('{"type": "config", "sample_rate": 100}', "bad_config", "sample_rate"),
         ('{"type": "config", "language": "xx"}', "bad_config", "language: 'xx' is not supported by this model"),
-        ('{"type": "config", "encoding": "ogg"}', "bad_config", "encoding: 'ogg' is not supported"),
+        ('{"type": "config", "encoding": "aiff"}', "bad_config", "encoding: Input should be 'pcm_s16le'"),
     ],
 )
 def test_bad_messages_keep_the_session_open(client: TestClient, payload: str, code: str, fragment: str) -> None:
