@@ -30,6 +30,7 @@ from real_time_audio.models import (
     ErrorCode,
     ErrorMessage,
     FlushMessage,
+    KeepaliveMessage,
     ProtocolError,
     Recording,
     ServerMessage,
@@ -344,7 +345,8 @@ class Session:
             await self._send_error(exc.code, exc.message)
             return
         if self._ended:
-            await self._send_error("bad_message", "the stream has ended; only the final results follow")
+            if not isinstance(message, KeepaliveMessage):  # a keepalive is harmless at any time
+                await self._send_error("bad_message", "the stream has ended; only the final results follow")
             return
         if isinstance(message, ConfigUpdate):
             await self._on_config(message)

@@ -12,7 +12,7 @@ import av
 import numpy as np
 from numpy.typing import NDArray
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE
+from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
 
 # File suffix → protocol encoding. Raw PCM has no header, so its suffix is the only clue.
 SUFFIX_ENCODING = {
@@ -81,29 +81,29 @@ def duration_of(path: Path) -> float:
 def load_audio(
     path: Path, encoding: str | None = None, sample_rate: int = 16000, channels: int = 1
 ) -> NDArray[np.float32]:
-    """Decode a whole file to 16 kHz mono float32 (raw PCM needs its rate and channel count)."""
-    encoding = encoding or encoding_for(path)
-    if encoding in ("pcm_s16le", "pcm_f32le"):
-        from real_time_audio.audio import PcmDecoder
+    """Decode a whole file to 16 kHz mono float32 exactly as the server would (raw PCM needs its
+    rate and channel count)."""
+    from real_time_audio.containers import ContainerDecoder
 
+    encoding = encoding or encoding_for(path)
+    decoder: AudioDecoder  # the server's own decoders, so that both hear the same samples
+    if encoding in SAMPLE_WIDTH:
         decoder = PcmDecoder(encoding, sample_rate, channels)
         data = path.read_bytes()
-        data = data[: len(data) - len(data) % (2 if encoding == "pcm_s16le" else 4)]
+        data = data[: len(data) - len(data) % SAMPLE_WIDTH[encoding]]
         return np.concatenate([decoder.decode(data), decoder.finish()])
+    decoder = ContainerDecoder(encoding)
+    pieces = []
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise ValueError(f"{path}: no audio track")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=MODEL_SAMPLE_RATE)
-            pieces = [
-                out.to_ndarray().reshape(-1)
-                for frame in container.decode(container.streams.audio[0])
-                for out in resampler.resample(frame)
-            ]
-            pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-    except av.FFmpegError as exc:
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                pieces.append(decoder.decode(block))
+        pieces.append(decoder.finish())
+    except BadAudioError as exc:
         raise ValueError(f"{path}: cannot decode: {exc}") from None
-    return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, dtype=np.float32)
+    finally:
+        decoder.close()
+    return np.concatenate(pieces)
 
 
 def encode(samples: NDArray[np.float32], rate: int, encoding: str) -> bytes:

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from fastapi import FastAPI
 from numpy.typing import NDArray
 
 from real_time_audio.agreement import Word
-from real_time_audio.service import TranscriptionRequest, TranscriptionResult
+from real_time_audio.config import Settings
+from real_time_audio.service import TranscriptionEngine, TranscriptionRequest, TranscriptionResult
 
 RATE = 16000
 BASE_HZ = 300.0
@@ -139,3 +141,15 @@ class EnergyScorer:
     def score(self, frames: NDArray[np.float32], state: None) -> tuple[NDArray[np.float32], None]:
         energy = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
         return (energy > AMPLITUDE / 10).astype(np.float32), None
+
+
+def burst_app(settings: Settings) -> FastAPI:
+    """The real application with the burst transcriber as its model and energy as its VAD."""
+    from main import create_app
+
+    model = BurstTranscriber()
+
+    def engine_factory(_: Settings) -> TranscriptionEngine:
+        return TranscriptionEngine(lambda: model, warmup=False, batch_wait_ms=0)
+
+    return create_app(settings, engine_factory=engine_factory, vad_factory=EnergyScorer)

@@ -12,22 +12,11 @@ import pytest
 import soxr
 from fastapi.testclient import TestClient
 
-from main import create_app
 from real_time_audio.config import Settings
 from real_time_audio.media import encode
-from real_time_audio.service import TranscriptionEngine
-from tests.burst_speech import BurstTranscriber, EnergyScorer, speech_block
+from tests.burst_speech import burst_app, speech_block
 from tests.conftest import finals, is_status, receive_until
 from tests.test_containers import JUNK, random_slices
-
-
-def burst_app(settings: Settings) -> Any:
-    model = BurstTranscriber()
-
-    def engine_factory(_: Settings) -> TranscriptionEngine:
-        return TranscriptionEngine(lambda: model, warmup=False, batch_wait_ms=0)
-
-    return create_app(settings, engine_factory=engine_factory, vad_factory=EnergyScorer)
 
 
 def run_session(client: TestClient, url: str, slices: list[bytes], config: dict[str, Any] | None = None) -> list[Any]:

@@ -54,6 +54,7 @@ def generated_speech(count: int, folder: Path) -> list[Path]:
 async def _one(index: int, path: Path, options: ClientOptions, chunk_size: int, realtime: bool) -> ClientReport:
     report = ClientReport(client=index + 1, file=path.name, ok=False)
     client_options = ClientOptions(**{name: getattr(options, name) for name in ClientOptions.__slots__})
+    client_options.encoding = "auto"  # each file says what it is
     try:
         result = await stream_file(path, client_options, chunk_size=chunk_size, realtime=realtime)
     except ClientError as exc:

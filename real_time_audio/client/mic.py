@@ -147,6 +147,8 @@ async def run_microphone(
                     return None
                 if recording:
                     await pause()
+                if keeper is not None:
+                    keeper.cancel()
                 result = await session.end()
                 console.finish()
                 return result
