@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     """Largest accepted WebSocket frame in bytes; a larger one closes the session with 1009."""
     idle_timeout_s: float = Field(60, gt=0)
     """A session that sends nothing for this long is closed with code 4408."""
+    echo_delay_s: float = Field(1.0, ge=0, le=10)
+    """Default delay before /ws/echo sends audio back (a client may ask for another with ?delay=)."""
     partial_interval_ms: int = Field(1000, ge=50)
     """Shortest time between two partial transcriptions of one session."""
     segment_max_s: float = Field(30, ge=1, le=30)

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse
 
+from real_time_audio.echo import EchoSession
 from real_time_audio.handler import CLOSE_INTERNAL, Session
 from real_time_audio.models import ErrorMessage, to_json
 from real_time_audio.service import TranscriptionEngine
@@ -65,6 +66,13 @@ async def transcribe(websocket: WebSocket) -> None:
         await session.run()
     finally:
         sessions.pop(session.id, None)
+
+
+@router.websocket("/ws/echo")
+async def echo(websocket: WebSocket) -> None:
+    """Sends received audio back after a delay (default ECHO_DELAY_S), to test a microphone loop."""
+    await websocket.accept()
+    await EchoSession(websocket, websocket.app.state.settings).run()
 
 
 async def _refuse(websocket: WebSocket, code: Any, message: str, close_code: int) -> None:

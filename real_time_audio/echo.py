@@ -1,0 +1,138 @@
+"""`/ws/echo`: audio comes back after a delay, for checking a microphone-to-speaker loop.
+
+The client connects (optionally with the same query parameters as `/ws/transcribe`, plus
+`delay` in seconds), receives a `connected` status with its config and the delay, and every binary
+frame it sends is sent back unchanged, in order, `delay` seconds after it arrived. `END` (or
+`{"type": "end"}`) sends the frames still waiting, then closes with 1000. Nothing is transcribed
+or stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from real_time_audio.config import Settings
+from real_time_audio.models import (
+    ConfigUpdate,
+    EndMessage,
+    ErrorCode,
+    ErrorMessage,
+    KeepaliveMessage,
+    ProtocolError,
+    SessionConfig,
+    apply_config,
+    parse_client_text,
+    to_json,
+)
+
+CLOSE_NORMAL = 1000
+CLOSE_TOO_LARGE = 1009
+CLOSE_IDLE = 4408
+MAX_DELAY_S = 10.0
+
+
+class EchoSession:
+    def __init__(self, websocket: WebSocket, settings: Settings) -> None:
+        self.ws = websocket
+        self.settings = settings
+        self.id = uuid.uuid4().hex
+        self.delay_s = settings.echo_delay_s
+        self.config = SessionConfig()
+        self._due: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+    def _configure(self, query: dict[str, str]) -> list[str]:
+        problems = []
+        if "delay" in query:
+            try:
+                delay = float(query["delay"])
+                if not 0 <= delay <= MAX_DELAY_S:
+                    raise ValueError
+                self.delay_s = delay
+            except ValueError:
+                problems.append(f"delay: must be a number of seconds from 0 to {MAX_DELAY_S:g}, got {query['delay']!r}")
+        update: dict[str, Any] = {k: v for k, v in query.items() if k in ConfigUpdate.model_fields and k != "type"}
+        for name in ("sample_rate", "channels"):
+            if name in update and str(update[name]).isdigit():
+                update[name] = int(update[name])
+        try:
+            self.config = apply_config(self.config, update)
+        except ProtocolError as exc:
+            problems.append(exc.message)
+        return problems
+
+    async def run(self) -> None:
+        problems = self._configure(dict(self.ws.query_params))
+        await self.ws.send_text(
+            json.dumps(
+                {
+                    "type": "status",
+                    "status": "connected",
+                    "protocol": 1,
+                    "session_id": self.id,
+                    "config": self.config.wire(),
+                    "delay": self.delay_s,
+                }
+            )
+        )
+        for problem in problems:
+            await self._error("bad_config", problem)
+        sender = asyncio.create_task(self._send_back())
+        try:
+            await self._receive()
+            self._due.put_nowait(None)  # END: send what is waiting, then close
+            await sender
+            await self.ws.close(CLOSE_NORMAL)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
+
+    async def _receive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), self.settings.idle_timeout_s)
+            except TimeoutError:
+                await self._error("idle_timeout", f"no data for {self.settings.idle_timeout_s:g} s")
+                await self.ws.close(CLOSE_IDLE)
+                raise WebSocketDisconnect(CLOSE_IDLE) from None
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            data, text = message.get("bytes"), message.get("text")
+            if data is not None:
+                if len(data) > self.settings.max_frame_bytes:
+                    await self._error(
+                        "too_large",
+                        f"binary frame of {len(data)} bytes exceeds the limit of {self.settings.max_frame_bytes} bytes",
+                    )
+                    await self.ws.close(CLOSE_TOO_LARGE)
+                    raise WebSocketDisconnect(CLOSE_TOO_LARGE)
+                self._due.put_nowait((loop.time() + self.delay_s, data))
+            elif text is not None:
+                try:
+                    parsed = parse_client_text(text)
+                except ProtocolError as exc:
+                    await self._error(exc.code, exc.message)
+                    continue
+                if isinstance(parsed, EndMessage):
+                    return
+                if not isinstance(parsed, KeepaliveMessage):
+                    await self._error("bad_message", f"/ws/echo takes audio, keepalive and END; not {parsed.type}")
+
+    async def _send_back(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (item := await self._due.get()) is not None:
+            due, data = item
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            await self.ws.send_bytes(data)
+
+    async def _error(self, code: ErrorCode, message: str) -> None:
+        await self.ws.send_text(to_json(ErrorMessage(code=code, message=message)))
