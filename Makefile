@@ -26,12 +26,15 @@ run: install  ## start the server with the settings from the environment and .en
 dev: install  ## development server that reloads on code changes
 	$(BIN)/uvicorn main:app --reload --reload-dir real_time_audio --host 127.0.0.1 --port 8000
 
-system-deps:  ## espeak-ng, which the speech tests use to synthesize speech (installed when root)
-	@command -v espeak-ng >/dev/null 2>&1 || { \
+SYSTEM_PACKAGES := espeak-ng chromium chromium-driver
+
+system-deps:  ## espeak-ng (speech tests) and chromium + chromedriver (browser test); installed when root
+	@if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 \
+	    || ! command -v chromedriver >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get install -y -qq espeak-ng >/dev/null 2>&1 || \
-	     (apt-get update -qq >/dev/null && apt-get install -y -qq espeak-ng >/dev/null)); \
-	  else echo "espeak-ng is missing: install it (apt-get install espeak-ng) or the speech tests are skipped"; fi; }
+	    (apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null)); \
+	  else echo "missing system packages: apt-get install $(SYSTEM_PACKAGES) (or those tests are skipped)"; fi; fi
 
 lint: install-dev
 	$(BIN)/ruff check .

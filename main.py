@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from real_time_audio.config import Settings, load_settings
-from real_time_audio.routes import router
+from real_time_audio.routes import STATIC_DIR, router
 from real_time_audio.service import TranscriptionEngine
 from real_time_audio.vad import FrameScorer, SileroScorer
 
@@ -60,6 +61,7 @@ def create_app(
     app.state.vad_scorer = None
     app.state.sessions = {}
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from real_time_audio.echo import EchoSession
 from real_time_audio.handler import CLOSE_INTERNAL, Session
@@ -17,6 +18,15 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 CLOSE_TRY_AGAIN_LATER = 1013
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    """The browser page: microphone capture and live text (static files, no build step)."""
+    return FileResponse(STATIC_DIR / "index.html")
 
 
 @router.get("/health")

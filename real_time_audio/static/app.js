@@ -1,0 +1,176 @@
+// The page's logic: capture the microphone, stream it with TranscribeClient, show the text.
+// Capture uses an AudioWorklet producing 16 kHz PCM16; where that is missing (or with
+// ?capture=recorder) MediaRecorder's WebM/Opus or MP4/AAC stream is sent instead.
+import { TranscribeClient } from "/static/transcribe-client.js";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  start: $("start"), stop: $("stop"), resume: $("resume"), finish: $("finish"),
+  language: $("language"), token: $("token"), finals: $("finals"), partial: $("partial"),
+  connection: $("connection"), speech: $("speech"), lag: $("lag"), status: $("status"), recording: $("recording"),
+};
+const params = new URLSearchParams(location.search);
+ui.token.value = params.get("token") || "";
+const RECORDER_TYPES = [
+  ["audio/webm;codecs=opus", "webm"], ["audio/webm", "webm"], ["audio/mp4", "mp4"], ["audio/ogg;codecs=opus", "ogg"],
+];
+const NO_RETRY = new Set([1000, 1008, 1009]); // normal end, refused, frame too large
+const KEEPALIVE_MS = 15000;
+
+let capture = null; // {encoding, start(), pause(), resume(), stop()}
+let client = null;
+let wanted = "idle"; // what the user asked for: idle | live | paused
+let retries = 0;
+let keepalive = null;
+
+function setConnection(state, text) {
+  ui.connection.dataset.state = state;
+  ui.connection.textContent = text || state;
+}
+
+function setButtons() {
+  ui.start.disabled = wanted !== "idle";
+  ui.stop.disabled = wanted !== "live";
+  ui.resume.disabled = wanted !== "paused";
+  ui.finish.disabled = wanted === "idle";
+}
+
+function appendFinal(message) {
+  const text = message.text.trim();
+  if (!text) return;
+  const span = document.createElement("span");
+  span.className = "final";
+  span.dataset.segment = String(message.segment_id);
+  span.title = `${message.start.toFixed(2)}–${message.end.toFixed(2)} s`;
+  span.textContent = (ui.finals.childElementCount ? " " : "") + text;
+  ui.finals.append(span);
+}
+
+async function openCapture() {
+  const stream = await navigator.mediaDevices.getUserMedia({
+    audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
+  });
+  const forceRecorder = params.get("capture") === "recorder";
+  if (!forceRecorder && window.AudioWorkletNode) {
+    const context = new AudioContext({ sampleRate: 16000 });
+    await context.audioWorklet.addModule("/static/pcm-worklet.js");
+    const source = context.createMediaStreamSource(stream);
+    const node = new AudioWorkletNode(context, "pcm-writer");
+    node.port.onmessage = (event) => client && client.sendAudio(event.data);
+    source.connect(node);
+    return {
+      encoding: "pcm_s16le",
+      start() {}, // the worklet runs from the moment it is connected
+      pause() { node.port.postMessage("flush"); return context.suspend(); },
+      resume() { return context.resume(); },
+      stop() { node.port.postMessage("flush"); stream.getTracks().forEach((t) => t.stop()); return context.close(); },
+    };
+  }
+  const [mimeType, encoding] = RECORDER_TYPES.find(([type]) => MediaRecorder.isTypeSupported(type)) || [];
+  if (!mimeType) throw new Error("this browser can record neither PCM (AudioWorklet) nor WebM/MP4 audio");
+  const recorder = new MediaRecorder(stream, { mimeType });
+  recorder.ondataavailable = (event) => event.data.size && client && client.sendAudio(event.data);
+  return {
+    encoding,
+    start() { recorder.start(250); },
+    pause() { recorder.requestData(); recorder.pause(); },
+    resume() { recorder.resume(); },
+    stop() {
+      return new Promise((resolve) => {
+        recorder.onstop = resolve;
+        if (recorder.state !== "inactive") recorder.stop(); else resolve();
+        stream.getTracks().forEach((t) => t.stop());
+      });
+    },
+  };
+}
+
+async function connect() {
+  client = new TranscribeClient({
+    encoding: capture.encoding,
+    language: ui.language.value || null,
+    token: ui.token.value || undefined,
+  });
+  client.on("partial", (m) => { ui.partial.textContent = " " + m.text.trim(); ui.lag.textContent = `lag ${m.lag.toFixed(1)} s`; });
+  client.on("final", (m) => { ui.partial.textContent = ""; appendFinal(m); ui.lag.textContent = `lag ${m.lag.toFixed(1)} s`; });
+  client.on("speech_started", () => { ui.speech.dataset.active = "true"; });
+  client.on("speech_ended", () => { ui.speech.dataset.active = "false"; });
+  client.on("flushed", () => {
+    ui.speech.dataset.active = "false";
+    ui.status.textContent = "paused: everything said so far is final";
+  });
+  client.on("error", (m) => { ui.status.textContent = `${m.code}: ${m.message}`; });
+  client.on("close", onClose);
+  const hello = await client.connect();
+  retries = 0;
+  setConnection(wanted === "paused" ? "paused" : "live");
+  ui.status.textContent = `session ${hello.session_id} · ${hello.model} on ${hello.device}`;
+}
+
+function onClose(info) {
+  ui.speech.dataset.active = "false";
+  if (wanted === "idle" || NO_RETRY.has(info.code)) {
+    if (info.code === 1008) setConnection("error", "refused");
+    return;
+  }
+  // Unexpected drop while recording: reconnect with exponential backoff (a new session).
+  const delay = Math.min(10000, 500 * 2 ** retries++);
+  setConnection("reconnecting", `reconnecting in ${(delay / 1000).toFixed(1)} s`);
+  setTimeout(() => {
+    if (wanted !== "idle") connect().catch((error) => { ui.status.textContent = error.message; onClose({ code: 0 }); });
+  }, delay);
+}
+
+ui.start.onclick = async () => {
+  wanted = "live";
+  setButtons();
+  setConnection("connecting", "connecting");
+  try {
+    capture = await openCapture();
+    await connect();
+    capture.start();
+    keepalive = setInterval(() => wanted === "paused" && client && client.keepalive(), KEEPALIVE_MS);
+  } catch (error) {
+    wanted = "idle";
+    setButtons();
+    setConnection("error", "error");
+    ui.status.textContent = error.message;
+    if (capture) await capture.stop();
+    capture = null;
+  }
+};
+
+ui.stop.onclick = async () => {
+  wanted = "paused";
+  setButtons();
+  await capture.pause();
+  setTimeout(() => client && client.flush(), 50); // after the last captured block has gone out
+  setConnection("paused");
+};
+
+ui.resume.onclick = async () => {
+  wanted = "live";
+  setButtons();
+  await capture.resume();
+  setConnection("live");
+};
+
+ui.finish.onclick = async () => {
+  wanted = "idle";
+  setButtons();
+  clearInterval(keepalive);
+  await capture.stop();
+  capture = null;
+  try {
+    const done = await client.end();
+    ui.partial.textContent = "";
+    setConnection("idle", "completed");
+    ui.recording.textContent =
+      `completed: ${done.duration.toFixed(1)} s, ${done.segments} segments, ${done.recording.bytes} bytes, sha256 ${done.recording.sha256}`;
+  } catch (error) {
+    ui.status.textContent = error.message;
+    setConnection("error", "error");
+  }
+};
+
+setButtons();
