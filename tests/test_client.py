@@ -280,3 +280,22 @@ def test_tts_without_espeak_says_what_to_install(
     monkeypatch.setattr("shutil.which", lambda name: None)
     assert main(["tts", "hello", "-o", str(tmp_path / "x.wav")]) == 5
     assert "tts needs espeak-ng: install it (apt-get install espeak-ng)" in capsys.readouterr().err
+
+
+def test_the_installed_command_runs(tmp_path: Path) -> None:
+    """`rta-client` is installed with the project (make install) and is the same program."""
+    import subprocess
+    import sys
+
+    command = Path(sys.executable).parent / "rta-client"
+    if not command.exists():
+        pytest.skip("the project is not installed in this environment (make install installs it)")
+    done = subprocess.run([str(command), "stream", str(tmp_path / "nothing.wav")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == f"error: {tmp_path / 'nothing.wav'}: no such file\n"
+    module = subprocess.run(
+        [sys.executable, "-m", "real_time_audio.client", "stream", str(tmp_path / "nothing.wav")],
+        capture_output=True,
+        text=True,
+    )
+    assert (module.returncode, module.stderr) == (done.returncode, done.stderr)
