@@ -146,6 +146,8 @@ class _BlockingInput:
 
     def feed(self, data: bytes) -> None:
         with self._cond:
+            if self.aborted:
+                return
             self._buf += data
             self.starved = False
             self._cond.notify_all()
@@ -239,6 +241,8 @@ class ContainerDecoder:
         self.encoding = encoding
         self.samples_out = 0
         self._open_limit = MP4_OPEN_LIMIT_BYTES if encoding == "mp4" else OPEN_LIMIT_BYTES
+        self._life = threading.Lock()  # orders starting the demuxer against closing the decoder
+        self._closed = False
         self._start()
 
     def _start(self) -> None:
@@ -264,6 +268,8 @@ class ContainerDecoder:
 
     def decode(self, frame: bytes) -> NDArray[np.float32]:
         """Feed one slice; return the 16 kHz samples it completed. Raises BadAudioError."""
+        if self._closed:
+            return np.zeros(0, dtype=np.float32)
         if self._pcm is not None:
             return self._decode_pcm(frame)
         if self._thread is None:
@@ -349,8 +355,12 @@ class ContainerDecoder:
         if self.encoding == "mp4":  # a plain MP4 (index last) needs seeking back once its end has arrived
             self._input.retain = not mp4_index_first(self._head)
         head, self._head = self._head, b""
-        self._thread = threading.Thread(target=self._demux, name=f"demux-{self.encoding}", daemon=True)
-        self._thread.start()
+        with self._life:
+            if self._closed:  # the session ended while this slice was on its way
+                self._input.abort()
+                return head
+            self._thread = threading.Thread(target=self._demux, name=f"demux-{self.encoding}", daemon=True)
+            self._thread.start()
         return head
 
     def _join(self) -> None:
@@ -358,10 +368,14 @@ class ContainerDecoder:
             self._thread.join(_STOP_TIMEOUT_S)
 
     def close(self) -> None:
-        """Stop the demuxer thread without decoding the rest (the session is gone)."""
-        if self._thread is not None:
+        """Stop the demuxer thread without decoding the rest (the session is gone). Safe to call
+        while another thread is inside `decode`: nothing new starts afterwards."""
+        with self._life:
+            self._closed = True
             self._input.abort()
-            self._join()
+            thread = self._thread
+        if thread is not None:
+            thread.join(_STOP_TIMEOUT_S)
 
     def _collect(self) -> NDArray[np.float32]:
         """Take the decoded samples; raise BadAudioError carrying them if anything went wrong."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -124,6 +126,10 @@ class Session:
         self._audio_started = False
         self._finals: list[str] = []
         self._status = "disconnected"
+        # Blocking work on the record and the decoder runs in pool threads; a thread may outlive a
+        # cancelled await, so this lock orders it against the final release, after which it is skipped.
+        self._io_lock = threading.Lock()
+        self._released = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -158,8 +164,11 @@ class Session:
         finally:
             for task in tasks:
                 task.cancel()
+            # Submitted to the thread pool at once, so the record is closed and the decoder stopped
+            # even if this task is cancelled again while it waits.
+            released = asyncio.get_running_loop().run_in_executor(None, self._release)
             await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.shield(asyncio.to_thread(self._release))
+            await asyncio.shield(released)
             self.log.info(
                 "session %s ended: %s, %d bytes",
                 self.id,
@@ -168,9 +177,17 @@ class Session:
             )
 
     def _release(self) -> None:
-        if self._decoder is not None:
-            self._decoder.close()
-        self._close_recorder()
+        with self._io_lock:
+            self._released = True
+            if self._decoder is not None:
+                self._decoder.close()
+            self._close_recorder()
+
+    def _record(self, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """Run one blocking action on the record unless the session has been released."""
+        with self._io_lock:
+            if not self._released:
+                action(*args, **kwargs)
 
     def _close_recorder(self) -> None:
         if self._recorder is not None and not self._recorder.closed:
@@ -246,7 +263,7 @@ class Session:
                 if not done:
                     assert self._recorder is not None
                     if self._recorder.has_unflushed_audio:
-                        await asyncio.to_thread(self._recorder.tick)
+                        await asyncio.to_thread(self._record, self._recorder.tick)
                     if not self._ended and loop.time() >= idle_deadline:
                         self._status = "idle_timeout"
                         await self._close_with_error(
@@ -307,13 +324,16 @@ class Session:
         decoded before the problem still goes on, and the problem is returned for the client.
         """
         assert self._recorder is not None and self._decoder is not None
-        self._recorder.write_audio(frame, self.config.encoding, self.config.sample_rate, self.config.channels)
-        problem = None
-        try:
-            samples = self._decoder.decode(frame)
-        except BadAudioError as exc:
-            samples, problem = exc.salvaged, str(exc)
-        return samples, self._detect(samples), problem
+        with self._io_lock:
+            if self._released:
+                return np.zeros(0, dtype=np.float32), [], None
+            self._recorder.write_audio(frame, self.config.encoding, self.config.sample_rate, self.config.channels)
+            problem = None
+            try:
+                samples = self._decoder.decode(frame)
+            except BadAudioError as exc:
+                samples, problem = exc.salvaged, str(exc)
+            return samples, self._detect(samples), problem
 
     def _detect(self, samples: NDArray[np.float32]) -> list[SpeechEvent]:
         return self._vad.process(samples) if self._vad is not None and len(samples) else []
@@ -321,15 +341,18 @@ class Session:
     def _drain(self, end: bool) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None]:
         """The samples still inside the decoder; at the end of stream, open speech ends too."""
         samples, problem = np.zeros(0, dtype=np.float32), None
-        if self._decoder is not None:
-            try:
-                samples = self._decoder.finish() if end else self._decoder.drain()
-            except BadAudioError as exc:
-                samples, problem = exc.salvaged, str(exc)
-        events = self._detect(samples)
-        if end and self._vad is not None:
-            events += self._vad.finish(self._policy.received + len(samples))
-        return samples, events, problem
+        with self._io_lock:
+            if self._released:
+                return samples, [], None
+            if self._decoder is not None:
+                try:
+                    samples = self._decoder.finish() if end else self._decoder.drain()
+                except BadAudioError as exc:
+                    samples, problem = exc.salvaged, str(exc)
+            events = self._detect(samples)
+            if end and self._vad is not None:
+                events += self._vad.finish(self._policy.received + len(samples))
+            return samples, events, problem
 
     async def _feed(self, samples: NDArray[np.float32], events: list[SpeechEvent]) -> None:
         """Hand audio to the policy and tell the client where speech starts and ends."""
@@ -356,7 +379,12 @@ class Session:
             self._ended = True
             if self._recorder is not None and self._recorder.bytes_received == 0:
                 await asyncio.to_thread(
-                    self._recorder.write_audio, b"", self.config.encoding, self.config.sample_rate, self.config.channels
+                    self._record,
+                    self._recorder.write_audio,
+                    b"",
+                    self.config.encoding,
+                    self.config.sample_rate,
+                    self.config.channels,
                 )
             await self._request_finalize("end")
         # keepalive: receiving it has already reset the idle timer
@@ -371,7 +399,7 @@ class Session:
             await self._send_error(exc.code, exc.message)
             return
         assert self._recorder is not None
-        await asyncio.to_thread(self._recorder.update_metadata, config=self.config.wire())
+        await asyncio.to_thread(self._record, self._recorder.update_metadata, config=self.config.wire())
         await self._send(StatusConfigured(config=self.config.wire()))
 
     async def _request_finalize(self, kind: Literal["flush", "end"]) -> None:
@@ -453,14 +481,14 @@ class Session:
             self._finals.append(segment.text)
             assert self._recorder is not None
             await asyncio.to_thread(
-                self._recorder.append_final, message.model_dump(exclude={"type", "is_final", "lag"})
+                self._record, self._recorder.append_final, message.model_dump(exclude={"type", "is_final", "lag"})
             )
         await self._send(message)
 
     async def _complete(self) -> None:
         assert self._recorder is not None
         self._status = "completed"
-        await asyncio.to_thread(self._close_recorder)
+        await asyncio.to_thread(self._record, self._close_recorder)
         await self._send(
             StatusCompleted(
                 session_id=self.id,

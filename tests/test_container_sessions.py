@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from real_time_audio.config import Settings
 from real_time_audio.media import encode
 from tests.burst_speech import burst_app, speech_block
-from tests.conftest import finals, is_status, receive_until
+from tests.conftest import LiveServer, finals, is_status, receive_until
 from tests.test_containers import JUNK, random_slices
 
 
@@ -115,3 +115,43 @@ def test_wav_and_raw_pcm_give_the_same_words(make_settings: Callable[..., Settin
     expected = [w.text for w in spoken]
     assert [w["word"] for m in finals(as_wav) for w in m["words"]] == expected
     assert [w["word"] for m in finals(as_pcm) for w in m["words"]] == expected
+
+
+def test_a_client_vanishing_mid_stream_leaves_no_demuxer_behind(make_settings: Callable[..., Settings]) -> None:
+    """Clients that drop their connection mid-stream (through a real uvicorn): every demuxer thread
+    stops and every record is closed with all the bytes that arrived."""
+    import asyncio
+    import threading
+    import time
+
+    import websockets
+
+    settings = make_settings(vad="silero", partial_interval_ms=300)
+    data = encode(speech_block(seed=3, seconds=10.0)[0], 16000, "webm")
+    half = data[: len(data) // 2]
+
+    async def vanish(url: str) -> None:
+        async with websockets.connect(url + "?encoding=webm") as ws:
+            await ws.recv()
+            for piece in random_slices(half, 1):
+                await ws.send(piece)
+            await asyncio.sleep(0.3)  # let the server take it all in, then drop the connection
+
+    with LiveServer(burst_app(settings)) as server:
+
+        async def three() -> None:
+            await asyncio.wait_for(asyncio.gather(*(vanish(server.url) for _ in range(3))), 60)
+
+        asyncio.run(three())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            any(t.name.startswith("demux-") for t in threading.enumerate())
+            or len(list(settings.audio_storage_dir.glob("*/session.json"))) < 3
+            or any('"active"' in p.read_text() for p in settings.audio_storage_dir.glob("*/session.json"))
+        ):
+            time.sleep(0.05)
+        assert [t.name for t in threading.enumerate() if t.name.startswith("demux-")] == []
+    sessions = [json.loads(p.read_text()) for p in settings.audio_storage_dir.glob("*/session.json")]
+    assert sorted(s["status"] for s in sessions) == ["disconnected"] * 3
+    assert all(s["bytes"] == len(half) and s["audio_file"] == "audio.webm" for s in sessions)
+    assert all(s["sha256"] == hashlib.sha256(half).hexdigest() for s in sessions)
