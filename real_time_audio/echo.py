@@ -13,13 +13,11 @@ import asyncio
 import contextlib
 import json
 import uuid
-from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from real_time_audio.config import Settings
 from real_time_audio.models import (
-    ConfigUpdate,
     EndMessage,
     ErrorCode,
     ErrorMessage,
@@ -28,6 +26,7 @@ from real_time_audio.models import (
     SessionConfig,
     apply_config,
     parse_client_text,
+    query_config,
     to_json,
 )
 
@@ -56,12 +55,8 @@ class EchoSession:
                 self.delay_s = delay
             except ValueError:
                 problems.append(f"delay: must be a number of seconds from 0 to {MAX_DELAY_S:g}, got {query['delay']!r}")
-        update: dict[str, Any] = {k: v for k, v in query.items() if k in ConfigUpdate.model_fields and k != "type"}
-        for name in ("sample_rate", "channels"):
-            if name in update and str(update[name]).isdigit():
-                update[name] = int(update[name])
         try:
-            self.config = apply_config(self.config, update)
+            self.config = apply_config(self.config, query_config(query))
         except ProtocolError as exc:
             problems.append(exc.message)
         return problems

@@ -47,6 +47,7 @@ from real_time_audio.models import (
     WordTiming,
     apply_config,
     parse_client_text,
+    query_config,
     to_json,
 )
 from real_time_audio.service import (
@@ -108,16 +109,7 @@ class Session:
         self._recorder: SessionRecorder | None = None
         self._decoder: AudioDecoder | None = None
         self._policy = UtterancePolicy.from_settings(settings, self.config.interim_results)
-        self._vad = (
-            VoiceActivityDetector(
-                vad_scorer,
-                threshold=settings.vad_threshold,
-                silence_ms=settings.vad_silence_ms,
-                min_speech_ms=settings.vad_min_speech_ms,
-            )
-            if vad_scorer is not None
-            else None
-        )
+        self._vad = VoiceActivityDetector.from_settings(vad_scorer, settings) if vad_scorer is not None else None
         self._finalize: deque[_Finalize] = deque()
         self._wake = asyncio.Event()  # audio or a finalize request arrived
         self._progress = asyncio.Event()  # a final was produced (releases back-pressure)
@@ -214,13 +206,7 @@ class Session:
 
     def _configure_from_query(self) -> ProtocolError | None:
         """Apply config fields given in the URL; the error, if any, is sent after `connected`."""
-        update: dict[str, Any] = {}
-        for name in ConfigUpdate.model_fields:
-            if name in self._query and name != "type":
-                update[name] = self._query[name]
-        for name in ("sample_rate", "channels"):
-            if name in update and str(update[name]).strip().lstrip("-").isdigit():
-                update[name] = int(update[name])
+        update = query_config(self._query)
         if not update:
             return None
         try:

@@ -50,20 +50,13 @@ def encoding_for(path: Path) -> str:
     encoding = SUFFIX_ENCODING.get(path.suffix.lower())
     if encoding:
         return encoding
+    from real_time_audio.containers import DEMUXERS, check_magic
+
     with path.open("rb") as handle:
-        head = handle.read(12)
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "webm"
-    if head.startswith(b"OggS"):
-        return "ogg"
-    if head.startswith(b"fLaC"):
-        return "flac"
-    if head.startswith((b"RIFF", b"RF64")):
-        return "wav"
-    if head[4:8] == b"ftyp":
-        return "mp4"
-    if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
-        return "mp3"
+        head = handle.read(64)
+    for candidate in DEMUXERS:
+        if check_magic(candidate, head) is None:
+            return candidate
     raise ValueError(f"{path}: unknown audio format; name it .wav, .webm, .ogg, .mp4, .mp3, .flac or .raw")
 
 

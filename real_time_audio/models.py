@@ -148,6 +148,17 @@ def parse_client_text(text: str) -> ClientMessage:
         raise ProtocolError(code, f"invalid {kind} message: {describe_validation_error(exc)}") from None
 
 
+def query_config(query: dict[str, str]) -> dict[str, Any]:
+    """The config fields given as URL query parameters (numbers parsed), for `apply_config`."""
+    update: dict[str, Any] = {
+        name: query[name] for name in ConfigUpdate.model_fields if name in query and name != "type"
+    }
+    for name in ("sample_rate", "channels"):
+        if name in update and str(update[name]).strip().lstrip("-").isdigit():
+            update[name] = int(update[name])
+    return update
+
+
 def apply_config(current: SessionConfig, update: dict[str, Any]) -> SessionConfig:
     """Return `current` with `update` applied, or raise a `bad_config` ProtocolError naming the field."""
     unknown = sorted(set(update) - set(ConfigUpdate.model_fields))

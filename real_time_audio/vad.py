@@ -18,12 +18,15 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from real_time_audio.audio import MODEL_SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from real_time_audio.config import Settings
 
 FRAME_SAMPLES = 512  # Silero's frame at 16 kHz (32 ms)
 CONTEXT_SAMPLES = 64  # samples of the previous frame the model sees before each frame
@@ -190,3 +193,12 @@ class VoiceActivityDetector:
                 end, self._silence_start, self._silence_frames = self._silence_start, None, 0
                 return SpeechEvent("end", end)
         return None
+
+    @classmethod
+    def from_settings(cls, scorer: FrameScorer, settings: Settings) -> VoiceActivityDetector:
+        return cls(
+            scorer,
+            threshold=settings.vad_threshold,
+            silence_ms=settings.vad_silence_ms,
+            min_speech_ms=settings.vad_min_speech_ms,
+        )

@@ -52,16 +52,7 @@ def transcribe_offline(
     engine.start()
     try:
         policy = UtterancePolicy.from_settings(settings, interim_results=False)
-        vad = (
-            VoiceActivityDetector(
-                SileroScorer.shared(),
-                threshold=settings.vad_threshold,
-                silence_ms=settings.vad_silence_ms,
-                min_speech_ms=settings.vad_min_speech_ms,
-            )
-            if settings.vad != "off"
-            else None
-        )
+        vad = VoiceActivityDetector.from_settings(SileroScorer.shared(), settings) if settings.vad != "off" else None
         step = int(CHUNK_S * MODEL_SAMPLE_RATE)
         for start in range(0, len(samples), step):
             chunk = samples[start : start + step]
