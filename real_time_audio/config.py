@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # uvicorn's default WebSocket message limit; a larger frame is closed by uvicorn itself.
 UVICORN_WS_MAX_SIZE = 16 * 1024 * 1024
@@ -82,6 +82,60 @@ class Settings(BaseSettings):
     """Cap on generated tokens per second of audio (plus a small allowance), against runaway text."""
     warmup: bool = True
     """Run one inference at start-up so the first user does not pay for it."""
+    log_format: Literal["text", "json"] = "text"
+    """text: one readable line per event; json: one JSON object per line, for log collectors."""
+
+    # -- access and limits ----------------------------------------------------------------------
+    api_tokens: Annotated[list[SecretStr], NoDecode] = []
+    """Comma-separated tokens; when set, every WebSocket and HTTP API call must present one."""
+    allowed_origins: Annotated[list[str], NoDecode] = []
+    """Comma-separated browser origins allowed to connect (e.g. https://app.example.com); empty = any."""
+    max_connections_per_client: int = Field(0, ge=0)
+    """Open WebSocket connections one client address may hold; 0 = no limit."""
+    max_session_s: float = Field(0, ge=0)
+    """Longest a session may stay connected, in seconds; it is then finished like END. 0 = unlimited."""
+    max_pending_audio_s: float = Field(60, ge=5, le=3600)
+    """Audio received but not yet finalized, per session, above which the server stops reading that socket."""
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    """Largest file accepted by POST /v1/audio/transcriptions."""
+    drain_timeout_s: float = Field(20, ge=0, le=600)
+    """On SIGTERM, how long open sessions get to receive their last finals before they are closed (1001)."""
+
+    # -- storage lifecycle ----------------------------------------------------------------------
+    retention_days: float = Field(0, ge=0)
+    """Delete finished sessions older than this many days; 0 = keep forever."""
+    retention_max_gb: float = Field(0, ge=0)
+    """Delete the oldest finished sessions while the storage folder is larger than this; 0 = no limit."""
+    retention_interval_s: float = Field(3600, gt=0)
+    """How often the retention sweep runs."""
+    s3_bucket: str | None = None
+    """When set, each finished session's audio, transcript and metadata are uploaded to this bucket."""
+    s3_prefix: str = "sessions/"
+    """Key prefix inside the bucket; objects are <prefix><session id>/<file>."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, R2 ...); empty = AWS. Credentials come from the usual AWS variables."""
+    s3_region: str | None = None
+    """Region of the bucket (AWS_DEFAULT_REGION is used when empty)."""
+
+    @field_validator("api_tokens", "allowed_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com (scheme://host[:port])")
+        return [origin.lower() for origin in value]
+
+    @field_validator("s3_bucket", "s3_endpoint_url", "s3_region", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("device")
     @classmethod
@@ -110,6 +164,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"QUEUE_MAX_SIZE ({self.queue_max_size}) must be at least MAX_SESSIONS ({self.max_sessions})"
             )
+        if any(not token.get_secret_value() for token in self.api_tokens):
+            raise ValueError("API_TOKENS must not contain empty tokens")
         if self.vad_pad_ms > self.vad_silence_ms:
             raise ValueError(f"VAD_PAD_MS ({self.vad_pad_ms}) must not exceed VAD_SILENCE_MS ({self.vad_silence_ms})")
         return self
@@ -127,5 +183,6 @@ def load_settings(**overrides: object) -> Settings:
                 problems.append(message)
                 continue
             name = "_".join(str(part) for part in error["loc"]).upper()
-            problems.append(f"{name}={error.get('input')!r}: {message}")
+            shown = "<hidden>" if name.startswith("API_TOKENS") else repr(error.get("input"))  # never log secrets
+            problems.append(f"{name}={shown}: {message}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
