@@ -60,6 +60,10 @@ def create_app(
     app.state.engine = None
     app.state.vad_scorer = None
     app.state.sessions = {}
+    app.state.rest_active = 0  # POST /v1/audio/transcriptions requests in progress (count toward MAX_SESSIONS)
+    app.state.draining = False  # set on SIGTERM: new sessions are refused while open ones finish
+    # Called with the session id once a session's record is closed (e.g. to upload it); must not block.
+    app.state.session_end_hooks = []
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -76,6 +76,8 @@ async def transcribe(websocket: WebSocket) -> None:
         await session.run()
     finally:
         sessions.pop(session.id, None)
+        for hook in app.state.session_end_hooks:
+            hook(session.id)
 
 
 @router.websocket("/ws/echo")
