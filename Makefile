@@ -42,6 +42,7 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 test: install-dev system-deps lint  ## lint, type-check and run the whole test suite
 	$(BIN)/python -m pytest

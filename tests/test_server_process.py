@@ -47,15 +47,16 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float) -> N
     raise AssertionError("server did not become ready")
 
 
-@pytest.fixture(params=["uvicorn", "gunicorn"])
+@pytest.fixture(params=["uvicorn", "gunicorn", "gunicorn-conf", "gunicorn-card"])
 def server_process(
     request: pytest.FixtureRequest, checkpoint_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
     port = free_port()
     storage = tmp_path / "audio"
+    extra_env: dict[str, str] = {}
     if request.param == "uvicorn":
         command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
-    else:
+    elif request.param == "gunicorn":
         command = [
             str(BIN / "gunicorn"),
             "main:app",
@@ -66,10 +67,18 @@ def server_process(
             "--timeout",
             "120",
         ]
+    elif request.param == "gunicorn-conf":
+        # The production config file as the README and the Dockerfile run it; it binds HOST:PORT.
+        command = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "main:app"]
+        extra_env = {"HOST": "127.0.0.1", "PORT": str(port)}
+    else:
+        # The design card's command line, with the maintained worker package.
+        card = "main:app -k uvicorn_worker.UvicornWorker -w 1 -b 127.0.0.1:{port} --timeout 300 --graceful-timeout 30"
+        command = [str(BIN / "gunicorn"), *card.format(port=port).split()]
     process = subprocess.Popen(
         command,
         cwd=PROJECT_ROOT,
-        env=server_env(checkpoint_dir, storage),
+        env=server_env(checkpoint_dir, storage, **extra_env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -107,6 +116,46 @@ def test_real_server_process_serves_sessions(server_process: tuple[int, Path, su
     assert process.stdout is not None
     log = process.stdout.read().decode()
     assert "engine stopped" in log, log[-2000:]
+
+
+def test_importing_main_leaves_cuda_uninitialized() -> None:
+    """`import main` (every gunicorn worker; the master too, with --preload) never initialises CUDA."""
+    code = "import main, torch; print(torch.cuda.is_initialized())"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=seconds(120)
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def run_gunicorn_config(option: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `gunicorn <option> -c gunicorn.conf.py main:app` (it loads the config and the app, then exits)."""
+    command = [str(BIN / "gunicorn"), option, "-c", str(PROJECT_ROOT / "gunicorn.conf.py"), "main:app"]
+    full_env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env}
+    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=seconds(120))
+
+
+def test_gunicorn_config_checks_out() -> None:
+    """`gunicorn --check-config -c gunicorn.conf.py main:app` exits 0 from the project folder."""
+    result = run_gunicorn_config("--check-config", PROJECT_ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_gunicorn_config_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn.conf.py binds every interface unless HOST is set and takes workers, drain and proxies from env."""
+    monkeypatch.delenv("HOST", raising=False)
+    env = {"PORT": "8123", "WEB_CONCURRENCY": "2", "DRAIN_TIMEOUT_S": "45", "FORWARDED_ALLOW_IPS": "10.0.0.7"}
+    result = run_gunicorn_config("--print-config", tmp_path, **env)  # no .env there
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
+    values = {name.strip(): value.strip() for name, value in printed.items()}
+    assert values["bind"] == "['0.0.0.0:8123']"
+    assert values["workers"] == "2"
+    assert values["graceful_timeout"] == "55"
+    assert values["forwarded_allow_ips"] == "['10.0.0.7']"
+    assert values["worker_class"] == "uvicorn_worker.UvicornWorker"
+    assert values["preload_app"] == "False"
 
 
 def start_uvicorn_expecting_failure(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,62 @@
+# The transcription server on an NVIDIA GPU (it falls back to the CPU when none is visible).
+#   docker build -t rta .
+#   docker run --gpus all -p 8000:8000 --stop-timeout 40 -v hf-cache:/home/app/.cache/huggingface rta
+# See README.md, "Deployment".
+
+# The CUDA release torch==2.13.0's PyPI wheel is built for. Only the small `base` flavour: torch brings
+# cuBLAS, cuDNN and NCCL as pip packages, so a -runtime/-cudnn image would hold them twice. The image
+# still makes the NVIDIA runtime check that the host driver supports CUDA 13.0 (driver >= 580).
+FROM nvidia/cuda:13.0.3-base-ubuntu24.04
+
+# Ubuntu 24.04's Python is 3.12. No FFmpeg, libsndfile or PortAudio: the av and soundfile wheels bundle
+# theirs, and PortAudio is only used by the command-line client's microphone capture.
+# Not pinned: Ubuntu replaces package versions with each security update, so pins break rebuilds.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+# Runs as uid 1000, the owner of most hosts' bind-mounted folders; the image's `ubuntu` user gives it up
+# (userdel may only complain about a missing mail spool; a uid still taken fails groupadd/useradd).
+RUN (userdel --remove ubuntu 2>/dev/null || true) \
+    && groupadd --gid 1000 app \
+    && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin app \
+    && mkdir -p /home/app/.cache/huggingface /app/audio_chunks \
+    && chown -R app:app /home/app/.cache /app/audio_chunks
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# Dependencies first, so code changes do not reinstall torch.
+COPY requirements.txt /tmp/requirements.txt
+RUN python3 -m venv /opt/venv \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# The code stays owned by root: the server can write only its two data folders.
+WORKDIR /app
+COPY LICENSE main.py gunicorn.conf.py ./
+COPY real_time_audio ./real_time_audio
+
+# Settings not given here take their defaults (README.md, "Configuration"); pass others with -e.
+ENV HOST=0.0.0.0 \
+    PORT=8000 \
+    HF_HOME=/home/app/.cache/huggingface \
+    AUDIO_STORAGE_DIR=/app/audio_chunks
+
+# Downloaded models and session recordings outlive the container.
+VOLUME ["/home/app/.cache/huggingface", "/app/audio_chunks"]
+
+USER 1000:1000
+EXPOSE 8000
+
+# Healthy once the model is loaded and warm; /ready turns 503 if the engine dies. The first start
+# may download the model, hence the long start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['PORT'] + '/ready', timeout=4)"]
+
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "main:app"]
