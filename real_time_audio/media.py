@@ -50,14 +50,18 @@ def encoding_for(path: Path) -> str:
     encoding = SUFFIX_ENCODING.get(path.suffix.lower())
     if encoding:
         return encoding
+    with path.open("rb") as handle:
+        encoding = sniff_encoding(handle.read(64))
+    if encoding:
+        return encoding
+    raise ValueError(f"{path}: unknown audio format; name it .wav, .webm, .ogg, .mp4, .mp3, .flac or .raw")
+
+
+def sniff_encoding(head: bytes) -> str | None:
+    """The container encoding whose signature `head` (a file's first bytes) starts with, or None."""
     from real_time_audio.containers import DEMUXERS, check_magic
 
-    with path.open("rb") as handle:
-        head = handle.read(64)
-    for candidate in DEMUXERS:
-        if check_magic(candidate, head) is None:
-            return candidate
-    raise ValueError(f"{path}: unknown audio format; name it .wav, .webm, .ogg, .mp4, .mp3, .flac or .raw")
+    return next((candidate for candidate in DEMUXERS if check_magic(candidate, head) is None), None)
 
 
 def duration_of(path: Path) -> float:

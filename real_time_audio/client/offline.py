@@ -44,41 +44,22 @@ def transcribe_offline(
 ) -> list[dict[str, Any]]:
     """Run audio through the server's own pipeline (voice activity, the streaming policy, the
     engine) with no network in between; returns final transcriptions shaped like the server's."""
-    from real_time_audio.service import TranscriptionEngine, TranscriptionRequest
-    from real_time_audio.streaming import UtterancePolicy
-    from real_time_audio.vad import SileroScorer, VoiceActivityDetector
+    from real_time_audio.batch import RecordingTranscription, transcribe_ready_blocking, transcription_message
+    from real_time_audio.service import TranscriptionEngine
+    from real_time_audio.vad import SileroScorer
 
     engine = TranscriptionEngine.from_settings(settings)
     engine.start()
     try:
-        policy = UtterancePolicy.from_settings(settings, interim_results=False)
-        vad = VoiceActivityDetector.from_settings(SileroScorer.shared(), settings) if settings.vad != "off" else None
+        scorer = SileroScorer.shared() if settings.vad != "off" else None
+        job = RecordingTranscription(settings, scorer, language=language, task=task, session_id="stt")
         step = int(CHUNK_S * MODEL_SAMPLE_RATE)
         for start in range(0, len(samples), step):
-            chunk = samples[start : start + step]
-            policy.feed(chunk, vad.process(chunk) if vad else [])
-        policy.feed(np.zeros(0, dtype=np.float32), vad.finish(len(samples)) if vad else [])
-        finals: list[dict[str, Any]] = []
-        while (window := policy.next_window(0.0, policy.received)) is not None:
-            request = TranscriptionRequest(
-                audio=window.audio, language=language, task=task, prompt=window.context or None, is_final=True
-            )
-            result = engine.submit(request).result()
-            for segment in policy.accept(window, result):
-                if segment.is_final:
-                    finals.append(
-                        {
-                            "type": "transcription",
-                            "segment_id": segment.segment_id,
-                            "is_final": True,
-                            "text": segment.text,
-                            "start": segment.start,
-                            "end": segment.end,
-                            "language": segment.language,
-                            "words": [{"word": w.text, "start": w.start, "end": w.end} for w in segment.words],
-                        }
-                    )
-        return finals
+            job.add(samples[start : start + step])
+            transcribe_ready_blocking(job, engine)
+        job.end()
+        transcribe_ready_blocking(job, engine)
+        return [transcription_message(final.segment).model_dump(exclude={"lag"}) for final in job.finals]
     finally:
         engine.stop()
 

@@ -1,0 +1,553 @@
+"""POST /v1/audio/transcriptions: OpenAI's transcription API, served by the live sessions' engine.
+
+An upload is a session like any other. Its bytes are kept as received under the storage folder
+(session.json says `"source": "rest"`), its audio goes through the same voice-activity detection,
+streaming policy and batched engine as a live session without partials (see batch.py), it counts
+toward MAX_SESSIONS while it runs, and it needs the same token and origin as the WebSocket.
+Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
+from numpy.typing import NDArray
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, BadAudioError
+from real_time_audio.batch import FinalSegment, RecordingTranscription, transcribe_ready, transcription_message
+from real_time_audio.config import Settings
+from real_time_audio.containers import ContainerDecoder, check_magic
+from real_time_audio.guards import compression_ratio
+from real_time_audio.media import SUFFIX_ENCODING, sniff_encoding
+from real_time_audio.models import SessionConfig, describe_validation_error
+from real_time_audio.security import require_access
+from real_time_audio.service import EngineUnavailableError, TranscriptionEngine
+from real_time_audio.storage import SessionRecorder
+from real_time_audio.transcripts import Cue, plain_text, render_cues
+
+logger = logging.getLogger(__name__)
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("segment", "word")
+READ_BLOCK_BYTES = 256 * 1024  # the upload is persisted and decoded in blocks of this size
+FORM_ALLOWANCE_BYTES = 64 * 1024  # the form's other fields and its framing, on top of MAX_UPLOAD_BYTES
+HEAD_BYTES = 64  # enough of a file's start to recognise its container
+RETRY_AFTER_S = 5
+_FORMATS_EXPECTED = "a .wav, .webm, .ogg, .mp4 (.m4a), .mp3 or .flac file"
+
+
+class ApiError(Exception):
+    """A refusal, answered in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.kind = kind
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class _OpenAIErrors(APIRoute):
+    """Answers this router's refusals, the shared access check's 401/403 included, in OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                error = exc
+            except HTTPException as exc:
+                detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
+                error = ApiError(
+                    exc.status_code,
+                    str(detail.get("message", "")),
+                    code=str(detail.get("code", "error")),
+                    headers=dict(exc.headers or {}),
+                )
+            metrics = getattr(request.app.state, "metrics", None)
+            if metrics is not None:
+                metrics.error(error.code)
+            logger.info("POST %s refused (%d %s): %s", request.url.path, error.status, error.code, error.message)
+            return error.response()
+
+        return answer
+
+
+router = APIRouter(route_class=_OpenAIErrors)
+
+# The form, for /docs: the route reads the body itself, to stop reading it at MAX_UPLOAD_BYTES.
+_FORM_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": f"The audio: {_FORMATS_EXPECTED}.",
+                        },
+                        "model": {"type": "string", "description": "Accepted and ignored: the server's model is used."},
+                        "language": {"type": "string", "description": "ISO code such as 'en'; omit to detect."},
+                        "prompt": {"type": "string", "description": "Words or context to steer spelling."},
+                        "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "json"},
+                        "temperature": {"type": "number", "description": "Accepted and ignored (greedy decoding)."},
+                        "timestamp_granularities[]": {
+                            "type": "array",
+                            "items": {"type": "string", "enum": list(GRANULARITIES)},
+                            "description": "'word' adds `words` to verbose_json.",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@dataclass(slots=True, frozen=True)
+class _Options:
+    """The validated form."""
+
+    upload: UploadFile
+    config: SessionConfig  # language and prompt; the encoding is set once the file is recognised
+    response_format: str
+    words: bool
+
+
+@router.post(
+    "/v1/audio/transcriptions",
+    dependencies=[Depends(require_access)],
+    openapi_extra=_FORM_SCHEMA,
+    tags=["openai"],
+)
+async def create_transcription(request: Request) -> Response:
+    """Transcribe an uploaded file (OpenAI-compatible); answers json, text, srt, vtt or verbose_json."""
+    app = request.app
+    settings: Settings = app.state.settings
+    engine = _admit(request)
+    app.state.rest_active += 1
+    try:
+        async with _read_form(request, settings.max_upload_bytes) as form:
+            options = _options(form, engine)
+            return await _transcribe(request, engine, options)
+    finally:
+        app.state.rest_active -= 1
+
+
+def _admit(request: Request) -> TranscriptionEngine:
+    """The checks made before the body is read: shutdown, engine, capacity."""
+    state = request.app.state
+    settings: Settings = state.settings
+    if state.draining:
+        raise ApiError(503, "the server is shutting down; try again shortly", code="shutting_down", kind="server_error")
+    engine: TranscriptionEngine | None = state.engine
+    if engine is None or not engine.ready:
+        reason = engine.dead_reason if engine is not None and engine.dead_reason else "the model is not loaded yet"
+        raise ApiError(
+            503, f"the transcription engine is not available: {reason}", code="engine_unavailable", kind="server_error"
+        )
+    if len(state.sessions) + state.rest_active >= settings.max_sessions:
+        raise ApiError(
+            429,
+            f"the server is at its limit of {settings.max_sessions} concurrent sessions and transcriptions; "
+            f"try again in {RETRY_AFTER_S} s",
+            code="server_busy",
+            kind="rate_limit_error",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    return engine
+
+
+# -- the form -----------------------------------------------------------------------------------
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the file is larger than the limit of {limit} bytes", code="too_large", param="file")
+
+
+@contextlib.asynccontextmanager
+async def _read_form(request: Request, limit: int) -> AsyncIterator[FormData]:
+    """Parse the multipart body, refusing it (413) as soon as it is bigger than the limit allows.
+
+    The file is spooled to a temporary file (on disk past 1 MiB), closed on the way out.
+    """
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise ApiError(
+            400,
+            f"the body must be multipart/form-data with the audio in a 'file' field, not {content_type or 'empty'!r}",
+            code="invalid_content_type",
+        )
+    budget = limit + FORM_ALLOWANCE_BYTES
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > budget:
+        raise _too_large(limit)
+
+    async def capped(stream: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+        received = 0
+        async for chunk in stream:
+            received += len(chunk)
+            if received > budget:
+                raise _too_large(limit)
+            yield chunk
+
+    async with contextlib.aclosing(request.stream()) as stream:
+        parser = MultiPartParser(
+            request.headers, capped(stream), max_files=1, max_fields=16, max_part_size=FORM_ALLOWANCE_BYTES
+        )
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise ApiError(400, f"the multipart body could not be read: {exc.message}", code="invalid_form") from None
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
+def _text_field(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise ApiError(400, f"{name} must be a text field, not a file", code="invalid_value", param=name)
+
+
+def _options(form: FormData, engine: TranscriptionEngine) -> _Options:
+    """Validate the form; `model` and `temperature` are accepted and ignored."""
+    upload = form.get("file")
+    if upload is None:
+        raise ApiError(
+            400, "the audio is missing: send it as a file in the 'file' field", code="missing_field", param="file"
+        )
+    if isinstance(upload, str):
+        raise ApiError(
+            400,
+            "'file' must be a file upload (a part with a filename), not a text field",
+            code="invalid_value",
+            param="file",
+        )
+    response_format = (_text_field(form, "response_format") or "json").strip()
+    if response_format not in RESPONSE_FORMATS:
+        raise ApiError(
+            400,
+            f"response_format {response_format!r} is not supported; use one of: {', '.join(RESPONSE_FORMATS)}",
+            code="invalid_value",
+            param="response_format",
+        )
+    granularities = [g for name in ("timestamp_granularities[]", "timestamp_granularities") for g in form.getlist(name)]
+    for granularity in granularities:
+        if granularity not in GRANULARITIES:
+            raise ApiError(
+                400,
+                f"timestamp_granularities[] {granularity!r} is not supported; use segment and/or word",
+                code="invalid_value",
+                param="timestamp_granularities[]",
+            )
+    fields = {"language": _text_field(form, "language"), "prompt": _text_field(form, "prompt")}
+    try:
+        config = SessionConfig.model_validate({**fields, "interim_results": False})
+    except ValidationError as exc:
+        param = str(exc.errors()[0]["loc"][0])
+        raise ApiError(400, describe_validation_error(exc), code="invalid_value", param=param) from None
+    languages = engine.languages
+    if config.language and languages is not None and config.language not in languages:
+        raise ApiError(
+            400,
+            f"language: {config.language!r} is not supported by this model",
+            code="invalid_value",
+            param="language",
+        )
+    return _Options(upload, config, response_format, "word" in granularities)
+
+
+def _encoding(filename: str | None, head: bytes) -> str:
+    """The container, from the file's suffix, else (or when its first bytes say otherwise) from them."""
+    name = filename or "the file"
+    encoding = SUFFIX_ENCODING.get(PurePath(filename or "").suffix.lower())
+    if encoding is None or encoding in SAMPLE_WIDTH or check_magic(encoding, head) is not None:
+        encoding = sniff_encoding(head) or encoding  # a wrong name loses to a recognised signature
+    if encoding in SAMPLE_WIDTH:
+        raise ApiError(
+            400,
+            f"{name!r} is raw PCM, which does not say its sample rate or channels: upload {_FORMATS_EXPECTED} "
+            "instead (or stream raw PCM over /ws/transcribe)",
+            code="unsupported_format",
+            param="file",
+        )
+    if encoding is None:
+        raise ApiError(
+            400,
+            f"the format of {name!r} is not recognised: expected {_FORMATS_EXPECTED}, named so or starting "
+            f"with its usual header; the file starts with {head[:8].hex(' ') or 'nothing'}",
+            code="bad_audio",
+            param="file",
+        )
+    return encoding
+
+
+# -- transcribing -------------------------------------------------------------------------------
+
+
+class _Upload:
+    """The blocking side of one upload, run in worker threads: reading the spooled file, keeping its
+    bytes in the session record, decoding them. A lock orders it against the final release."""
+
+    def __init__(
+        self, upload: UploadFile, encoding: str, root: Path, session_id: str, metadata: dict[str, Any]
+    ) -> None:
+        self.session_id = session_id
+        self.source = upload.file
+        self.encoding = encoding
+        self.recorder = SessionRecorder(root, session_id, metadata)
+        self.decoder = ContainerDecoder(encoding)
+        self.problem: str | None = None  # the first decoding problem
+        self.storage_error: OSError | None = None
+        self._lock = threading.Lock()
+        self._released = False
+
+    def next_block(self) -> tuple[NDArray[np.float32], bool]:
+        """Persist and decode the next block; returns its samples and whether the file went on."""
+        with self._lock:
+            if self._released:
+                return np.zeros(0, dtype=np.float32), False
+            block = self.source.read(READ_BLOCK_BYTES)
+            if not block:
+                return self._decode(self.decoder.finish), False
+            self._store(self.recorder.write_audio, block, self.encoding, MODEL_SAMPLE_RATE, 1)
+            return self._decode(lambda: self.decoder.decode(block)), True
+
+    def _decode(self, step: Callable[[], NDArray[np.float32]]) -> NDArray[np.float32]:
+        """Samples decoded before a problem are kept, as in a live session; the first problem is noted."""
+        try:
+            return step()
+        except BadAudioError as exc:
+            self.problem = self.problem or str(exc)
+            return exc.salvaged
+
+    def append_finals(self, finals: list[FinalSegment]) -> None:
+        with self._lock:
+            if not self._released:
+                for final in finals:
+                    record = transcription_message(final.segment).model_dump(exclude={"type", "is_final", "lag"})
+                    self._store(self.recorder.append_final, record)
+
+    def _store(self, action: Callable[..., object], *args: Any) -> None:
+        """A failed write (a full disk) is logged once; the transcription goes on without it."""
+        try:
+            action(*args)
+        except OSError as exc:
+            if self.storage_error is None:
+                logger.error("upload %s: writing the record failed: %s", self.session_id, exc)
+            self.storage_error = exc
+
+    def release(self, status: str, duration: float, segments: int) -> None:
+        with self._lock:
+            self._released = True
+            self.decoder.close()
+            try:
+                self.recorder.close(status, duration=round(duration, 3), segments=segments)
+            except OSError as exc:
+                logger.error("upload %s: the record could not be closed: %s", self.session_id, exc)
+
+
+def _peek(upload: UploadFile) -> tuple[int, bytes]:
+    """The spooled file's size and first bytes (blocking: it may be on disk)."""
+    source = upload.file
+    size = source.seek(0, 2)
+    source.seek(0)
+    head = source.read(HEAD_BYTES)
+    source.seek(0)
+    return size, head
+
+
+async def _transcribe(request: Request, engine: TranscriptionEngine, options: _Options) -> Response:
+    app = request.app
+    settings: Settings = app.state.settings
+    size, head = await asyncio.to_thread(_peek, options.upload)
+    if size > settings.max_upload_bytes:
+        raise _too_large(settings.max_upload_bytes)
+    if size == 0:
+        raise ApiError(400, "the uploaded file is empty", code="bad_audio", param="file")
+    encoding = _encoding(options.upload.filename, head)
+    config = options.config.model_copy(update={"encoding": encoding})
+    session_id = uuid.uuid4().hex
+    log = logging.LoggerAdapter(logger, {"session_id": session_id})
+    metadata = {
+        "source": "rest",
+        "config": config.wire(),
+        "model": engine.model_id,
+        "device": engine.device,
+        "client": f"{request.client.host}:{request.client.port}" if request.client else None,
+        "upload": {
+            "filename": options.upload.filename,
+            "content_type": options.upload.content_type,
+            "response_format": options.response_format,
+        },
+    }
+    try:
+        upload = await asyncio.to_thread(
+            _Upload, options.upload, encoding, settings.audio_storage_dir, session_id, metadata
+        )
+    except OSError as exc:
+        log.error("upload %s: the record could not be created: %s", session_id, exc)
+        raise ApiError(
+            500, f"the upload could not be stored ({exc.strerror or exc})", code="storage_error", kind="server_error"
+        ) from None
+    job = RecordingTranscription(
+        settings,
+        app.state.vad_scorer,
+        language=config.language,
+        task=config.task,
+        prompt=config.prompt,
+        session_id=session_id,
+    )
+    metrics = getattr(app.state, "metrics", None)
+    log.info("upload %s: %s, %d bytes, from %s", session_id, encoding, size, metadata["client"])
+    status = "error"
+    decoded = 0  # samples
+    try:
+        more = True
+        while more:
+            samples, more = await asyncio.to_thread(upload.next_block)
+            decoded += len(samples)
+            if upload.problem and not decoded:
+                status = "bad_audio"
+                raise ApiError(
+                    400,
+                    f"the file could not be decoded as {encoding}: {upload.problem}",
+                    code="bad_audio",
+                    param="file",
+                    headers={"X-Session-Id": session_id},
+                )
+            if metrics is not None:
+                metrics.audio_received.inc(len(samples) / MODEL_SAMPLE_RATE)
+            job.add(samples)
+            if not more:
+                job.end()
+            finals = await transcribe_ready(job, engine)
+            if finals:
+                await asyncio.to_thread(upload.append_finals, finals)
+        if upload.problem:
+            log.warning("upload %s: decoded %.2f s despite a problem: %s", session_id, job.duration, upload.problem)
+        status = "completed"
+    except EngineUnavailableError as exc:
+        status = "engine_unavailable"
+        raise ApiError(
+            503,
+            f"the transcription engine stopped: {exc}",
+            code="engine_unavailable",
+            kind="server_error",
+            headers={"X-Session-Id": session_id},
+        ) from None
+    except asyncio.CancelledError:
+        status = "disconnected"
+        raise
+    except ApiError:
+        raise
+    except Exception:
+        log.exception("upload %s failed", session_id)
+        raise ApiError(
+            500,
+            "the file could not be transcribed (internal error); its audio is kept on the server",
+            code="internal",
+            kind="server_error",
+            headers={"X-Session-Id": session_id},
+        ) from None
+    finally:
+        await _release(app, upload, status, job, log)
+    return _response(options, job, session_id)
+
+
+async def _release(app: Any, upload: _Upload, status: str, job: RecordingTranscription, log: Any) -> None:
+    """Close the record (even if this request is cancelled meanwhile), then tell the session-end hooks."""
+    session_id = upload.session_id
+
+    def ended(_: object) -> None:
+        for hook in app.state.session_end_hooks:
+            try:
+                hook(session_id)
+            except Exception:
+                log.exception("session-end hook %r failed for %s", hook, session_id)
+
+    released = asyncio.get_running_loop().run_in_executor(None, upload.release, status, job.duration, len(job.finals))
+    released.add_done_callback(ended)
+    metrics = getattr(app.state, "metrics", None)
+    if metrics is not None:
+        metrics.sessions_ended.labels(status).inc()
+    log.info("upload %s ended: %s, %.2f s of audio, %d segments", session_id, status, job.duration, len(job.finals))
+    await asyncio.shield(released)
+
+
+def _response(options: _Options, job: RecordingTranscription, session_id: str) -> Response:
+    headers = {"X-Session-Id": session_id}
+    finals = job.finals
+    cues = [Cue(f.segment.start, f.segment.end, f.segment.text) for f in finals]
+    if options.response_format == "json":
+        return JSONResponse({"text": plain_text(cues)}, headers=headers)
+    if options.response_format != "verbose_json":
+        return PlainTextResponse(render_cues(cues, options.response_format), headers=headers)
+    language = next((f.segment.language for f in finals if f.segment.language), options.config.language)
+    body: dict[str, Any] = {
+        "task": options.config.task,
+        "language": language,
+        "duration": round(job.duration, 3),
+        "text": plain_text(cues),
+        "segments": [_segment(final) for final in finals],
+    }
+    if options.words:
+        body["words"] = [
+            {"word": word.text, "start": word.start, "end": word.end} for f in finals for word in f.segment.words
+        ]
+    return JSONResponse(body, headers=headers)
+
+
+def _segment(final: FinalSegment) -> dict[str, Any]:
+    """A segment of verbose_json; `seek` is where its decoded window began, in 10 ms frames as in Whisper."""
+    segment = final.segment
+    return {
+        "id": segment.segment_id,
+        "seek": final.window_start * 100 // MODEL_SAMPLE_RATE,
+        "start": segment.start,
+        "end": segment.end,
+        "text": segment.text,
+        "temperature": 0.0,
+        "avg_logprob": round(final.avg_logprob, 4),
+        "compression_ratio": round(compression_ratio(segment.text), 4),
+        "no_speech_prob": None if final.no_speech_prob is None else round(final.no_speech_prob, 4),
+    }
