@@ -1,0 +1,116 @@
+"""Read access to stored sessions: GET /sessions/{id} (metadata and transcript) and /sessions/{id}/audio.
+
+Only server-generated ids (32 lowercase hex characters) name a folder, so no request can reach a
+path outside the storage folder. Both routes need the same token as the rest of the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse
+
+from real_time_audio.archive import CONTENT_TYPES
+from real_time_audio.retention import SESSION_ID
+from real_time_audio.security import require_access
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/sessions", tags=["sessions"], dependencies=[Depends(require_access)])
+
+AUDIO_SUFFIXES = (".wav", ".webm", ".ogg", ".mp4", ".mp3", ".flac")
+
+
+def _not_found(message: str) -> HTTPException:
+    return HTTPException(404, detail={"code": "not_found", "message": message})
+
+
+def _folder(request: Request, session_id: str) -> Path:
+    if not SESSION_ID.fullmatch(session_id):
+        raise _not_found(f"{session_id!r} is not a session id (32 lowercase hexadecimal characters)")
+    root: Path = request.app.state.settings.audio_storage_dir
+    return root / session_id
+
+
+def read_metadata(folder: Path) -> dict[str, Any] | None:
+    """session.json of the session in `folder`, or None when there is no such session."""
+    try:
+        metadata = json.loads((folder / "session.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:
+        logger.warning("session %s: session.json is not valid JSON", folder.name)
+        return None
+    return metadata if isinstance(metadata, dict) else None
+
+
+def read_transcript(folder: Path) -> list[dict[str, Any]]:
+    """The finals in transcript.jsonl; a line cut short by a crash is skipped."""
+    try:
+        lines = (folder / "transcript.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    finals = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            finals.append(json.loads(line))
+        except ValueError:
+            logger.warning("session %s: transcript line %d is not JSON; skipped", folder.name, number)
+    return finals
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    metadata = read_metadata(folder)
+    if metadata is None:
+        return None
+    return {**metadata, "transcript": read_transcript(folder)}
+
+
+def audio_path(folder: Path, metadata: dict[str, Any]) -> Path | None:
+    """The session's audio file, if it has one. Only the names the recorder writes are accepted."""
+    name = metadata.get("audio_file")
+    allowed = {f"audio{suffix}" for suffix in AUDIO_SUFFIXES}
+    if not isinstance(name, str) or name not in allowed:
+        return None
+    path = folder / name
+    return path if path.is_file() else None
+
+
+@router.get("/{session_id}")
+async def session_record(session_id: str, request: Request) -> dict[str, Any]:
+    """The session's session.json, with `transcript`: its finals in order. Works while it is live too."""
+    folder = _folder(request, session_id)
+    record = await asyncio.to_thread(read_record, folder)
+    if record is None:
+        raise _not_found(f"no session {session_id}")
+    return record
+
+
+@router.get("/{session_id}/audio", response_class=FileResponse)
+async def session_audio(session_id: str, request: Request) -> FileResponse:
+    """The session's audio exactly as stored (WAV for PCM, else the client's container); Range works."""
+    folder = _folder(request, session_id)
+    metadata = await asyncio.to_thread(read_metadata, folder)
+    if metadata is None:
+        raise _not_found(f"no session {session_id}")
+    if session_id in request.app.state.sessions:
+        # The file grows while we send it, which would break the declared length.
+        raise HTTPException(
+            409,
+            detail={"code": "session_active", "message": f"session {session_id} is still recording; try when it ends"},
+        )
+    path = await asyncio.to_thread(audio_path, folder, metadata)
+    if path is None:
+        raise _not_found(f"session {session_id} has no audio")
+    return FileResponse(
+        path,
+        media_type=CONTENT_TYPES[path.suffix],
+        filename=f"{session_id}{path.suffix}",
+        content_disposition_type="inline",
+    )
