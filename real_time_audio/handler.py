@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
 import threading
 import time
@@ -26,6 +28,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
 from real_time_audio.config import Settings
 from real_time_audio.containers import ContainerDecoder
+from real_time_audio.metrics import Metrics
 from real_time_audio.models import (
     ConfigUpdate,
     EndMessage,
@@ -64,12 +67,15 @@ from real_time_audio.vad import FrameScorer, SpeechEvent, VoiceActivityDetector
 logger = logging.getLogger(__name__)
 
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
 CLOSE_TOO_LARGE = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_IDLE = 4408
-# Audio received but not yet in a final, beyond which the server stops reading (back-pressure).
-PENDING_LIMIT_SEGMENTS = 2
 RECORDER_TICK_S = 1.0
+# On shutdown, frames already on their way are still read while they keep arriving this quickly ...
+DRAIN_QUIET_S = 0.25
+# ... but for no longer than this (a live microphone never goes quiet).
+DRAIN_READ_S = 2.0
 
 
 class ClientGone(Exception):
@@ -84,7 +90,7 @@ class SessionClosed(Exception):
 class _Finalize:
     """A request to finalize all audio before `position` (samples): a flush or the end of stream."""
 
-    kind: Literal["flush", "end"]
+    kind: Literal["flush", "end", "drain"]
     position: int
 
 
@@ -98,6 +104,7 @@ class Session:
         settings: Settings,
         query: dict[str, str] | None = None,
         vad_scorer: FrameScorer | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.ws = websocket
         self.engine = engine
@@ -122,6 +129,11 @@ class Session:
         # cancelled await, so this lock orders it against the final release, after which it is skipped.
         self._io_lock = threading.Lock()
         self._released = False
+        self.metrics = metrics
+        self.lag = 0.0  # of the last transcription sent
+        self._draining = asyncio.Event()  # the server is shutting down: stop reading, finish, close 1001
+        self._storage_failed = False
+        self._last_ping = ping_watcher(websocket)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -147,6 +159,9 @@ class Session:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # re-raise what ended the session
+            if transcriber not in done:  # draining: reading has stopped; the last finals are on their way
+                await asyncio.wait({transcriber})
+                transcriber.result()
         except (ClientGone, SessionClosed):
             pass
         except Exception:
@@ -161,6 +176,8 @@ class Session:
             released = asyncio.get_running_loop().run_in_executor(None, self._release)
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.shield(released)
+            if self.metrics is not None:
+                self.metrics.sessions_ended.labels(self._status).inc()
             self.log.info(
                 "session %s ended: %s, %d bytes",
                 self.id,
@@ -173,13 +190,66 @@ class Session:
             self._released = True
             if self._decoder is not None:
                 self._decoder.close()
-            self._close_recorder()
+            try:
+                self._close_recorder()
+            except OSError as exc:
+                self.log.error("session %s: the record could not be closed: %s", self.id, exc)
 
-    def _record(self, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
-        """Run one blocking action on the record unless the session has been released."""
+    def _record(self, action: Callable[..., object], *args: Any, **kwargs: Any) -> OSError | None:
+        """Run one blocking action on the record unless the session has been released.
+
+        A failed write (a full disk) is returned, not raised: transcription goes on without it.
+        """
         with self._io_lock:
-            if not self._released:
+            if self._released:
+                return None
+            try:
                 action(*args, **kwargs)
+            except OSError as exc:
+                return exc
+            return None
+
+    async def _persist(self, action: Callable[..., object], *args: Any) -> None:
+        """`_record` in a worker thread; a storage failure is reported to the client once."""
+        problem = await asyncio.to_thread(self._record, action, *args)
+        if problem is not None:
+            await self._storage_failure(problem)
+
+    async def _storage_failure(self, exc: OSError) -> None:
+        self.log.error("session %s: writing the record failed: %s", self.id, exc)
+        if self._storage_failed:
+            return
+        self._storage_failed = True
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        await self._send_error(
+            "storage_full" if full else "internal",
+            f"the recording could not be written ({exc.strerror or exc}); transcription goes on, "
+            "but this session's audio and transcript may be incomplete on the server",
+        )
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Server shutdown: stop reading, transcribe what was received, send its finals, close 1001."""
+        self._draining.set()
+
+    async def stop_now(self) -> None:
+        """Close at once with 1001 (the drain ran out of time); the tasks then end on their own."""
+        if self._status in ("completed", "server_shutdown"):
+            return
+        self._status = "server_shutdown"
+        with contextlib.suppress(RuntimeError, OSError):
+            async with self._send_lock:
+                if self.ws.application_state == WebSocketState.CONNECTED:
+                    await self.ws.close(CLOSE_GOING_AWAY, "server shutting down")
+
+    async def _close_for_shutdown(self) -> None:
+        self._status = "server_shutdown"
+        await self._persist(self._close_recorder)
+        self.log.info("session %s closed for shutdown after its last finals", self.id)
+        async with self._send_lock:
+            if self.ws.application_state == WebSocketState.CONNECTED:
+                await self.ws.close(CLOSE_GOING_AWAY, "server shutting down")
 
     def _close_recorder(self) -> None:
         if self._recorder is not None and not self._recorder.closed:
@@ -234,29 +304,39 @@ class Session:
         """Read frames until the client leaves, the session idles out, or a frame is too large.
 
         Wakes at least once a second, even when nothing arrives, so that the audio on disk is never
-        more than a second behind what was received.
+        more than a second behind what was received. Returns (without an error) only when the
+        server drains: the audio already read is then finalized and nothing more is read.
         """
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[Any] | None = None
+        draining = asyncio.ensure_future(self._draining.wait())
         idle_deadline = loop.time() + self.settings.idle_timeout_s
+        end_deadline = loop.time() + self.settings.max_session_s if self.settings.max_session_s else None
+        last_call: float | None = None  # while draining: read what is already on its way, until then
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(self.ws.receive())
                     idle_deadline = loop.time() + self.settings.idle_timeout_s
-                wait = RECORDER_TICK_S if self._ended else min(RECORDER_TICK_S, idle_deadline - loop.time())
-                done, _ = await asyncio.wait({pending}, timeout=max(0.0, wait))
-                if not done:
-                    assert self._recorder is not None
-                    if self._recorder.has_unflushed_audio:
-                        await asyncio.to_thread(self._record, self._recorder.tick)
-                    if not self._ended and loop.time() >= idle_deadline:
-                        self._status = "idle_timeout"
-                        await self._close_with_error(
-                            "idle_timeout", f"no data for {self.settings.idle_timeout_s:g} s", CLOSE_IDLE
-                        )
-                        raise SessionClosed
-                    continue
+                if self._draining.is_set():
+                    # The frames the client sent before the shutdown are still read (they may sit
+                    # in socket buffers), as long as they keep coming quickly, for a short while.
+                    last_call = last_call or loop.time() + DRAIN_READ_S
+                    wait = min(DRAIN_QUIET_S, last_call - loop.time())
+                    await asyncio.wait({pending}, timeout=max(0.0, wait))
+                    if not pending.done():
+                        break
+                else:
+                    wait = RECORDER_TICK_S
+                    if not self._ended:
+                        wait = min(wait, idle_deadline - loop.time())
+                        if end_deadline is not None:
+                            wait = min(wait, end_deadline - loop.time())
+                    await asyncio.wait({pending, draining}, timeout=max(0.0, wait), return_when=asyncio.FIRST_COMPLETED)
+                    if not pending.done():
+                        await self._on_quiet(loop.time() >= idle_deadline, end_deadline)
+                        idle_deadline = max(idle_deadline, self._last_ping() + self.settings.idle_timeout_s)
+                        continue
                 message, pending = pending.result(), None
                 if message["type"] == "websocket.disconnect":
                     raise ClientGone
@@ -264,9 +344,34 @@ class Session:
                     await self._on_audio(message["bytes"])
                 elif message.get("text") is not None:
                     await self._on_text(message["text"])
+            if not self._ended:
+                await self._request_finalize("drain")
         finally:
+            draining.cancel()
             if pending is not None:
                 pending.cancel()
+
+    async def _on_quiet(self, idle: bool, end_deadline: float | None) -> None:
+        """Nothing arrived for a while: keep the record current, and apply the idle and duration limits."""
+        assert self._recorder is not None
+        if self._draining.is_set():
+            return
+        if self._recorder.has_unflushed_audio and not self._storage_failed:
+            await self._persist(self._recorder.tick)
+        if self._ended:
+            return
+        # A WebSocket ping counts as activity, like a keepalive message.
+        if idle and asyncio.get_running_loop().time() >= self._last_ping() + self.settings.idle_timeout_s:
+            self._status = "idle_timeout"
+            await self._close_with_error("idle_timeout", f"no data for {self.settings.idle_timeout_s:g} s", CLOSE_IDLE)
+            raise SessionClosed
+        if end_deadline is not None and asyncio.get_running_loop().time() >= end_deadline:
+            await self._send_error(
+                "max_duration",
+                f"the session reached the limit of {self.settings.max_session_s:g} s; "
+                "the audio received so far is being finalized",
+            )
+            await self._end_stream()
 
     async def _on_audio(self, frame: bytes) -> None:
         if len(frame) > self.settings.max_frame_bytes:
@@ -288,14 +393,21 @@ class Session:
             await self._send_error("bad_audio", str(exc))
             return
         self._audio_started = True  # the first accepted frame fixes the format
-        samples, events, problem = await asyncio.to_thread(self._ingest, frame)
+        samples, events, problem, storage = await asyncio.to_thread(self._ingest, frame)
         await self._feed(samples, events)
+        if storage is not None:
+            await self._storage_failure(storage)
         if problem:
             await self._send_error("bad_audio", problem)
-        limit = PENDING_LIMIT_SEGMENTS * self._policy.max_samples
-        while self._policy.pending > limit:  # stop reading until the transcriber catches up
+        # Back-pressure: above the cap, stop reading (TCP then slows the client) until finals catch up.
+        limit = self.settings.max_pending_audio_s * MODEL_SAMPLE_RATE
+        while self._policy.pending > limit and not self._draining.is_set():
             self._progress.clear()
-            await self._progress.wait()
+            progress = asyncio.ensure_future(self._progress.wait())
+            draining = asyncio.ensure_future(self._draining.wait())
+            await asyncio.wait({progress, draining}, return_when=asyncio.FIRST_COMPLETED)
+            progress.cancel()
+            draining.cancel()
 
     def _new_decoder(self) -> AudioDecoder:
         config = self.config
@@ -303,7 +415,7 @@ class Session:
             return PcmDecoder(config.encoding, config.sample_rate, config.channels)
         return ContainerDecoder(config.encoding)
 
-    def _ingest(self, frame: bytes) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None]:
+    def _ingest(self, frame: bytes) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None, OSError | None]:
         """Persist, decode and run voice-activity detection on one frame (in a worker thread).
 
         A container's problems show only while decoding, after the bytes were persisted; the audio
@@ -312,14 +424,18 @@ class Session:
         assert self._recorder is not None and self._decoder is not None
         with self._io_lock:
             if self._released:
-                return np.zeros(0, dtype=np.float32), [], None
-            self._recorder.write_audio(frame, self.config.encoding, self.config.sample_rate, self.config.channels)
+                return np.zeros(0, dtype=np.float32), [], None, None
+            storage = None
+            try:
+                self._recorder.write_audio(frame, self.config.encoding, self.config.sample_rate, self.config.channels)
+            except OSError as exc:  # a full disk must not stop the transcription
+                storage = exc
             problem = None
             try:
                 samples = self._decoder.decode(frame)
             except BadAudioError as exc:
                 samples, problem = exc.salvaged, str(exc)
-            return samples, self._detect(samples), problem
+            return samples, self._detect(samples), problem, storage
 
     def _detect(self, samples: NDArray[np.float32]) -> list[SpeechEvent]:
         return self._vad.process(samples) if self._vad is not None and len(samples) else []
@@ -344,6 +460,8 @@ class Session:
         """Hand audio to the policy and tell the client where speech starts and ends."""
         self._policy.feed(samples, events)
         self._wake.set()
+        if self.metrics is not None and len(samples):
+            self.metrics.audio_received.inc(len(samples) / MODEL_SAMPLE_RATE)
         for event in events:
             await self._send(SpeechStarted(at=event.at) if event.kind == "start" else SpeechEnded(at=event.at))
 
@@ -362,18 +480,17 @@ class Session:
         elif isinstance(message, FlushMessage):
             await self._request_finalize("flush")
         elif isinstance(message, EndMessage):
-            self._ended = True
-            if self._recorder is not None and self._recorder.bytes_received == 0:
-                await asyncio.to_thread(
-                    self._record,
-                    self._recorder.write_audio,
-                    b"",
-                    self.config.encoding,
-                    self.config.sample_rate,
-                    self.config.channels,
-                )
-            await self._request_finalize("end")
+            await self._end_stream()
         # keepalive: receiving it has already reset the idle timer
+
+    async def _end_stream(self) -> None:
+        """END from the client (or the session's time limit): finalize everything, then `completed`."""
+        self._ended = True
+        if self._recorder is not None and self._recorder.bytes_received == 0:
+            await self._persist(
+                self._recorder.write_audio, b"", self.config.encoding, self.config.sample_rate, self.config.channels
+            )
+        await self._request_finalize("end")
 
     async def _on_config(self, message: ConfigUpdate) -> None:
         if self._audio_started:
@@ -385,11 +502,11 @@ class Session:
             await self._send_error(exc.code, exc.message)
             return
         assert self._recorder is not None
-        await asyncio.to_thread(self._record, self._recorder.update_metadata, config=self.config.wire())
+        await self._persist(functools.partial(self._recorder.update_metadata, config=self.config.wire()))
         await self._send(StatusConfigured(config=self.config.wire()))
 
-    async def _request_finalize(self, kind: Literal["flush", "end"]) -> None:
-        samples, events, problem = await asyncio.to_thread(self._drain, kind == "end")
+    async def _request_finalize(self, kind: Literal["flush", "end", "drain"]) -> None:
+        samples, events, problem = await asyncio.to_thread(self._drain, kind != "flush")
         await self._feed(samples, events)
         if problem:
             await self._send_error("bad_audio", problem)
@@ -413,6 +530,9 @@ class Session:
                 if marker.kind == "flush":
                     await self._send(StatusFlushed())
                     continue
+                if marker.kind == "drain":
+                    await self._close_for_shutdown()
+                    return
                 await self._complete()
                 return
             delay = self._policy.seconds_until_partial(now)
@@ -466,15 +586,16 @@ class Session:
         if segment.is_final:
             self._finals.append(segment.text)
             assert self._recorder is not None
-            await asyncio.to_thread(
-                self._record, self._recorder.append_final, message.model_dump(exclude={"type", "is_final", "lag"})
-            )
+            await self._persist(self._recorder.append_final, message.model_dump(exclude={"type", "is_final", "lag"}))
+        self.lag = segment.lag
+        if self.metrics is not None:
+            self.metrics.sent(segment.is_final, segment.lag)
         await self._send(message)
 
     async def _complete(self) -> None:
         assert self._recorder is not None
         self._status = "completed"
-        await asyncio.to_thread(self._record, self._close_recorder)
+        await self._persist(self._close_recorder)
         await self._send(
             StatusCompleted(
                 session_id=self.id,
@@ -507,6 +628,8 @@ class Session:
 
     async def _send_error(self, code: ErrorCode, message: str) -> None:
         self.log.info("error %s: %s", code, message)
+        if self.metrics is not None:
+            self.metrics.error(code)
         await self._send(ErrorMessage(code=code, message=message))
 
     async def _close_with_error(self, code: ErrorCode, message: str, close_code: int) -> None:
@@ -516,3 +639,25 @@ class Session:
                 await self.ws.close(close_code)
         except (ClientGone, RuntimeError, OSError):
             pass
+
+
+def ping_watcher(websocket: WebSocket) -> Callable[[], float]:
+    """A function giving the event-loop time of the client's last WebSocket ping (0.0 if none).
+
+    ASGI does not pass pings to the application, so this wraps the ping handler of uvicorn's
+    protocol object (the `websockets-sansio` and `wsproto` implementations, uvicorn's defaults);
+    under any other server it always returns 0.0 and only frames reset the idle timer.
+    """
+    protocol = getattr(getattr(websocket, "_receive", None), "__self__", None)
+    handler = getattr(protocol, "handle_ping", None)
+    if protocol is None or handler is None or not callable(handler):
+        return lambda: 0.0
+    loop = asyncio.get_running_loop()
+    last = [0.0]
+
+    def noting(*args: Any) -> Any:
+        last[0] = loop.time()
+        return handler(*args)
+
+    protocol.handle_ping = noting
+    return lambda: last[0]

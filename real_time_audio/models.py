@@ -21,6 +21,9 @@ ErrorCode = Literal[
     "server_busy",
     "idle_timeout",
     "internal",
+    # Additions to protocol v1:
+    "max_duration",  # MAX_SESSION_S reached: the session is finished as if the client had sent END
+    "storage_full",  # the recording could not be written (disk full); transcription goes on
 ]
 
 

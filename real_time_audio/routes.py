@@ -7,16 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from real_time_audio.echo import EchoSession
 from real_time_audio.handler import CLOSE_INTERNAL, Session
+from real_time_audio.metrics import Metrics
 from real_time_audio.models import ErrorMessage, to_json
+from real_time_audio.security import ConnectionCounter, check_access, client_address
 from real_time_audio.service import TranscriptionEngine
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
+CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 
 
@@ -37,8 +41,10 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: 200 once the model is loaded and warmed up, 503 before that or if the engine died."""
+    """Readiness: 200 once the model is loaded and warmed up; 503 before that, while draining, or if the engine died."""
     engine: TranscriptionEngine | None = getattr(request.app.state, "engine", None)
+    if request.app.state.draining:  # load balancers stop sending new clients here
+        return JSONResponse({"status": "unavailable", "reason": "shutting down"}, status_code=503)
     if engine is None or not engine.ready:
         reason = engine.dead_reason if engine and engine.dead_reason else "model not loaded"
         return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
@@ -51,6 +57,13 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (text exposition format)."""
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 @router.websocket("/ws/transcribe")
 async def transcribe(websocket: WebSocket) -> None:
     """Live transcription; the wire protocol is described in docs/protocol.md."""
@@ -59,10 +72,12 @@ async def transcribe(websocket: WebSocket) -> None:
     sessions: dict[str, Session] = app.state.sessions
     settings = app.state.settings
     await websocket.accept()
+    if not await _admit(websocket):
+        return
     if not engine.ready:
         await _refuse(websocket, "internal", "the transcription engine is not available", CLOSE_INTERNAL)
         return
-    if len(sessions) >= settings.max_sessions:
+    if len(sessions) + app.state.rest_active >= settings.max_sessions:
         await _refuse(
             websocket,
             "server_busy",
@@ -70,10 +85,13 @@ async def transcribe(websocket: WebSocket) -> None:
             CLOSE_TRY_AGAIN_LATER,
         )
         return
-    session = Session(websocket, engine, settings, dict(websocket.query_params), app.state.vad_scorer)
+    session = Session(
+        websocket, engine, settings, dict(websocket.query_params), app.state.vad_scorer, app.state.metrics
+    )
     sessions[session.id] = session
     try:
-        await session.run()
+        with app.state.connections.hold(client_address(websocket)):
+            await session.run()
     finally:
         sessions.pop(session.id, None)
         for hook in app.state.session_end_hooks:
@@ -84,11 +102,44 @@ async def transcribe(websocket: WebSocket) -> None:
 async def echo(websocket: WebSocket) -> None:
     """Sends received audio back after a delay (default ECHO_DELAY_S), to test a microphone loop."""
     await websocket.accept()
-    await EchoSession(websocket, websocket.app.state.settings).run()
+    if not await _admit(websocket):
+        return
+    with websocket.app.state.connections.hold(client_address(websocket)):
+        await EchoSession(websocket, websocket.app.state.settings).run()
+
+
+async def _admit(websocket: WebSocket) -> bool:
+    """The checks every WebSocket passes first: origin, token, shutdown, connections per address.
+
+    The connection is already accepted, so that a refused client reads why in an `error` message.
+    """
+    app = websocket.app
+    refusal = check_access(app.state.settings, websocket)
+    if refusal is not None:
+        code, message = refusal
+        await _refuse(websocket, code, message, CLOSE_POLICY)
+        return False
+    if app.state.draining:
+        await _refuse(websocket, "server_busy", "the server is shutting down; try again shortly", CLOSE_TRY_AGAIN_LATER)
+        return False
+    address = client_address(websocket)
+    connections: ConnectionCounter = app.state.connections
+    if connections.full(address):
+        await _refuse(
+            websocket,
+            "server_busy",
+            f"too many connections from {address}: the limit is {connections.limit} at a time",
+            CLOSE_TRY_AGAIN_LATER,
+        )
+        return False
+    return True
 
 
 async def _refuse(websocket: WebSocket, code: Any, message: str, close_code: int) -> None:
-    logger.info("refused connection from %s: %s", websocket.client, message)
+    logger.info("refused connection from %s: %s: %s", client_address(websocket), code, message)
+    metrics: Metrics | None = websocket.app.state.metrics
+    if metrics is not None:
+        metrics.error(code)
     try:
         await websocket.send_text(to_json(ErrorMessage(code=code, message=message)))
         await websocket.close(close_code)

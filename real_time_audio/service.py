@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 from real_time_audio.agreement import Word
 from real_time_audio.alignment import token_start_times
 from real_time_audio.audio import MODEL_SAMPLE_RATE
+from real_time_audio.metrics import BatchReport
 
 if TYPE_CHECKING:
     from real_time_audio.config import Settings
@@ -445,6 +446,10 @@ class JobQueue:
         with self._ready:
             return len(self._finals) + len(self._partials)
 
+    def depth(self) -> tuple[int, int]:
+        with self._ready:
+            return len(self._finals), len(self._partials)
+
     def put(self, job: _Job) -> None:
         with self._ready:
             if self._closed:
@@ -549,6 +554,7 @@ class TranscriptionEngine:
         self.dead_reason: str | None = None
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self.on_batch: Callable[[BatchReport], None] | None = None  # metrics; called by the workers
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TranscriptionEngine:
@@ -568,6 +574,14 @@ class TranscriptionEngine:
     @property
     def device(self) -> str:
         return self.backend.device if self.backend else ""
+
+    @property
+    def dtype(self) -> str:
+        return str(getattr(self.backend, "dtype", "")).removeprefix("torch.")
+
+    def queue_depth(self) -> tuple[int, int]:
+        """Jobs waiting: (finals, partials)."""
+        return self.queue.depth()
 
     @property
     def languages(self) -> frozenset[str] | None:
@@ -622,7 +636,18 @@ class TranscriptionEngine:
                 with self._lock:
                     self.stats.jobs_dropped += len(batch) - len(live)
                 if live:
+                    started, waited = time.perf_counter(), time.monotonic()
                     self._run(live)
+                    if self.on_batch is not None:
+                        self.on_batch(
+                            BatchReport(
+                                size=len(live),
+                                queue_waits=[waited - job.enqueued_at for job in live],
+                                seconds=time.perf_counter() - started,
+                                audio_seconds=sum(job.request.duration for job in live),
+                                kinds=["final" if job.request.is_final else "partial" for job in live],
+                            )
+                        )
         except BaseException as exc:  # the worker itself broke: nothing can be trusted
             logger.exception("worker %s crashed", threading.current_thread().name)
             self._die(f"worker {threading.current_thread().name} crashed: {exc!r}")
@@ -633,7 +658,22 @@ class TranscriptionEngine:
         try:
             results = self.backend.transcribe_batch([job.request for job in jobs])
         except Exception as exc:
-            logger.exception("batch of %d failed", len(jobs))
+            if len(jobs) > 1 and not is_fatal(exc):
+                # One bad row must not fail its neighbours: run each job alone, so that only the
+                # jobs that fail on their own get the error.
+                logger.warning("batch of %d failed (%r); retrying its jobs one at a time", len(jobs), exc)
+                for job in jobs:
+                    if self.dead_reason is None:
+                        self._run([job])
+                        continue
+                    with self._lock:  # an earlier retry found the device broken
+                        self.stats.jobs_failed += 1
+                    job.future.set_exception(EngineUnavailableError(self.dead_reason))
+                return
+            if len(jobs) == 1:
+                logger.exception("job of session %s failed", jobs[0].request.session_id)
+            else:
+                logger.exception("batch of %d failed", len(jobs))
             with self._lock:
                 self.stats.jobs_failed += len(jobs)
             for job in jobs:

@@ -7,20 +7,29 @@ Layout under the storage folder, one folder per server-generated session id:
     session.json       effective config, model, device, times, byte count, SHA-256, status
 
 All methods block; the session calls them through `asyncio.to_thread`.
+
+session.json names the server process that writes it (`server`: pid and host), so that after a
+crash the next start can tell its abandoned records from those of live sibling workers and repair
+them with `recover_interrupted`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import socket
 import struct
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from real_time_audio.audio import SAMPLE_WIDTH
+
+logger = logging.getLogger(__name__)
 
 _WAV_HEADER_BYTES = 44
 _FORMAT_PCM = 1
@@ -69,6 +78,7 @@ class SessionRecorder:
             "started_at": _now_iso(),
             "ended_at": None,
             **metadata,
+            "server": {"pid": os.getpid(), "host": socket.gethostname()},
             "audio_file": self.audio_path.name,
             "bytes": 0,
             "sha256": self._sha256.hexdigest(),
@@ -95,6 +105,7 @@ class SessionRecorder:
             self._audio = self.audio_path.open("wb")
             if self._audio_format is not None:
                 self._audio.write(wav_header(encoding, sample_rate, channels, 0))
+            self._write_metadata()  # names the audio file on disk, for recovery after a crash
         self._audio.write(frame)
         self._sha256.update(frame)
         self.bytes_received += len(frame)
@@ -150,3 +161,140 @@ class SessionRecorder:
         tmp = self.folder / "session.json.tmp"
         tmp.write_text(json.dumps(self._metadata, indent=2, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, self.folder / "session.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovery after a crash
+
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def recover_interrupted(root: Path) -> list[str]:
+    """Repair the records of sessions whose server process died while they were active.
+
+    A record qualifies when its session.json says "active" and names a process on this host that
+    no longer exists. Records of other hosts and of live processes (sibling workers sharing the
+    folder) are left alone, as are records that name no process. For each one: a PCM `audio.wav`
+    is cut to its whole sample frames and its header rewritten to cover exactly them; `bytes` and
+    `sha256` are recomputed from the audio on disk; the status becomes "interrupted" and
+    `ended_at` the time the session last wrote to disk. Returns the repaired session ids.
+    """
+    if not root.is_dir():
+        return []
+    host = socket.gethostname()
+    recovered: list[str] = []
+    for meta_path in sorted(root.glob("*/session.json")):
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot read %s: %s", meta_path, exc)
+            continue
+        if not isinstance(metadata, dict) or metadata.get("status") != "active":
+            continue
+        server = metadata.get("server")
+        if not isinstance(server, dict) or server.get("host") != host:
+            continue
+        pid = server.get("pid")
+        if not isinstance(pid, int) or _process_alive(pid):
+            continue
+        try:
+            _repair(meta_path.parent, metadata)
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot repair the record in %s: %s", meta_path.parent, exc)
+            continue
+        recovered.append(meta_path.parent.name)
+    return recovered
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (a zombie counts as dead)."""
+    if pid <= 0:  # 0 and negative ids would address process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    try:  # a killed process its parent has not reaped yet still answers signal 0
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def _repair(folder: Path, metadata: dict[str, Any]) -> None:
+    config: dict[str, Any] = metadata["config"] if isinstance(metadata.get("config"), dict) else {}
+    encoding = str(config.get("encoding", "pcm_s16le"))
+    audio_path: Path | None = folder / ("audio.wav" if encoding in SAMPLE_WIDTH else f"audio.{encoding}")
+    if audio_path is not None and not audio_path.exists():  # no audio yet, or a name we did not expect
+        candidates = sorted(folder.glob("audio.*"))
+        audio_path = candidates[0] if len(candidates) == 1 else None
+    written = [p for p in (audio_path, folder / "transcript.jsonl") if p is not None and p.exists()]
+    last_write = max((p.stat().st_mtime for p in written), default=(folder / "session.json").stat().st_mtime)
+
+    digest = hashlib.sha256()
+    data_bytes = 0
+    seconds = 0.0
+    if audio_path is not None:
+        if encoding in SAMPLE_WIDTH and audio_path.suffix == ".wav":
+            rate = int(config.get("sample_rate", 16000))
+            channels = int(config.get("channels", 1))
+            data_bytes = _repair_wav(audio_path, encoding, rate, channels, digest.update)
+            seconds = data_bytes / (rate * channels * SAMPLE_WIDTH[encoding])
+        else:  # a container stream is kept as it came: every byte on disk is audio
+            data_bytes = _hash_file(audio_path, 0, None, digest.update)
+    metadata.update(
+        status="interrupted",
+        ended_at=datetime.fromtimestamp(last_write, UTC).isoformat(timespec="milliseconds"),
+        audio_file=audio_path.name if audio_path is not None else metadata.get("audio_file"),
+        bytes=data_bytes,
+        sha256=digest.hexdigest(),
+        segments=_count_lines(folder / "transcript.jsonl"),
+        recovered_at=_now_iso(),
+    )
+    if encoding in SAMPLE_WIDTH:
+        metadata["duration"] = round(seconds, 3)
+    # A name of our own: sibling workers starting at the same moment may repair the same record.
+    tmp = folder / f"session.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, folder / "session.json")
+
+
+def _repair_wav(path: Path, encoding: str, sample_rate: int, channels: int, update: Callable[[bytes], object]) -> int:
+    """Cut a PCM WAV to whole sample frames and make its header cover them; returns the data bytes."""
+    block = SAMPLE_WIDTH[encoding] * channels
+    with path.open("r+b") as wav:
+        size = os.fstat(wav.fileno()).st_size
+        data_bytes = max(0, size - _WAV_HEADER_BYTES)
+        data_bytes -= data_bytes % block
+        wav.truncate(_WAV_HEADER_BYTES + data_bytes)
+        wav.seek(0)
+        wav.write(wav_header(encoding, sample_rate, channels, data_bytes))
+        wav.flush()
+        os.fsync(wav.fileno())
+    _hash_file(path, _WAV_HEADER_BYTES, data_bytes, update)
+    return data_bytes
+
+
+def _hash_file(path: Path, offset: int, length: int | None, update: Callable[[bytes], object]) -> int:
+    """Pass `length` bytes (None: all) of `path` from `offset` to `update`; returns the count."""
+    count = 0
+    with path.open("rb") as source:
+        source.seek(offset)
+        while length is None or count < length:
+            want = _HASH_CHUNK_BYTES if length is None else min(_HASH_CHUNK_BYTES, length - count)
+            chunk = source.read(want)
+            if not chunk:
+                break
+            update(chunk)
+            count += len(chunk)
+    return count
+
+
+def _count_lines(path: Path) -> int:
+    """Complete lines of a JSONL file (a line cut off by the crash does not count)."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0

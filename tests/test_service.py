@@ -198,6 +198,28 @@ def test_failing_batch_errors_only_its_jobs() -> None:
         engine.stop()
 
 
+def test_a_row_that_fails_a_batch_fails_only_itself() -> None:
+    """When a batch raises, each of its jobs is retried alone: only the job that fails alone gets the error."""
+    backend = RecordingBackend(fail_session="bad")
+    backend.gate.clear()
+    engine = engine_with(backend, batch_wait_ms=0, queue_max_size=8)
+    try:
+        blocker = engine.submit(request(session="blocker"))
+        time.sleep(0.2)  # the worker holds `blocker`; the next three queue up and form one batch
+        futures = {name: engine.submit(request(session=name)) for name in ("a", "bad", "c")}
+        backend.gate.set()
+        assert blocker.result(timeout=10).text == "blocker"
+        assert futures["a"].result(timeout=10).text == "a"
+        assert futures["c"].result(timeout=10).text == "c"
+        with pytest.raises(RuntimeError, match="bad batch"):
+            futures["bad"].result(timeout=10)
+        assert engine.ready and engine.dead_reason is None
+    finally:
+        engine.stop()
+    assert backend.batches == [["blocker"], ["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+    assert (engine.stats.jobs_completed, engine.stats.jobs_failed) == (3, 1)
+
+
 def test_device_failure_kills_the_engine() -> None:
     """A CUDA error marks the engine dead: not ready, new submissions refused, reason kept."""
     backend = RecordingBackend(fail_session="bad", fatal=True)
