@@ -41,3 +41,18 @@ accesslog = "-"
 errorlog = "-"
 # gunicorn and uvicorn log at the server's LOG_LEVEL.
 loglevel = _settings.log_level.lower()
+# LOG_FORMAT=json: gunicorn's own lines (master and workers) are JSON objects too, like the server's.
+if _settings.log_format == "json":
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "real_time_audio.logs.JsonFormatter"}},
+        "handlers": {
+            "console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
+            "access": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
+        },
+        "loggers": {
+            "gunicorn.error": {"handlers": ["console"], "level": loglevel.upper(), "propagate": False},
+            "gunicorn.access": {"handlers": ["access"], "level": loglevel.upper(), "propagate": False},
+        },
+    }

@@ -54,7 +54,8 @@ def configure_logging(level: str, fmt: Literal["text", "json"] = "text") -> None
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     ours = logging.getLogger("real_time_audio")
     ours.setLevel(level)
-    if not any(getattr(existing, "_rta", False) for existing in ours.handlers):
+    root_handled = bool(logging.getLogger().handlers)  # e.g. gunicorn's logconfig_dict, or pytest
+    if not root_handled and not any(getattr(existing, "_rta", False) for existing in ours.handlers):
         stream = logging.StreamHandler(sys.stderr)
         stream._rta = True  # type: ignore[attr-defined]
         ours.addHandler(stream)

@@ -211,11 +211,13 @@ class WhisperBackend:
         """Load the model once, on the configured device, through `from_pretrained`."""
         import torch
         from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+        from transformers.utils import logging as transformers_logging
 
         # We pass max_new_tokens and our own decoder prompts on purpose; transformers' advice
         # about them would repeat on every call.
         for name in ("transformers.generation.utils", "transformers.generation.configuration_utils"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        transformers_logging.disable_progress_bar()  # a server's log is one line per event
         device, reason = resolve_device(settings.device)
         dtype_name = settings.torch_dtype
         if dtype_name == "auto":

@@ -170,7 +170,8 @@ def test_sigterm_drains_a_real_server(server: str, checkpoint_dir: Path, tmp_pat
     references = reference_texts(checkpoint_dir, tmp_path / "reference", clips)
     for client, reference in zip(clients, references, strict=True):
         assert_drained(client, reference, storage)
-    ours = [json.loads(line) for line in log.splitlines() if '"logger": "real_time_audio' in line]
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]  # LOG_FORMAT=json: every line
+    ours = [entry for entry in entries if entry["logger"].startswith("real_time_audio")]
     drained = [entry for entry in ours if entry["message"].startswith("drained:")]
     assert [entry["message"] for entry in drained] == ["drained: 3 session(s) finished, 0 closed early"]
     session_lines = [entry for entry in ours if "session_id" in entry]
