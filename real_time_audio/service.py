@@ -217,7 +217,7 @@ class WhisperBackend:
         # about them would repeat on every call.
         for name in ("transformers.generation.utils", "transformers.generation.configuration_utils"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        transformers_logging.disable_progress_bar()  # a server's log is one line per event
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a server's log is one line per event
         device, reason = resolve_device(settings.device)
         dtype_name = settings.torch_dtype
         if dtype_name == "auto":
