@@ -119,7 +119,8 @@ class Session:
         self._vad = VoiceActivityDetector.from_settings(vad_scorer, settings) if vad_scorer is not None else None
         self._finalize: deque[_Finalize] = deque()
         self._wake = asyncio.Event()  # audio or a finalize request arrived
-        self._progress = asyncio.Event()  # a final was produced (releases back-pressure)
+        self._progress = asyncio.Event()  # a final was produced, or the transcriber went idle
+        self._transcriber_busy = False  # a decode is running or due: back-pressure may hold the reader
         self._send_lock = asyncio.Lock()
         self._ended = False
         self._audio_started = False
@@ -399,9 +400,10 @@ class Session:
             await self._storage_failure(storage)
         if problem:
             await self._send_error("bad_audio", problem)
-        # Back-pressure: above the cap, stop reading (TCP then slows the client) until finals catch up.
+        # Back-pressure: above the cap, stop reading (TCP then slows the client) while the transcriber
+        # works through the backlog; reading goes on if it is idle (waiting for more audio to decode).
         limit = self.settings.max_pending_audio_s * MODEL_SAMPLE_RATE
-        while self._policy.pending > limit and not self._draining.is_set():
+        while self._policy.pending > limit and self._transcriber_busy and not self._draining.is_set():
             self._progress.clear()
             progress = asyncio.ensure_future(self._progress.wait())
             draining = asyncio.ensure_future(self._draining.wait())
@@ -523,6 +525,7 @@ class Session:
             marker = self._finalize[0] if self._finalize else None
             window = self._policy.next_window(now, marker.position if marker else None)
             if window is not None:
+                self._transcriber_busy = True
                 await self._run_window(window)
                 continue
             if marker is not None:
@@ -538,6 +541,9 @@ class Session:
             delay = self._policy.seconds_until_partial(now)
             if delay == 0:
                 continue
+            # Nothing due until more audio arrives: the reader must not wait for this transcriber.
+            self._transcriber_busy = False
+            self._progress.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
