@@ -154,6 +154,8 @@ class Session:
             )
             if query_error:
                 await self._send_error(query_error.code, query_error.message)
+            if self._recorder.failure is not None:
+                await self._storage_failure(self._recorder.failure)
             receiver = asyncio.create_task(self._receive(), name=f"receive-{self.id}")
             transcriber = asyncio.create_task(self._transcribe(), name=f"transcribe-{self.id}")
             tasks = {receiver, transcriber}

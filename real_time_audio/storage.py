@@ -15,6 +15,7 @@ them with `recover_interrupted`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 from real_time_audio.audio import SAMPLE_WIDTH
 
@@ -57,19 +58,27 @@ def _now_iso() -> str:
 
 
 class SessionRecorder:
-    """Writes one session's record. The WAV header always describes the bytes already flushed."""
+    """Writes one session's record. The WAV header always describes the bytes already flushed.
+
+    A failed write (a full disk) is raised once, as the OSError, and recorded as `failure`; from
+    then on the audio and the transcript are no longer written (a later write could leave a gap),
+    the byte count and SHA-256 still cover every frame received, and session.json is still
+    updated whenever the disk allows, with a `storage_error` field.
+    """
 
     FLUSH_INTERVAL_S = 1.0
 
     def __init__(self, root: Path, session_id: str, metadata: dict[str, Any]) -> None:
         self.folder = root / session_id
-        self.folder.mkdir(parents=True, exist_ok=False)
         self.audio_path = self.folder / "audio.wav"
         self.bytes_received = 0
+        self.failure: OSError | None = None
         self._sha256 = hashlib.sha256()
         self._audio: BinaryIO | None = None
         self._audio_format: tuple[str, int, int] | None = None
-        self._transcript = (self.folder / "transcript.jsonl").open("a", encoding="utf-8")
+        self._audio_started = False
+        self._closed = False
+        self._transcript: TextIO | None = None
         self._last_flush = time.monotonic()
         self._flushed_bytes = 0
         self._metadata: dict[str, Any] = {
@@ -83,7 +92,12 @@ class SessionRecorder:
             "bytes": 0,
             "sha256": self._sha256.hexdigest(),
         }
-        self._write_metadata()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=False)
+            self._transcript = (self.folder / "transcript.jsonl").open("a", encoding="utf-8")
+            self._write_metadata()
+        except OSError as exc:  # the session goes on; its owner reads `failure` and tells the client
+            self._fail(exc)
 
     @property
     def sha256(self) -> str:
@@ -92,25 +106,32 @@ class SessionRecorder:
     def update_metadata(self, **fields: Any) -> None:
         """Merge `fields` into session.json (used when the client's config changes)."""
         self._metadata.update(fields)
-        self._write_metadata()
+        self._write_metadata_guarded()
 
     def write_audio(self, frame: bytes, encoding: str, sample_rate: int, channels: int) -> None:
         """Append one received frame; the header and disk are brought up to date every second."""
-        if self._audio is None:
+        self._sha256.update(frame)
+        self.bytes_received += len(frame)
+        if not self._audio_started:
+            self._audio_started = True
             if encoding in SAMPLE_WIDTH:
                 self._audio_format = (encoding, sample_rate, channels)
             else:  # a container is kept as it came, under its own suffix
                 self.audio_path = self.folder / f"audio.{encoding}"
                 self._metadata["audio_file"] = self.audio_path.name
-            self._audio = self.audio_path.open("wb")
-            if self._audio_format is not None:
-                self._audio.write(wav_header(encoding, sample_rate, channels, 0))
-            self._write_metadata()  # names the audio file on disk, for recovery after a crash
-        self._audio.write(frame)
-        self._sha256.update(frame)
-        self.bytes_received += len(frame)
+            if self.failure is None:
+                self._guarded(self._open_audio)
+        if self.failure is not None or self._audio is None:
+            return
+        self._guarded(self._audio.write, frame)
         if time.monotonic() - self._last_flush >= self.FLUSH_INTERVAL_S:
-            self._flush_audio()
+            self._guarded(self._flush_audio)
+
+    def _open_audio(self) -> None:
+        self._audio = self.audio_path.open("wb")
+        if self._audio_format is not None:
+            self._audio.write(wav_header(*self._audio_format, 0))
+        self._write_metadata()  # names the audio file on disk, for recovery after a crash
 
     def _flush_audio(self) -> None:
         """Flush the data, then (for PCM) rewrite the header's sizes to cover exactly what is on disk."""
@@ -127,40 +148,95 @@ class SessionRecorder:
 
     @property
     def has_unflushed_audio(self) -> bool:
-        return self._flushed_bytes != self.bytes_received
+        return self.failure is None and self._flushed_bytes != self.bytes_received
 
     def tick(self) -> None:
         """Flush if a second has passed since the last flush (called when audio pauses)."""
-        if time.monotonic() - self._last_flush >= self.FLUSH_INTERVAL_S:
-            self._flush_audio()
+        if self.failure is None and time.monotonic() - self._last_flush >= self.FLUSH_INTERVAL_S:
+            self._guarded(self._flush_audio)
 
     def append_final(self, record: dict[str, Any]) -> None:
         """Add one final transcription to transcript.jsonl."""
-        self._transcript.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._transcript.flush()
+        if self.failure is None and self._transcript is not None:
+            transcript = self._transcript
+            self._guarded(lambda: (transcript.write(json.dumps(record, ensure_ascii=False) + "\n"), transcript.flush()))
 
     def close(self, status: str, **fields: Any) -> None:
         """Flush and close every file and write the final session.json. Safe to call twice."""
         if self._audio is not None:
-            self._flush_audio()
-            os.fsync(self._audio.fileno())
-            self._audio.close()
-            self._audio = None
-        if not self._transcript.closed:
-            self._transcript.close()
+            audio = self._audio
+
+            def finish_audio() -> None:
+                self._flush_audio()
+                os.fsync(audio.fileno())
+                audio.close()
+                self._audio = None
+
+            self._guarded(finish_audio, raise_error=False)
+        if self._transcript is not None and not self._transcript.closed:
+            self._guarded(self._transcript.close, raise_error=False)
         self._metadata.update(fields)
-        self._metadata.update(status=status, ended_at=_now_iso(), bytes=self.bytes_received, sha256=self.sha256)
-        self._write_metadata()
+        self._metadata.update(status=status, ended_at=_now_iso())
+        self._closed = True
+        self._write_metadata_guarded()
 
     @property
     def closed(self) -> bool:
-        return self._audio is None and self._transcript.closed
+        return self._closed
+
+    def _guarded(self, action: Callable[..., object], *args: Any, raise_error: bool = True) -> None:
+        """Run one disk operation; the first failure stops the audio and transcript and is raised."""
+        try:
+            action(*args)
+        except OSError as exc:
+            first = self.failure is None
+            self._fail(exc)
+            if first and raise_error:
+                raise
+
+    def _fail(self, exc: OSError) -> None:
+        """Stop writing audio and text, and leave what is on disk readable (a valid WAV header)."""
+        if self.failure is None:
+            self.failure = exc
+            self._metadata["storage_error"] = f"{exc.strerror or exc} (from byte {self.bytes_received})"
+            logger.error("session %s: recording stopped: %s", self._metadata["session_id"], exc)
+        if self._audio is not None:
+            audio, self._audio = self._audio, None
+            with contextlib.suppress(OSError):
+                audio.close()  # pending buffered bytes may be lost; the header below counts what is on disk
+            if self._audio_format is not None:
+                with contextlib.suppress(OSError):
+                    _repair_wav(self.audio_path, *self._audio_format, update=lambda _: None)
+        if self._transcript is not None and not self._transcript.closed:
+            with contextlib.suppress(OSError):
+                self._transcript.close()
+
+    def _write_metadata_guarded(self) -> None:
+        if self.failure is None:
+            self._guarded(self._write_metadata)
+        else:  # best effort: space may have come back
+            with contextlib.suppress(OSError):
+                self._write_metadata()
 
     def _write_metadata(self) -> None:
         self._metadata.update(bytes=self.bytes_received, sha256=self.sha256)
-        tmp = self.folder / "session.json.tmp"
-        tmp.write_text(json.dumps(self._metadata, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, self.folder / "session.json")
+        content = json.dumps(self._metadata, indent=2, ensure_ascii=False).encode()
+        tmp, path = self.folder / "session.json.tmp", self.folder / "session.json"
+        try:
+            tmp.write_bytes(content)
+            os.replace(tmp, path)
+        except OSError:
+            # A full disk has no room for a second copy, but the existing file's blocks can be
+            # rewritten in place (not atomic; better than a status that stays "active").
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if self.failure is None or not path.exists():
+                raise
+            with path.open("r+b") as existing:
+                existing.write(content)
+                existing.truncate()
+                existing.flush()
+                os.fsync(existing.fileno())
 
 
 # ---------------------------------------------------------------------------------------------
