@@ -112,6 +112,9 @@ def main() -> None:
             started = time.monotonic()
             while not done.is_set():
                 samples.append((time.monotonic() - started, progress[0] / 2 / RATE, rss_mib(process.pid)))
+                if len(samples) % 60 == 0:
+                    wall, sent, rss = samples[-1]
+                    print(f"{wall:6.0f} s: {sent / 60:6.1f} min of audio sent, server RSS {rss:.0f} MiB", flush=True)
                 time.sleep(1.0)
 
         sampler = threading.Thread(target=sample, daemon=True)

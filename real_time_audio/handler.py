@@ -72,6 +72,8 @@ CLOSE_TOO_LARGE = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_IDLE = 4408
 RECORDER_TICK_S = 1.0
+# Back-pressure never stops reading a socket for longer than this at a stretch (see _on_audio).
+BACKPRESSURE_MAX_STALL_S = 5.0
 # On shutdown, frames already on their way are still read while they keep arriving this quickly ...
 DRAIN_QUIET_S = 0.25
 # ... but for no longer than this (a live microphone never goes quiet).
@@ -409,9 +411,15 @@ class Session:
             self._progress.clear()
             progress = asyncio.ensure_future(self._progress.wait())
             draining = asyncio.ensure_future(self._draining.wait())
-            await asyncio.wait({progress, draining}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {progress, draining}, timeout=BACKPRESSURE_MAX_STALL_S, return_when=asyncio.FIRST_COMPLETED
+            )
             progress.cancel()
             draining.cancel()
+            if not done:
+                # Read one more frame: while the app reads nothing the server cannot see the client's
+                # pongs either, and its keepalive would drop a healthy connection (uvicorn: 20 s).
+                break
 
     def _new_decoder(self) -> AudioDecoder:
         config = self.config

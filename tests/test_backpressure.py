@@ -46,5 +46,7 @@ def test_fast_client_is_slowed_not_buffered(make_settings: Callable[..., Setting
     spans = [(m["start"], m["end"]) for m in finals(messages)]
     assert len(spans) >= 40 / 4 - 1  # finals came at every segment cap, all along
     assert spans[-1][1] > 39.0
-    limit = int(settings.max_pending_audio_s * 16000) + frame_bytes // 2
+    # The cap, the frame read when it was crossed, and slack for frames let through when the
+    # transcriber takes longer than BACKPRESSURE_MAX_STALL_S (a slow machine).
+    limit = int(settings.max_pending_audio_s * 16000) + 4 * frame_bytes // 2
     assert 0 < peak[0] <= limit, (peak[0], limit)
