@@ -60,7 +60,7 @@ async def send_all(url: str, pcm: bytes, progress: list[int]) -> list[dict[str, 
     import websockets
 
     messages: list[dict[str, Any]] = []
-    async with websockets.connect(url, max_size=None) as ws:
+    async with websockets.connect(url, max_size=None, ping_timeout=None) as ws:  # see client/session.py
         messages.append(json.loads(await ws.recv()))
 
         async def reader() -> None:

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
 from real_time_audio.config import Settings
+from real_time_audio.connection import ConnectionHooks
 from real_time_audio.containers import ContainerDecoder
 from real_time_audio.metrics import Metrics
 from real_time_audio.models import (
@@ -72,8 +74,10 @@ CLOSE_TOO_LARGE = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_IDLE = 4408
 RECORDER_TICK_S = 1.0
-# Back-pressure never stops reading a socket for longer than this at a stretch (see _on_audio).
+# Back-pressure never stops reading a socket for longer than this at a stretch (see _on_audio) ...
 BACKPRESSURE_MAX_STALL_S = 5.0
+# ... and the server's keepalive forgives a late pong this long after it last held a socket.
+PONG_GRACE_S = 60.0
 # On shutdown, frames already on their way are still read while they keep arriving this quickly ...
 DRAIN_QUIET_S = 0.25
 # ... but for no longer than this (a live microphone never goes quiet).
@@ -136,7 +140,9 @@ class Session:
         self.lag = 0.0  # of the last transcription sent
         self._draining = asyncio.Event()  # the server is shutting down: stop reading, finish, close 1001
         self._storage_failed = False
-        self._last_ping = ping_watcher(websocket)
+        self._holding_reads = False  # back-pressure: the reader is waiting for the transcriber
+        self._reads_held_at = -math.inf  # loop time when back-pressure last let go
+        self._connection = ConnectionHooks(websocket, self._reads_recently_held)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -260,6 +266,11 @@ class Session:
         if self._recorder is not None and not self._recorder.closed:
             self._recorder.close(self._status, duration=round(self._duration(), 3), segments=len(self._finals))
 
+    def _reads_recently_held(self) -> bool:
+        """Whether back-pressure held this socket lately: the client's pongs may still sit behind
+        audio the server has not read yet, so a late pong does not mean a dead client."""
+        return self._holding_reads or asyncio.get_running_loop().time() - self._reads_held_at < PONG_GRACE_S
+
     def _metadata(self) -> dict[str, Any]:
         return {
             "config": self.config.wire(),
@@ -340,7 +351,7 @@ class Session:
                     await asyncio.wait({pending, draining}, timeout=max(0.0, wait), return_when=asyncio.FIRST_COMPLETED)
                     if not pending.done():
                         await self._on_quiet(loop.time() >= idle_deadline, end_deadline)
-                        idle_deadline = max(idle_deadline, self._last_ping() + self.settings.idle_timeout_s)
+                        idle_deadline = max(idle_deadline, self._connection.last_ping + self.settings.idle_timeout_s)
                         continue
                 message, pending = pending.result(), None
                 if message["type"] == "websocket.disconnect":
@@ -366,7 +377,7 @@ class Session:
         if self._ended:
             return
         # A WebSocket ping counts as activity, like a keepalive message.
-        if idle and asyncio.get_running_loop().time() >= self._last_ping() + self.settings.idle_timeout_s:
+        if idle and asyncio.get_running_loop().time() >= self._connection.last_ping + self.settings.idle_timeout_s:
             self._status = "idle_timeout"
             await self._close_with_error("idle_timeout", f"no data for {self.settings.idle_timeout_s:g} s", CLOSE_IDLE)
             raise SessionClosed
@@ -411,14 +422,17 @@ class Session:
             self._progress.clear()
             progress = asyncio.ensure_future(self._progress.wait())
             draining = asyncio.ensure_future(self._draining.wait())
-            done, _ = await asyncio.wait(
-                {progress, draining}, timeout=BACKPRESSURE_MAX_STALL_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            progress.cancel()
-            draining.cancel()
-            if not done:
-                # Read one more frame: while the app reads nothing the server cannot see the client's
-                # pongs either, and its keepalive would drop a healthy connection (uvicorn: 20 s).
+            self._holding_reads = True
+            try:
+                done, _ = await asyncio.wait(
+                    {progress, draining}, timeout=BACKPRESSURE_MAX_STALL_S, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                self._holding_reads = False
+                self._reads_held_at = asyncio.get_running_loop().time()
+                progress.cancel()
+                draining.cancel()
+            if not done:  # take one more frame now and then, so that control frames keep flowing
                 break
 
     def _new_decoder(self) -> AudioDecoder:
@@ -655,25 +669,3 @@ class Session:
                 await self.ws.close(close_code)
         except (ClientGone, RuntimeError, OSError):
             pass
-
-
-def ping_watcher(websocket: WebSocket) -> Callable[[], float]:
-    """A function giving the event-loop time of the client's last WebSocket ping (0.0 if none).
-
-    ASGI does not pass pings to the application, so this wraps the ping handler of uvicorn's
-    protocol object (the `websockets-sansio` and `wsproto` implementations, uvicorn's defaults);
-    under any other server it always returns 0.0 and only frames reset the idle timer.
-    """
-    protocol = getattr(getattr(websocket, "_receive", None), "__self__", None)
-    handler = getattr(protocol, "handle_ping", None)
-    if protocol is None or handler is None or not callable(handler):
-        return lambda: 0.0
-    loop = asyncio.get_running_loop()
-    last = [0.0]
-
-    def noting(*args: Any) -> Any:
-        last[0] = loop.time()
-        return handler(*args)
-
-    protocol.handle_ping = noting
-    return lambda: last[0]

@@ -172,14 +172,11 @@ def free_port() -> int:
 class LiveServer:
     """A real uvicorn server running `app` in a background thread on a free port."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, **config: Any) -> None:
         self.app = app
         self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", ws="websockets-sansio"
-            )
-        )
+        options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "ws": "websockets-sansio", **config}
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, **options))
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.server_loop: asyncio.AbstractEventLoop
 

@@ -8,14 +8,20 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
+
 from main import create_app
 from real_time_audio.config import Settings
 from tests.conftest import LiveServer, finals, pcm16, speech_like, stream_session
 
 
-def test_fast_client_is_slowed_not_buffered(make_settings: Callable[..., Settings]) -> None:
+@pytest.mark.parametrize("keepalive", ["default", "tight"])
+def test_fast_client_is_slowed_not_buffered(keepalive: str, make_settings: Callable[..., Settings]) -> None:
     """40 s of audio sent at once: unfinalized audio on the server never exceeds MAX_PENDING_AUDIO_S
-    (plus the frame being read), every final arrives, and the recording is complete."""
+    (plus the frame being read), every final arrives, and the recording is complete.
+
+    With a tight server keepalive (pings every 0.5 s, 0.5 s to answer) the client's pongs are
+    late, stuck behind audio the server is not reading yet; the connection must survive that."""
     settings = make_settings(max_pending_audio_s=5, segment_max_s=4, buffer_trim_s=4, partial_interval_ms=500)
     audio = pcm16(speech_like(77, 40.0))
     frame_bytes = 16000  # 0.5 s
@@ -29,7 +35,8 @@ def test_fast_client_is_slowed_not_buffered(make_settings: Callable[..., Setting
                 peak[0] = max(peak[0], session._policy.pending)
             time.sleep(0.002)
 
-    with LiveServer(app) as server:
+    config = {"ws_ping_interval": 0.5, "ws_ping_timeout": 0.5} if keepalive == "tight" else {}
+    with LiveServer(app, **config) as server:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         try:

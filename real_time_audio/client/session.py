@@ -132,6 +132,10 @@ class LiveSession:
                 additional_headers=headers,
                 max_size=None,
                 open_timeout=self.options.open_timeout_s,
+                # Sent faster than real time, our pings wait behind audio the server reads slowly
+                # (back-pressure), so a late pong proves nothing; the server's idle timeout and TCP
+                # still end a dead connection.
+                ping_timeout=None,
             )
         except (OSError, TimeoutError, websockets.InvalidURI, websockets.InvalidHandshake) as exc:
             raise ClientError(f"cannot connect to {self.options.uri}: {exc}", EXIT_CONNECT) from None
