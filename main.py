@@ -27,6 +27,7 @@ from real_time_audio.retention import RetentionPolicy, retention_loop
 from real_time_audio.routes import STATIC_DIR, router
 from real_time_audio.security import ConnectionCounter
 from real_time_audio.service import TranscriptionEngine
+from real_time_audio.storage import recover_interrupted
 from real_time_audio.vad import FrameScorer, SileroScorer
 
 logger = logging.getLogger("real_time_audio")
@@ -46,8 +47,6 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.audio_storage_dir.mkdir(parents=True, exist_ok=True)
-        from real_time_audio.storage import recover_interrupted
-
         # Records left "active" by a process that died (a crash, kill -9) become "interrupted".
         for session_id in await asyncio.to_thread(recover_interrupted, settings.audio_storage_dir):
             logger.warning("session %s was interrupted by a server crash; its record was repaired", session_id)

@@ -83,10 +83,10 @@ class PcmDecoder:
         samples = np.frombuffer(data[:usable], dtype=self._dtype).astype(np.float32)
         if self.encoding == "pcm_s16le":
             samples /= 32768.0
+        if self.encoding == "pcm_f32le":  # before any arithmetic: NaN, infinities and huge values
+            samples = np.clip(np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
         if self.channels == 2:
             samples = samples.reshape(-1, 2).mean(axis=1, dtype=np.float32)
-        if self.encoding == "pcm_f32le":
-            samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
         if self._resampler is None:
             return samples
         return np.asarray(self._resampler.resample_chunk(samples, last=False), dtype=np.float32)

@@ -55,3 +55,10 @@ def test_resampling_keeps_duration_across_frames(rate: int) -> None:
     # the tone survives: its dominant frequency is still 440 Hz
     spectrum = np.abs(np.fft.rfft(out[4000:20000]))
     assert abs(np.argmax(spectrum) * 16000 / 16000 - 440) <= 1
+
+
+def test_float_stereo_with_nan_inf_and_huge_values_decodes_without_warnings() -> None:
+    """Non-finite or out-of-range float samples are cleaned before the channels are averaged."""
+    frame = np.array([np.nan, 0.5, np.inf, np.inf, -np.inf, 0.25, 3e38, 3e38], dtype="<f4").tobytes()
+    decoder = PcmDecoder("pcm_f32le", 16000, 2)
+    assert decoder.decode(frame).tolist() == [0.25, 1.0, -0.375, 1.0]
