@@ -45,7 +45,7 @@ class FinalSegment:
 
 
 def transcription_message(segment: SegmentText) -> Transcription:
-    """A final as the wire protocol sends it (and as transcript.jsonl keeps it)."""
+    """A partial or final as the wire protocol sends it (a final is also what transcript.jsonl keeps)."""
     return Transcription(
         segment_id=segment.segment_id,
         is_final=segment.is_final,

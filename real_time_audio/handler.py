@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 from starlette.websockets import WebSocket, WebSocketState
 
 from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
+from real_time_audio.batch import transcription_message
 from real_time_audio.config import Settings
 from real_time_audio.connection import ConnectionHooks
 from real_time_audio.containers import ContainerDecoder
@@ -48,8 +49,6 @@ from real_time_audio.models import (
     StatusConfigured,
     StatusConnected,
     StatusFlushed,
-    Transcription,
-    WordTiming,
     apply_config,
     parse_client_text,
     query_config,
@@ -603,16 +602,7 @@ class Session:
             self._progress.set()
 
     async def _send_segment(self, segment: SegmentText) -> None:
-        message = Transcription(
-            segment_id=segment.segment_id,
-            is_final=segment.is_final,
-            text=segment.text,
-            start=segment.start,
-            end=segment.end,
-            language=segment.language,
-            lag=segment.lag,
-            words=[WordTiming(word=w.text, start=w.start, end=w.end) for w in segment.words],
-        )
+        message = transcription_message(segment)
         if segment.is_final:
             self._finals.append(segment.text)
             assert self._recorder is not None
