@@ -184,10 +184,10 @@ class Session:
             # Submitted to the thread pool at once, so the record is closed and the decoder stopped
             # even if this task is cancelled again while it waits.
             released = asyncio.get_running_loop().run_in_executor(None, self._release)
+            if self.metrics is not None:  # before any await: this task may be cancelled while it waits
+                self.metrics.sessions_ended.labels(self._status).inc()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.shield(released)
-            if self.metrics is not None:
-                self.metrics.sessions_ended.labels(self._status).inc()
             self.log.info(
                 "session %s ended: %s, %d bytes",
                 self.id,
