@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.batch_vs_sequential import build_checkpoint  # noqa: E402
+from bench.common import free_port, rss_mib, wait_ready  # noqa: E402
 from bench.streaming_quality import RATE, speech_stream  # noqa: E402
 
 FRAME_BYTES = 16384
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
-    while True:
-        if process.poll() is not None:
-            sys.exit(f"server exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
 
 
 async def send_all(url: str, pcm: bytes, progress: list[int]) -> list[dict[str, Any]]:
@@ -83,8 +65,6 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-
-    from tests.conftest import free_port
 
     checkpoint = args.checkpoint or build_checkpoint(args.size, Path(f"/tmp/whisper-{args.size}-random-eot16"), 16)
     audio, utterances = speech_stream(args.minutes, args.seed)

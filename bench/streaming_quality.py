@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import platform
 import statistics
@@ -36,8 +37,9 @@ RATE = 16000
 FRAME_S = 0.1
 
 
-def speech_stream(minutes: float, seed: int) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """Clips from ../shared/audio in a fixed rotation with 1-3 s pauses; returns audio and utterances."""
+@functools.cache
+def english_clips() -> tuple[np.ndarray, ...]:
+    """The English speech clips of ../shared/audio at 16 kHz mono (read once per process)."""
     import soundfile as sf
     import soxr
 
@@ -50,9 +52,18 @@ def speech_stream(minutes: float, seed: int) -> tuple[np.ndarray, list[tuple[flo
     for path in files:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
         clips.append(soxr.resample(data.mean(axis=1), rate, RATE).astype(np.float32))
+    return tuple(clips)
+
+
+def speech_stream(minutes: float, seed: int, first: int = 0) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Clips from ../shared/audio in a fixed rotation (from clip `first`) with 1-3 s pauses.
+
+    Returns the audio and each utterance's (start, end) in seconds.
+    """
+    clips = english_clips()
     rng = np.random.default_rng(seed)
     pieces, utterances, position, total = [], [], 0, int(minutes * 60 * RATE)
-    index = 0
+    index = first
     while position < total:
         pause = np.zeros(int(rng.uniform(1.0, 3.0) * RATE), dtype=np.float32)
         clip = clips[index % len(clips)]
@@ -105,8 +116,8 @@ def main() -> None:
 
     import uvicorn
 
+    from bench.common import free_port
     from main import create_app
-    from tests.conftest import free_port
 
     checkpoint = args.checkpoint or build_checkpoint(args.size, Path(f"/tmp/whisper-{args.size}-random-eot16"), 16)
     audio, utterances = speech_stream(args.minutes, args.seed)
