@@ -47,5 +47,9 @@ lint: install-dev
 test: install-dev system-deps lint  ## lint, type-check and run the whole test suite
 	$(BIN)/python -m pytest
 
-bench: install-dev  ## batched vs sequential inference on the tiny architecture (needs ../shared)
-	$(BIN)/python bench/batch_vs_sequential.py
+$(VENV)/.bench: requirements-bench.txt requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-bench.txt
+	touch $@
+
+bench: $(VENV)/.bench  ## the benchmark suite: capacity, batching, stability, efficiency (needs ../shared)
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
