@@ -73,6 +73,11 @@ class ServerProcess:
             "AUDIO_STORAGE_DIR": str(self.storage),
             "HF_HUB_OFFLINE": "1",
             "LOG_LEVEL": "WARNING",
+            # Every client of a load test comes from 127.0.0.1, unauthenticated, for as long as it takes.
+            "API_TOKENS": "",
+            "ALLOWED_ORIGINS": "",
+            "MAX_CONNECTIONS_PER_CLIENT": "0",
+            "MAX_SESSION_S": "0",
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
