@@ -63,10 +63,10 @@ def load_backend(checkpoint: Path, device: str) -> Any:
     return WhisperBackend.load(load_settings(transcription_model_id=str(checkpoint), device=device))
 
 
-def release(backend: Any) -> None:
+def free_memory() -> None:
+    """Give back what a dropped backend held (the caller deletes its last reference first)."""
     import torch
 
-    del backend
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -455,7 +455,8 @@ def main() -> None:
         if "batching" in parts:
             print(f"batching: {args.job_seconds:g} s jobs at batch sizes {sizes}", flush=True)
             results["batching"] = batching(backend, sizes, args.job_seconds, repeats)
-        release(backend)
+        del backend  # the in-process model must not sit beside the server's
+        free_memory()
 
     if "capacity" in parts or "efficiency" in parts:
         print(f"capacity: {trial_s:g} s of live speech per client, p95 final ≤ {args.budget} s", flush=True)
@@ -471,7 +472,8 @@ def main() -> None:
         print(f"efficiency: the {chosen['clients']}-client run offline, batch {batch['batch_size']}", flush=True)
         backend = load_backend(checkpoint, device)
         offline = offline_model_seconds(backend, chosen["clients"], trial_s, batch["batch_size"])
-        release(backend)
+        del backend  # the in-process model must not sit beside the server's
+        free_memory()
         results["efficiency"] = {
             "clients": chosen["clients"],
             "server_model_s": chosen["server"]["model_s"],
