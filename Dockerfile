@@ -43,9 +43,12 @@ COPY LICENSE main.py gunicorn.conf.py ./
 COPY real_time_audio ./real_time_audio
 
 # Settings not given here take their defaults (README.md, "Configuration"); pass others with -e.
+# MODEL_FALLBACK=false: a missing model stops the container instead of serving another one.
 ENV HOST=0.0.0.0 \
     PORT=8000 \
     HF_HOME=/home/app/.cache/huggingface \
+    MODEL_CACHE_DIR=/home/app/.cache/huggingface/converted \
+    MODEL_FALLBACK=false \
     AUDIO_STORAGE_DIR=/app/audio_chunks
 
 # Downloaded models and session recordings outlive the container.

