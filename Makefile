@@ -53,5 +53,6 @@ $(VENV)/.bench: requirements-bench.txt requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements-bench.txt
 	touch $@
 
-bench: $(VENV)/.bench  ## the benchmark suite: capacity, batching, stability, efficiency (needs ../shared)
+bench: $(VENV)/.bench  ## the benchmark suite (capacity, batching, stability, efficiency) and accuracy (needs ../shared)
 	$(BIN)/python bench/suite.py $(BENCH_ARGS)
+	$(BIN)/python bench/accuracy.py $(ACCURACY_ARGS)

@@ -14,7 +14,7 @@ import os
 os.environ.setdefault("MODEL_FALLBACK", "false")
 
 # Settings are pydantic only: reading them here imports neither torch nor CUDA into the master.
-from real_time_audio.config import load_settings  # noqa: E402  # after the production default above
+from real_time_audio.config import load_settings  # after the production default above
 
 _settings = load_settings()
 # An unset HOST means every interface here (a server or a container), unlike `python main.py`.

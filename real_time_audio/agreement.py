@@ -20,6 +20,10 @@ OVERLAP_TOLERANCE_S = 0.1  # a word starting up to this much before the committe
 REPEAT_SLACK_S = 0.03
 MAX_OVERLAP_WORDS = 5
 RECENT_WORDS = 8
+# Agreed words are committed a phrase at a time: up to the last one that ends a phrase (its
+# punctuation has been seen with the words after it), or all of them once this many are waiting.
+PHRASE_END = (",", ".", "?", "!", ";", ":")
+MAX_HELD_WORDS = 6
 
 
 @dataclass(slots=True, frozen=True)
@@ -44,6 +48,20 @@ def join_words(words: Sequence[Word]) -> str:
     return " ".join(w.text for w in words)
 
 
+def phrase_length(agreed: Sequence[Word]) -> int:
+    """How many of the agreed words to commit now: whole phrases, or everything once too many wait.
+
+    Committing phrase by phrase sends fewer, longer finals, and lets a word's case and punctuation
+    settle with the words that follow it before it can no longer change.
+    """
+    if len(agreed) >= MAX_HELD_WORDS:
+        return len(agreed)
+    for index in range(len(agreed) - 1, -1, -1):
+        if agreed[index].text.endswith(PHRASE_END):
+            return index + 1
+    return 0
+
+
 class LocalAgreement:
     """The committed history and the unconfirmed tail of one stream of hypotheses."""
 
@@ -52,9 +70,13 @@ class LocalAgreement:
         self.tail: list[Word] = []  # the latest hypothesis's words that are not committed
         self._recent: list[Word] = []  # the last committed words, to recognise a repeat of them
 
-    def fresh(self, words: Sequence[Word]) -> list[Word]:
-        """The words of a hypothesis that come after everything committed."""
-        new = [w for w in words if w.start >= self.committed_end - OVERLAP_TOLERANCE_S]
+    def fresh(self, words: Sequence[Word], after_prefix: bool = False) -> list[Word]:
+        """The words of a hypothesis that come after everything committed.
+
+        `after_prefix`: the decode was made to continue after the committed words, so none of its
+        words is an old one heard again by time; only a repeat at the very boundary is checked.
+        """
+        new = list(words) if after_prefix else [w for w in words if w.start >= self.committed_end - OVERLAP_TOLERANCE_S]
         if new and self._recent and new[0].start <= self.committed_end + REPEAT_SLACK_S:
             for size in range(min(MAX_OVERLAP_WORDS, len(new), len(self._recent)), 0, -1):
                 if [w.key for w in self._recent[-size:]] == [w.key for w in new[:size]]:
@@ -62,21 +84,22 @@ class LocalAgreement:
                     break
         return new
 
-    def insert(self, words: Sequence[Word]) -> list[Word]:
+    def insert(self, words: Sequence[Word], after_prefix: bool = False) -> list[Word]:
         """Take a new hypothesis; returns the words it confirms (now committed)."""
-        new = self.fresh(words)
+        new = self.fresh(words, after_prefix)
         agreed = 0
         for old, word in zip(self.tail, new, strict=False):
             if old.key != word.key or abs(old.start - word.start) > MATCH_TOLERANCE_S:
                 break
             agreed += 1
-        committed, self.tail = new[:agreed], new[agreed:]
+        count = phrase_length(new[:agreed])
+        committed, self.tail = new[:count], new[count:]
         self._commit(committed)
         return committed
 
-    def commit_until(self, words: Sequence[Word], cutoff: float) -> list[Word]:
+    def commit_until(self, words: Sequence[Word], cutoff: float, after_prefix: bool = False) -> list[Word]:
         """Commit the new words that end before `cutoff` (the buffer is full; the rest waits)."""
-        new = self.fresh(words)
+        new = self.fresh(words, after_prefix)
         count = 0
         while count < len(new) and new[count].end <= cutoff:
             count += 1
@@ -84,9 +107,9 @@ class LocalAgreement:
         self._commit(committed)
         return committed
 
-    def finish(self, words: Sequence[Word]) -> list[Word]:
+    def finish(self, words: Sequence[Word], after_prefix: bool = False) -> list[Word]:
         """The audio is over (end of utterance, flush or end of stream): commit every new word."""
-        committed = self.fresh(words)
+        committed = self.fresh(words, after_prefix)
         self.tail = []
         self._commit(committed)
         return committed

@@ -159,6 +159,7 @@ class RecordingTranscription:
             language=self.language,
             task=self.task,
             prompt=prompt,
+            prefix=window.prefix or None,
             is_final=True,
             session_id=self.session_id,
         )

@@ -66,9 +66,12 @@ class Settings(BaseSettings):
     """Once a session's decode buffer is longer than this (or SEGMENT_MAX_S), it is cut at the last committed word."""
     context_prompt_chars: int = Field(200, ge=0, le=1000)
     """Committed text (that has left the buffer) given to the model as context; 0 turns it off."""
+    context_audio_s: float = Field(10, ge=0, le=20)
+    """Audio of the previous utterance (up to this many seconds) kept before the next one after a short pause,
+    so the model hears the sentence so far and continues its words; 0 turns it off."""
     vad: Literal["silero", "off"] = "silero"
     """Voice-activity detection: silero (silence is never decoded) or off (all audio is decoded)."""
-    vad_threshold: float = Field(0.5, gt=0, lt=1)
+    vad_threshold: float = Field(0.35, gt=0, lt=1)
     """Speech probability at which a frame counts as speech."""
     vad_silence_ms: int = Field(500, ge=100, le=10000)
     """Silence that ends an utterance; its text is then finalized."""

@@ -43,9 +43,9 @@ _REQUIRED_SPECIALS = (
     "<|transcribe|>",
     "<|startoflm|>",
     "<|startofprev|>",
-    "<|nocaptions|>",
     "<|notimestamps|>",
 )
+_NO_SPEECH = ("<|nocaptions|>", "<|nospeech|>")  # the no-speech token: named one way before large-v3, the other after
 # Decoder flags for which transformers' Whisper computes the same function as CTranslate2
 _STANDARD_DECODER = {
     "decoder/activation": 3,  # GELU
@@ -435,6 +435,8 @@ def write_tokenizer(source: Path, out: Path, vocab_size: int) -> Vocabulary:
     for name in _REQUIRED_SPECIALS:
         if name not in specials:
             raise Ct2FormatError(f"tokenizer.json has no {name} token")
+    if not any(name in specials for name in _NO_SPEECH):
+        raise Ct2FormatError("tokenizer.json has no <|nocaptions|> (or <|nospeech|>) token")
     bpe = {token: token_id for token, token_id in vocab.items() if token not in specials}
     if sorted(bpe.values()) != list(range(len(bpe))):
         raise Ct2FormatError("tokenizer.json: the BPE ids are not contiguous from 0")
@@ -513,7 +515,7 @@ def _generation_config(source_config: dict[str, Any], arch: Architecture, vocabu
         "no_timestamps_token_id": tokens["<|notimestamps|>"],
         "prev_sot_token_id": tokens["<|startofprev|>"],
         "max_initial_timestamp_index": 50,
-        "is_multilingual": arch.vocab_size >= MULTILINGUAL_VOCAB,
+        "is_multilingual": _is_multilingual(arch.vocab_size, vocabulary),
         "alignment_heads": [[int(layer), int(head)] for layer, head in heads],
         "return_timestamps": False,
     }
@@ -525,12 +527,21 @@ def _generation_config(source_config: dict[str, Any], arch: Architecture, vocabu
             token_id
             for token in vocabulary.special_order
             if token not in _REQUIRED_SPECIALS
-            and token != "<|nospeech|>"
+            and token not in _NO_SPEECH
             and (token_id := tokens[token]) not in (sot, eot)
         ]
         generation["lang_to_id"] = {names[int(i)]: int(i) for i in sorted(language_ids)}
         generation["task_to_id"] = {"transcribe": tokens["<|transcribe|>"], "translate": tokens["<|translate|>"]}
     return generation
+
+
+def _is_multilingual(vocab_size: int, vocabulary: Vocabulary) -> bool:
+    """OpenAI's rule for the released vocabularies (the English-only one has 51864 tokens); any other
+    vocabulary is multilingual when it has language tokens beyond <|en|>."""
+    if vocab_size >= MULTILINGUAL_VOCAB - 1:
+        return vocab_size >= MULTILINGUAL_VOCAB
+    languages = [t for t in vocabulary.special_order if t not in _REQUIRED_SPECIALS and t not in _NO_SPEECH]
+    return len([t for t in languages if t != "<|en|>"]) > 0
 
 
 def _storage_dtype(model: Ct2Model) -> str:

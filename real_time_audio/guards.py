@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 MAX_LOOP_NGRAM = 4
-SINGLE_WORD_REPEATS = 4  # "no no no" is speech; the same word four times in a row is a loop
+SINGLE_WORD_REPEATS = 6  # "no no no", even "word word word word word", is speech; six times in a row is a loop
 NGRAM_REPEATS = 3
 
 

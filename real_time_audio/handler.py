@@ -577,6 +577,7 @@ class Session:
             language=self.config.language,
             task=self.config.task,
             prompt=prompt,
+            prefix=window.prefix or None,
             is_final=window.is_final,
             session_id=self.id,
         )

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 MAX_TARGET_TOKENS = 448  # Whisper's decoder context
 TOKEN_ALLOWANCE = 8  # extra tokens on top of the per-second cap, for very short clips
 MAX_PROMPT_TOKENS = 200
+MAX_PREFIX_TOKENS = 160  # a longer prefix is dropped (the policy keeps it far shorter)
 WORD_START = "\u0120"  # how byte-level BPE marks a token that begins with a space
 
 
@@ -59,6 +60,9 @@ class TranscriptionRequest:
     language: str | None = None
     task: str = "transcribe"
     prompt: str | None = None
+    # Words already committed for the start of this audio: the decoder is made to begin with them
+    # and only its continuation is returned, so it can neither revise nor repeat them.
+    prefix: str | None = None
     is_final: bool = True
     session_id: str = ""
 
@@ -230,14 +234,23 @@ class WhisperBackend:
             ids = ids[:1] + ids[-MAX_PROMPT_TOKENS:]
         return ids
 
-    def _decoder_prompt(self, request: TranscriptionRequest, language: str | None) -> list[int]:
+    def _prefix_ids(self, prefix: str | None) -> list[int]:
+        """The committed words the decoder must start with (none when absent or too long)."""
+        if not prefix or not prefix.strip():
+            return []
+        ids: list[int] = self.processor.tokenizer.encode(" " + prefix.strip(), add_special_tokens=False)
+        return ids if len(ids) <= MAX_PREFIX_TOKENS else []
+
+    def _decoder_prompt(self, request: TranscriptionRequest, language: str | None) -> tuple[list[int], int]:
+        """The decoder's input ids, and how many of them at the end are the forced prefix."""
         ids = [*self._prompt_ids(request.prompt), self._sot]
         if self.multilingual:
             if language is not None:
                 ids.append(self.model.generation_config.lang_to_id[f"<|{language}|>"])
             ids.append(self._task_ids[request.task])
         ids.append(self._no_timestamps)
-        return ids
+        prefix = self._prefix_ids(request.prefix)
+        return ids + prefix, len(prefix)
 
     def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
         """One batched feature extraction, encoder pass and `generate` for all requests (same task)."""
@@ -270,7 +283,9 @@ class WhisperBackend:
                 ]
             elif not self.multilingual:
                 languages = ["en"] * len(requests)
-            prompts = [self._decoder_prompt(r, lang) for r, lang in zip(requests, languages, strict=True)]
+            built = [self._decoder_prompt(r, lang) for r, lang in zip(requests, languages, strict=True)]
+            prompts = [ids for ids, _ in built]
+            prefixes = [count for _, count in built]
             width = max(len(p) for p in prompts)
             decoder_ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts], device=self.device)
             caps = [token_cap(r.duration, self.tokens_per_second) for r in requests]
@@ -313,15 +328,38 @@ class WhisperBackend:
                 dim=2,
             )
             attention_rows = attention.float().cpu().numpy()  # batch × heads × tokens × frames
+            # A forced prefix was read in the first step: the queries that "produced" its tokens sit
+            # just before the end of the decoder prompt. Word timing needs them too.
+            first_step = output["cross_attentions"][0]
+            prefix_rows = [
+                torch.stack([first_step[layer][row, head, -count - 1 : -1] for layer, head in heads], dim=0)
+                .float()
+                .cpu()
+                .numpy()
+                if count
+                else None
+                for row, count in enumerate(prefixes)
+            ]
         generated = sequences[:, width:].tolist()
         logprob_rows = logprobs.cpu().tolist()
         frames = (features.attention_mask.sum(dim=-1) // 2).tolist()  # encoder frames of each clip
-        return [
-            self._result(tokens, row_attention[..., :row_frames], row_logprobs, cap, language, speechless)
-            for tokens, row_attention, row_frames, row_logprobs, cap, language, speechless in zip(
-                generated, attention_rows, frames, logprob_rows, caps, languages, no_speech, strict=True
+        results = []
+        for row, tokens in enumerate(generated):
+            row_attention = attention_rows[row]
+            if prefix_rows[row] is not None:
+                row_attention = np.concatenate([prefix_rows[row], row_attention], axis=1)
+            results.append(
+                self._result(
+                    tokens,
+                    row_attention[..., : frames[row]],
+                    logprob_rows[row],
+                    caps[row],
+                    languages[row],
+                    no_speech[row],
+                    prefixes[row],
+                )
             )
-        ]
+        return results
 
     def _result(
         self,
@@ -331,23 +369,31 @@ class WhisperBackend:
         cap: int,
         language: str | None,
         no_speech: float | None,
+        prefix: int = 0,
     ) -> TranscriptionResult:
-        """Cut at end-of-text and at the cap; group tokens into timed words; score the decode."""
+        """Cut at end-of-text and at the cap; group tokens into timed words; score the decode.
+
+        `attention` holds the `prefix` forced tokens' rows first, then the generated tokens' rows;
+        only the generated tokens become words, timed against the prefix's as well.
+        """
         length = tokens.index(self._eot) if self._eot is not None and self._eot in tokens else len(tokens)
         scored = logprobs[: min(length + 1, len(logprobs))]  # Whisper counts the end-of-text token too
         avg_logprob = sum(scored) / max(1, len(scored))
         truncated = length > cap
         length = min(length, cap)
-        kept = [(i, t) for i, t in enumerate(tokens[:length]) if t not in self._special_ids]
-        aligned = min(len(scored), attention.shape[1])  # the text tokens and the end-of-text token
+        kept = [(prefix + i, t) for i, t in enumerate(tokens[:length]) if t not in self._special_ids]
+        aligned = min(prefix + len(scored), attention.shape[1])  # prefix, text tokens and end-of-text
         times = token_start_times(attention[:, :aligned].astype(np.float64)).tolist() if kept else []
+        words = self._words(kept, times)
+        if prefix and kept and not self.processor.tokenizer.convert_ids_to_tokens(kept[0][1]).startswith(WORD_START):
+            words = words[1:]  # punctuation that would belong to a committed word, which can no longer change
         text = self.processor.tokenizer.decode([t for _, t in kept]).strip()
         return TranscriptionResult(
             text=text,
             language=language,
             tokens=length,
             truncated=truncated,
-            words=self._words(kept, times),
+            words=words,
             avg_logprob=avg_logprob,
             no_speech_prob=no_speech,
         )
@@ -656,10 +702,10 @@ class TranscriptionEngine:
                 logger.exception("batch of %d failed", len(jobs))
             with self._lock:
                 self.stats.jobs_failed += len(jobs)
+            if is_fatal(exc):  # dead before anyone hears of the failure, so no one submits to it again
+                self._die(f"device failure: {exc}")
             for job in jobs:
                 job.future.set_exception(exc)
-            if is_fatal(exc):
-                self._die(f"device failure: {exc}")
             return
         elapsed = time.perf_counter() - started
         with self._lock:

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from real_time_audio.config import Settings
     from real_time_audio.service import TranscriptionResult
 
-MIN_PARTIAL_S = 0.3  # too little audio for a useful partial decode
+MIN_PARTIAL_S = 0.3  # too little new audio for a useful partial decode
+CONTEXT_GAP_S = 3.0  # a pause longer than this ends the sentence: the previous utterance's audio is let go
 CAP_HOLD_BACK_S = 1.0  # when the buffer is full, words ending this close to its end wait
 MIN_CAP_PROGRESS_S = 1.0  # a full buffer always moves on at least this far
 
@@ -52,6 +53,7 @@ class Window:
     kind: Literal["partial", "cap", "final"]
     audio: NDArray[np.float32]
     context: str  # committed text that left the buffer, for the prompt
+    prefix: str  # committed words at the start of this audio: the decode continues after them
     epoch: int  # the buffer position this window was cut from; a partial from an older one is stale
 
     @property
@@ -104,6 +106,7 @@ class UtterancePolicy:
         trim_s: float = 15.0,
         pad_s: float = 0.2,
         context_chars: int = 200,
+        context_audio_s: float = 10.0,
         interim_results: bool = True,
         vad_enabled: bool = True,
         guards: GuardThresholds | None = None,
@@ -113,6 +116,8 @@ class UtterancePolicy:
         self.trim_samples = int(min(trim_s, max_window_s) * MODEL_SAMPLE_RATE)
         self.pad = int(pad_s * MODEL_SAMPLE_RATE)
         self.context_chars = context_chars
+        self.context_audio = int(context_audio_s * MODEL_SAMPLE_RATE)
+        self.context_gap = int(CONTEXT_GAP_S * MODEL_SAMPLE_RATE)
         self.interim_results = interim_results
         self.guards = guards or GuardThresholds()
         self.stats = PolicyStats()
@@ -127,6 +132,9 @@ class UtterancePolicy:
         self._epoch = 0
         self._agreement = LocalAgreement()
         self._buffered_words: list[Word] = []  # committed words still inside the buffer
+        # Where the previous utterance ended while its audio is kept as context for the next one
+        # (the model then hears the sentence so far), or None.
+        self._carry_end: int | None = None
         self._context = ""
         self._last_word_end = 0.0
         self._last_partial_at = -math.inf
@@ -142,6 +150,7 @@ class UtterancePolicy:
             trim_s=settings.buffer_trim_s,
             pad_s=settings.vad_pad_ms / 1000,
             context_chars=settings.context_prompt_chars,
+            context_audio_s=settings.context_audio_s,
             interim_results=interim_results,
             vad_enabled=settings.vad != "off",
             guards=GuardThresholds(
@@ -172,12 +181,19 @@ class UtterancePolicy:
                 start = max(event.sample - self.pad, self._floor, self._buffer_start)
                 self._regions.append(_Region(start))
                 if len(self._regions) == 1:
-                    self._set_decode_start(start)
+                    if self._carry_end is not None and start - self._carry_end > self.context_gap:
+                        self._release_carry()
+                    if self._carry_end is None:
+                        self._set_decode_start(start)
+                    self._carry_end = None  # the kept audio now leads into this utterance
             elif self._regions and self._regions[-1].end is None:
                 self._regions[-1].end = min(max(event.sample + self.pad, self._regions[-1].start), self.received)
-        if not self._regions:  # silence: keep only the pre-roll
+        if not self._regions:  # silence: keep only the pre-roll (and the previous utterance, for a while)
             self.transcribed = self.received
-            self._drop_audio_before(max(self._buffer_start, self.received - self.pad))
+            if self._carry_end is not None and self.received - self._carry_end > self.context_gap:
+                self._release_carry()
+            if self._carry_end is None:
+                self._drop_audio_before(max(self._buffer_start, self.received - self.pad))
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -191,9 +207,9 @@ class UtterancePolicy:
             region = self._regions[0]
             start = self._decode_start
             closing = region.end
-            if closing is None and finalize_until is not None and finalize_until > start:
+            if closing is None and finalize_until is not None and finalize_until > max(start, region.start):
                 closing = finalize_until
-            if closing is not None and closing <= start:  # nothing left in it to decode
+            if closing is not None and closing <= max(start, region.start):  # nothing left in it to decode
                 self._finish_region(closing)
                 continue
             if (closing if closing is not None else self.received) - start > self.max_samples:
@@ -203,7 +219,7 @@ class UtterancePolicy:
             if (
                 now - self._last_partial_at >= self.partial_interval_s
                 and self.received > self._last_partial_end
-                and self.received - start >= MIN_PARTIAL_S * MODEL_SAMPLE_RATE
+                and self.received - max(start, region.start) >= MIN_PARTIAL_S * MODEL_SAMPLE_RATE
             ):
                 self._last_partial_at = now
                 return self._window(start, self.received, "partial")
@@ -216,7 +232,7 @@ class UtterancePolicy:
             not self._regions
             or self._regions[0].end is not None
             or self.received <= self._last_partial_end
-            or self.received - self._decode_start < MIN_PARTIAL_S * MODEL_SAMPLE_RATE
+            or self.received - max(self._decode_start, self._regions[0].start) < MIN_PARTIAL_S * MODEL_SAMPLE_RATE
         ):
             return None  # new audio will wake the session
         return max(0.0, self._last_partial_at + self.partial_interval_s - now)
@@ -225,7 +241,7 @@ class UtterancePolicy:
         audio = self._joined()[start - self._buffer_start : end - self._buffer_start]
         self.stats.windows[kind] += 1
         self.stats.longest_window = max(self.stats.longest_window, end - start)
-        return Window(start, end, kind, audio, self._context, self._epoch)
+        return Window(start, end, kind, audio, self._context, join_words(self._buffered_words), self._epoch)
 
     # -- results --------------------------------------------------------------------------------
 
@@ -234,13 +250,14 @@ class UtterancePolicy:
         if window.epoch != self._epoch or window.start != self._decode_start:
             return []  # a partial of audio that has been finalized or trimmed meanwhile
         words, language = self._heard(window, result)
+        after_prefix = bool(window.prefix)  # the model continued after the committed words: all of them are new
         out: list[SegmentText] = []
         if window.kind == "partial":
             if result is None:
                 return []
             self._last_partial_end = window.end
             self.transcribed = max(self.transcribed, window.end)
-            out += self._final(self._agreement.insert(words), language, window)
+            out += self._final(self._agreement.insert(words, after_prefix), language, window)
             if window.end - self._decode_start > self.trim_samples and self._buffered_words:
                 self._trim_to(self._sample(self._buffered_words[-1].end))
             if self.interim_results and self._agreement.tail:
@@ -248,7 +265,7 @@ class UtterancePolicy:
             return out
         if window.kind == "cap":
             cutoff = window.end / MODEL_SAMPLE_RATE - CAP_HOLD_BACK_S
-            committed = self._agreement.commit_until(words, cutoff)
+            committed = self._agreement.commit_until(words, cutoff, after_prefix)
             out += self._final(committed, language, window)
             target = self._sample(committed[-1].end) if committed else 0
             if target < self._decode_start + MIN_CAP_PROGRESS_S * MODEL_SAMPLE_RATE:
@@ -256,7 +273,7 @@ class UtterancePolicy:
             self._trim_to(target)
             self.transcribed = max(self.transcribed, self._decode_start)
             return out
-        out += self._final(self._agreement.finish(words), language, window)
+        out += self._final(self._agreement.finish(words, after_prefix), language, window)
         self.transcribed = max(self.transcribed, window.end)
         self._finish_region(window.end)
         return out
@@ -277,6 +294,9 @@ class UtterancePolicy:
         limit = window.end / MODEL_SAMPLE_RATE
         words = [w.shifted(offset) for w in result.words if w.text.strip()]
         words = [Word(w.text, min(w.start, limit), min(w.end, limit)) for w in words]
+        if window.prefix:  # what follows the committed words lies after everything already final
+            floor = self._floor / MODEL_SAMPLE_RATE
+            words = [Word(w.text, max(w.start, floor), max(w.end, floor)) for w in words]
         cut = loop_start([w.key for w in words])
         if cut is not None:  # keep what came before the loop; never let the loop into the prompt
             self.stats.loops_cut += 1
@@ -328,9 +348,12 @@ class UtterancePolicy:
         self._set_decode_start(sample)
 
     def _finish_region(self, end: int) -> None:
-        """Everything before `end` is final; the first region ends there (or goes on after it)."""
-        self._add_context(self._buffered_words)
-        self._buffered_words = []
+        """Everything before `end` is final; the first region ends there (or goes on after it).
+
+        The utterance's audio (its last `context_audio` seconds, from a word boundary) and its
+        committed words stay as the start of the next decodes while the pause is short, so the
+        next utterance is decoded as the continuation of the sentence it belongs to.
+        """
         self._agreement.reset_tail()
         self._floor = max(self._floor, end)
         region = self._regions[0]
@@ -340,12 +363,44 @@ class UtterancePolicy:
                 self._regions[0].start = max(self._regions[0].start, end)
         else:
             region.start = end
+        carry = self._carry_start(end)
+        if self._regions and self._regions[0].start - end > self.context_gap:
+            carry = None  # the next utterance is already known to come after a long pause
+        if carry is not None:
+            self._trim_to(carry)
+            self._epoch += 1  # nothing decoded before this point may be accepted now
+            self._carry_end = None if self._regions else end
+            if not self._regions:
+                self.transcribed = max(self.transcribed, end)
+            return
+        self._add_context(self._buffered_words)
+        self._buffered_words = []
+        self._carry_end = None
         if self._regions:
             self._set_decode_start(self._regions[0].start)
         else:
             self._set_decode_start(end)
             self.transcribed = max(self.transcribed, end)
             self._drop_audio_before(max(end, self.received - self.pad))
+
+    def _carry_start(self, end: int) -> int | None:
+        """Where the audio kept as context would start (a committed word's end), or None to keep none."""
+        if self.context_audio <= 0 or not self._buffered_words:
+            return None
+        earliest = end - self.context_audio
+        if self._decode_start >= earliest:
+            return self._decode_start
+        for previous, word in zip(self._buffered_words, self._buffered_words[1:], strict=False):
+            if self._sample(word.start) >= earliest:
+                return self._sample(previous.end)
+        return None
+
+    def _release_carry(self) -> None:
+        """The pause went on: the kept utterance becomes text context only, and its audio goes."""
+        self._add_context(self._buffered_words)
+        self._buffered_words = []
+        self._carry_end = None
+        self._set_decode_start(max(self._decode_start, self.received - self.pad))
 
     def _set_decode_start(self, sample: int) -> None:
         self._decode_start = sample

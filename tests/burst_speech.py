@@ -95,9 +95,10 @@ class BurstTranscriber:
         self.window_seconds: list[float] = []
 
     def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
-        return [self._hear(r.audio) for r in requests]
+        return [self._hear(r.audio, len((r.prefix or "").split())) for r in requests]
 
-    def _hear(self, audio: NDArray[np.float32]) -> TranscriptionResult:
+    def _hear(self, audio: NDArray[np.float32], forced: int = 0) -> TranscriptionResult:
+        """The words heard; like a model made to begin with `forced` committed words, only what follows them."""
         self.calls += 1
         self.window_seconds.append(len(audio) / RATE)
         step = int(ANALYSIS_S * RATE)
@@ -126,6 +127,7 @@ class BurstTranscriber:
         if words and duration - words[-1].end < UNSURE_S:
             last = words[-1]
             words[-1] = Word(f"{last.text}~{self.calls}", last.start, last.end)
+        words = words[forced:]
         text = " ".join(w.text for w in words)
         return TranscriptionResult(
             text=text, language="en", tokens=len(words), words=words, avg_logprob=-0.2, no_speech_prob=0.01

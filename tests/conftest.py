@@ -41,6 +41,23 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("whisper-micro"))
 
 
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """Real Whisper tiny.en: the fallback model `make install-dev` brings, converted once and cached."""
+    from real_time_audio.model_source import (
+        FALLBACK_INSTALL,
+        FALLBACK_MODEL_BIN_SHA256,
+        default_cache_dir,
+        fallback_folder,
+        prepare_ct2_folder,
+    )
+
+    folder = fallback_folder()
+    if folder is None:
+        pytest.fail(f"the real test model is not installed: make install-dev does it ({FALLBACK_INSTALL})")
+    return prepare_ct2_folder(folder, default_cache_dir(), expected_sha256=FALLBACK_MODEL_BIN_SHA256)
+
+
 @pytest.fixture
 def make_settings(checkpoint_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:

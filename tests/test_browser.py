@@ -6,6 +6,7 @@ is skipped when they are missing. Each run leaves a screenshot in `test-artifact
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -19,7 +20,7 @@ import soundfile
 
 from real_time_audio.config import Settings
 from tests.burst_speech import burst_app, speech_block
-from tests.conftest import LiveServer, seconds
+from tests.conftest import LiveServer, needs_espeak, seconds
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -42,6 +43,13 @@ def speech_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def browser(speech_file: Path) -> Iterator[object]:
+    with chromium(speech_file) as driver:
+        yield driver
+
+
+@contextlib.contextmanager
+def chromium(speech_file: Path) -> Iterator[object]:
+    """Headless Chromium whose fake microphone plays `speech_file` in a loop."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -127,3 +135,39 @@ def test_page_records_the_microphone_and_shows_finals(
     if audio_file == "audio.wav":  # the page sent 16 kHz mono PCM16 that is audibly the speech file
         pcm = np.frombuffer(payload, dtype="<i2").astype(np.float32) / 32768
         assert float(np.sqrt(np.mean(pcm**2))) > 0.02
+
+
+@needs_espeak
+def test_page_shows_the_real_words_spoken_into_the_microphone(
+    tmp_path: Path, make_settings: Callable[..., Settings], real_model_dir: Path, say: Callable[[str], np.ndarray]
+) -> None:
+    """With the real tiny.en model, the finals on the page are the words of the speech the microphone plays."""
+    from selenium.webdriver.common.by import By
+
+    from main import create_app
+
+    sentences = ("the quick brown fox jumps over the lazy dog", "we will meet at the station tomorrow morning")
+    pause = np.zeros(16000, dtype=np.float32)
+    audio = np.concatenate([pause, say(sentences[0]), pause, say(sentences[1]), pause, pause])
+    speech = tmp_path / "sentences.wav"
+    soundfile.write(speech, audio, 16000, subtype="PCM_16")
+    expected = " ".join(sentences)
+    settings = make_settings(transcription_model_id=str(real_model_dir), vad="silero", partial_interval_ms=1000)
+
+    def plain(text: str) -> str:
+        return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+    with LiveServer(create_app(settings)) as server, chromium(speech) as driver:
+        find = driver.find_element  # type: ignore[attr-defined]
+        driver.get(f"http://127.0.0.1:{server.port}/")  # type: ignore[attr-defined]
+        find(By.ID, "start").click()
+        wait_for(driver, lambda d: find(By.ID, "connection").text == "live", 30)
+        # Both sentences, word for word, become finals while the microphone runs.
+        wait_for(driver, lambda d: plain(find(By.ID, "finals").text).startswith(expected), 90)
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "browser-page-real-model.png"))  # type: ignore[attr-defined]
+        finals_text = find(By.ID, "finals").text
+        find(By.ID, "finish").click()
+        wait_for(driver, lambda d: find(By.ID, "recording").text.startswith("completed:"), 60)
+    assert plain(finals_text).startswith(expected), finals_text
+    assert finals_text.startswith("The quick brown fox")

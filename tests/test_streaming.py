@@ -47,7 +47,7 @@ def simulate(
     def drain(now: float, finalize_until: int | None = None) -> None:
         while (window := policy.next_window(now, finalize_until)) is not None:
             run.windows.append((now, window))
-            result = model.transcribe_batch([TranscriptionRequest(audio=window.audio)])[0]
+            result = model.transcribe_batch([TranscriptionRequest(audio=window.audio, prefix=window.prefix or None)])[0]
             run.outputs.extend(policy.accept(window, result))
 
     position = 0
@@ -134,18 +134,38 @@ def started_policy(seconds: float = 3.0, **kw: object) -> UtterancePolicy:
 
 
 def test_agreeing_prefix_is_committed_and_the_tail_is_the_partial() -> None:
-    """Two decodes agreeing on "a b" commit it as a final; "c" stays the partial."""
+    """Two decodes agreeing on the phrase "a b," commit it as a final; "c d" stays the partial."""
     policy = started_policy()
     first = policy.next_window(now=1.0)
-    assert first is not None and first.kind == "partial"
-    out = policy.accept(first, result(("a", 0.1, 0.4), ("b", 0.5, 0.9), ("x", 1.0, 1.2)))
-    assert [(o.is_final, o.text) for o in out] == [(False, "a b x")]
+    assert first is not None and first.kind == "partial" and first.prefix == ""
+    out = policy.accept(first, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("x", 1.0, 1.2)))
+    assert [(o.is_final, o.text) for o in out] == [(False, "a b, x")]
     policy.feed(np.full(RATE, 0.1, dtype=np.float32))
     second = policy.next_window(now=2.0)
     assert second is not None
-    out = policy.accept(second, result(("a", 0.1, 0.4), ("b", 0.55, 0.9), ("c", 1.0, 1.3), ("d", 2.0, 2.2)))
-    assert [(o.segment_id, o.is_final, o.text) for o in out] == [(0, True, "a b"), (1, False, "c d")]
-    assert out[0].words == (Word("a", 0.1, 0.4), Word("b", 0.55, 0.9))
+    out = policy.accept(second, result(("a", 0.1, 0.4), ("b,", 0.55, 0.9), ("c", 1.0, 1.3), ("d", 2.0, 2.2)))
+    assert [(o.segment_id, o.is_final, o.text) for o in out] == [(0, True, "a b,"), (1, False, "c d")]
+    assert out[0].words == (Word("a", 0.1, 0.4), Word("b,", 0.55, 0.9))
+    # The committed words are forced at the start of the next decode, which returns only what follows.
+    policy.feed(np.full(RATE, 0.1, dtype=np.float32))
+    third = policy.next_window(now=3.0)
+    assert third is not None and third.prefix == "a b,"
+    out = policy.accept(third, result(("c", 0.85, 1.3), ("d.", 2.0, 2.3), ("e", 2.5, 2.8)))
+    assert [(o.segment_id, o.is_final, o.text) for o in out] == [(1, True, "c d."), (2, False, "e")]
+    assert out[0].words[0] == Word("c", 0.9, 1.3)  # never before the last committed word
+
+
+def test_agreed_words_wait_for_the_end_of_their_phrase() -> None:
+    """Agreed words without punctuation stay in the partial until a phrase ends, or six are waiting."""
+    agreement = LocalAgreement()
+    words = [Word(f"w{i}", i * 0.5, i * 0.5 + 0.4) for i in range(8)]
+    agreement.insert(words[:3])
+    assert agreement.insert(words[:4]) == []  # "w0 w1 w2" agreed, no phrase end yet
+    assert [w.text for w in agreement.tail] == ["w0", "w1", "w2", "w3"]
+    assert agreement.insert([*words[:2], Word("w2,", 1.0, 1.4), *words[3:5]]) == [*words[:2], Word("w2,", 1.0, 1.4)]
+    agreement = LocalAgreement()
+    agreement.insert(words[:7])
+    assert agreement.insert(words) == words[:7]  # six or more agreed: committed without a phrase end
 
 
 def test_words_that_moved_in_time_are_not_agreed() -> None:
@@ -174,6 +194,51 @@ def test_speech_end_finalizes_everything_left() -> None:
     assert policy.next_window(now=100.0) is None
 
 
+def utterance_then_pause(policy: UtterancePolicy, pause_s: float) -> None:
+    """Speech from 0.5 s to 1.5 s, finalized as "hello there.", then `pause_s` of silence and speech again."""
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final" and window.prefix == ""
+    out = policy.accept(window, result(("hello", 0.3, 0.6), ("there.", 0.7, 1.0)))
+    assert [o.text for o in out] == ["hello there."]
+    restart = int((1.5 + pause_s) * RATE)
+    policy.feed(np.zeros(restart - policy.received, dtype=np.float32))
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", restart)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", restart + RATE)])
+
+
+def test_a_short_pause_decodes_the_next_utterance_after_the_previous_one() -> None:
+    """After a pause of under 3 s the previous utterance's audio and words lead the next decode."""
+    policy = UtterancePolicy(pad_s=0.2)
+    utterance_then_pause(policy, pause_s=1.5)
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final"
+    assert (window.start, window.prefix) == (int(0.3 * RATE), "hello there.")
+    assert window.end == int(4.2 * RATE) and len(window.audio) == window.end - window.start
+    out = policy.accept(window, result(("how", 2.8, 3.0), ("are", 3.1, 3.3), ("you?", 3.4, 3.7)))
+    assert [(o.text, o.start, o.end) for o in out] == [("how are you?", 3.1, 4.0)]
+    assert policy.pending <= int(10.4 * RATE)
+
+
+def test_a_long_pause_lets_the_previous_utterance_go() -> None:
+    """After more than 3 s of silence only the text stays, as the prompt; the audio is dropped."""
+    policy = UtterancePolicy(pad_s=0.2)
+    utterance_then_pause(policy, pause_s=4.0)
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final"
+    assert (window.start, window.prefix, window.context) == (int(5.3 * RATE), "", "hello there.")
+
+
+def test_context_audio_off_starts_each_utterance_afresh() -> None:
+    """CONTEXT_AUDIO_S=0: every utterance is decoded on its own, with the text before it as the prompt."""
+    policy = UtterancePolicy(pad_s=0.2, context_audio_s=0)
+    utterance_then_pause(policy, pause_s=1.0)
+    window = policy.next_window(now=0.0)
+    assert window is not None
+    assert (window.start, window.prefix, window.context) == (int(2.3 * RATE), "", "hello there.")
+
+
 def test_flush_inside_speech_finalizes_up_to_the_flush() -> None:
     """A flush cuts the utterance: a final up to the flush point; speech after it continues."""
     policy = started_policy(seconds=2.0)
@@ -183,7 +248,8 @@ def test_flush_inside_speech_finalizes_up_to_the_flush() -> None:
     assert policy.next_window(now=0.0, finalize_until=2 * RATE) is None
     policy.feed(np.full(RATE, 0.1, dtype=np.float32))
     window = policy.next_window(now=5.0)
-    assert window is not None and (window.kind, window.start, window.end) == ("partial", 2 * RATE, 3 * RATE)
+    assert window is not None and (window.kind, window.start, window.end) == ("partial", 0, 3 * RATE)
+    assert window.prefix == "one"  # the decode goes on after the flushed words, hearing them again
 
 
 def test_full_buffer_commits_all_but_the_last_second() -> None:
@@ -221,7 +287,7 @@ def test_committed_text_that_leaves_the_buffer_becomes_the_bounded_prompt() -> N
     """Trimmed committed words become context: the most recent ≤ context_chars characters."""
     policy = UtterancePolicy(trim_s=2.0, context_chars=20)
     policy.feed(np.zeros(0, dtype=np.float32), [SpeechEvent("start", 0)])
-    words = [(f"word{i}", i * 0.5, i * 0.5 + 0.4) for i in range(8)]
+    words = [(f"word{i}.", i * 0.5, i * 0.5 + 0.4) for i in range(8)]
     seconds = 0
     for step in range(2):
         seconds += 2
@@ -231,7 +297,7 @@ def test_committed_text_that_leaves_the_buffer_becomes_the_bounded_prompt() -> N
         policy.accept(window, result(*[w for w in words if w[2] <= seconds - window.start / RATE]))
     window = policy.next_window(now=100.0, finalize_until=policy.received)
     assert window is not None
-    assert window.context == "word1 word2 word3"
+    assert window.context == "word2. word3."
     assert len(window.context) <= 20
 
 
@@ -241,9 +307,9 @@ def test_interim_results_off_sends_only_finals() -> None:
     for now in (1.0, 2.0):
         window = policy.next_window(now=now)
         assert window is not None
-        out = policy.accept(window, result(("a", 0.1, 0.4), ("b", 0.5, 0.8)))
+        out = policy.accept(window, result(("a", 0.1, 0.4), ("b.", 0.5, 0.8)))
         policy.feed(np.full(RATE, 0.1, dtype=np.float32))
-    assert [(o.is_final, o.text) for o in out] == [(True, "a b")]
+    assert [(o.is_final, o.text) for o in out] == [(True, "a b.")]
 
 
 def test_without_vad_everything_is_one_region() -> None:
@@ -276,8 +342,8 @@ def test_a_repeated_word_after_a_commit_is_kept_but_a_reheard_tail_is_not() -> N
     """ "go go": the second "go" starts after the committed one and is new; a decode that starts at
     the committed end and catches the tail of the last word does not repeat it."""
     agreement = LocalAgreement()
-    agreement.insert([Word("go", 1.0, 1.3)])
-    assert agreement.insert([Word("go", 1.0, 1.3), Word("go", 1.38, 1.7)]) == [Word("go", 1.0, 1.3)]
+    agreement.insert([Word("go,", 1.0, 1.3)])
+    assert agreement.insert([Word("go,", 1.0, 1.3), Word("go", 1.38, 1.7)]) == [Word("go,", 1.0, 1.3)]
     assert agreement.finish([Word("go", 1.38, 1.7), Word("on", 1.8, 2.0)]) == [
         Word("go", 1.38, 1.7),
         Word("on", 1.8, 2.0),
