@@ -146,7 +146,7 @@ def test_page_shows_the_real_words_spoken_into_the_microphone(
 
     from main import create_app
 
-    sentences = ("the quick brown fox jumps over the lazy dog", "we will meet at the station tomorrow morning")
+    sentences = ("good morning everyone and welcome to the show", "we will meet at the station tomorrow morning")
     pause = np.zeros(16000, dtype=np.float32)
     audio = np.concatenate([pause, say(sentences[0]), pause, say(sentences[1]), pause, pause])
     speech = tmp_path / "sentences.wav"
@@ -170,4 +170,4 @@ def test_page_shows_the_real_words_spoken_into_the_microphone(
         find(By.ID, "finish").click()
         wait_for(driver, lambda d: find(By.ID, "recording").text.startswith("completed:"), 60)
     assert plain(finals_text).startswith(expected), finals_text
-    assert finals_text.startswith("The quick brown fox")
+    assert finals_text.startswith("Good morning")

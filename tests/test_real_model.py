@@ -25,11 +25,13 @@ from real_time_audio.config import Settings
 from real_time_audio.media import encode
 from tests.conftest import LiveServer, needs_espeak, pcm16, stream_session
 
+# Sentences tiny.en reads back word for word from espeak-ng's en-us voice (not every one does:
+# "the quick brown fox" comes back as "the quick round fark stump").
 SENTENCES = (
-    "the quick brown fox jumps over the lazy dog",
-    "please call stella and ask her to bring these things with her from the store",
+    "good morning everyone and welcome to the show",
+    "it is raining in the city tonight",
     "we will meet at the station tomorrow morning",
-    "my favorite season of the year is the autumn",
+    "the children are playing in the garden",
 )
 pytestmark = needs_espeak
 
@@ -94,7 +96,7 @@ def test_a_sentence_over_pauses_reads_as_one_text(real_server: LiveServer, say: 
     result = asyncio.run(stream_session(real_server.url, pcm16(audio), frame_bytes=3200, delay_s=0.02))
     text = joined_finals(result["messages"])
     assert plain(text) == f"{SENTENCES[0]} {SENTENCES[1]}"
-    assert text[0] == "T"
+    assert text[0] == "G"
 
 
 @pytest.mark.parametrize("noise", ["silence", "white", "pink", "hum"])
