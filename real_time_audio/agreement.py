@@ -24,6 +24,9 @@ RECENT_WORDS = 8
 # punctuation has been seen with the words after it), or all of them once this many are waiting.
 PHRASE_END = (",", ".", "?", "!", ";", ":")
 MAX_HELD_WORDS = 6
+# An agreed word is committed only once this much audio after it has been heard: until then the
+# words that follow it (and its own punctuation) are still being decided.
+SETTLE_AGE_S = 2.5
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,12 +87,18 @@ class LocalAgreement:
                     break
         return new
 
-    def insert(self, words: Sequence[Word], after_prefix: bool = False) -> list[Word]:
-        """Take a new hypothesis; returns the words it confirms (now committed)."""
+    def insert(self, words: Sequence[Word], after_prefix: bool = False, heard_until: float | None = None) -> list[Word]:
+        """Take a new hypothesis; returns the words it confirms (now committed).
+
+        `heard_until`: the end of the audio this hypothesis was decoded from. Only words ending
+        SETTLE_AGE_S before it may be committed: the model has heard what follows them.
+        """
         new = self.fresh(words, after_prefix)
         agreed = 0
         for old, word in zip(self.tail, new, strict=False):
             if old.key != word.key or abs(old.start - word.start) > MATCH_TOLERANCE_S:
+                break
+            if heard_until is not None and word.end > heard_until - SETTLE_AGE_S:
                 break
             agreed += 1
         count = phrase_length(new[:agreed])

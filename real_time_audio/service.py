@@ -87,6 +87,7 @@ class TranscriptionResult:
     words: list[Word] = field(default_factory=list)
     avg_logprob: float = 0.0
     no_speech_prob: float | None = None  # None: the model has no no-speech token
+    after_prefix: bool = False  # the decoder began with the request's prefix: these words follow it
 
 
 class Backend(Protocol):
@@ -396,6 +397,7 @@ class WhisperBackend:
             words=words,
             avg_logprob=avg_logprob,
             no_speech_prob=no_speech,
+            after_prefix=prefix > 0,
         )
 
     def _words(self, kept: list[tuple[int, int]], times: list[float]) -> list[Word]:

@@ -250,14 +250,16 @@ class UtterancePolicy:
         if window.epoch != self._epoch or window.start != self._decode_start:
             return []  # a partial of audio that has been finalized or trimmed meanwhile
         words, language = self._heard(window, result)
-        after_prefix = bool(window.prefix)  # the model continued after the committed words: all of them are new
+        # The model continued after the committed words (it was made to begin with them): all its words are new.
+        after_prefix = bool(window.prefix) and result is not None and result.after_prefix
         out: list[SegmentText] = []
         if window.kind == "partial":
             if result is None:
                 return []
             self._last_partial_end = window.end
             self.transcribed = max(self.transcribed, window.end)
-            out += self._final(self._agreement.insert(words, after_prefix), language, window)
+            heard_until = window.end / MODEL_SAMPLE_RATE
+            out += self._final(self._agreement.insert(words, after_prefix, heard_until), language, window)
             if window.end - self._decode_start > self.trim_samples and self._buffered_words:
                 self._trim_to(self._sample(self._buffered_words[-1].end))
             if self.interim_results and self._agreement.tail:
@@ -294,7 +296,7 @@ class UtterancePolicy:
         limit = window.end / MODEL_SAMPLE_RATE
         words = [w.shifted(offset) for w in result.words if w.text.strip()]
         words = [Word(w.text, min(w.start, limit), min(w.end, limit)) for w in words]
-        if window.prefix:  # what follows the committed words lies after everything already final
+        if result.after_prefix:  # what follows the committed words lies after everything already final
             floor = self._floor / MODEL_SAMPLE_RATE
             words = [Word(w.text, max(w.start, floor), max(w.end, floor)) for w in words]
         cut = loop_start([w.key for w in words])

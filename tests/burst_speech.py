@@ -130,7 +130,13 @@ class BurstTranscriber:
         words = words[forced:]
         text = " ".join(w.text for w in words)
         return TranscriptionResult(
-            text=text, language="en", tokens=len(words), words=words, avg_logprob=-0.2, no_speech_prob=0.01
+            text=text,
+            language="en",
+            tokens=len(words),
+            words=words,
+            avg_logprob=-0.2,
+            no_speech_prob=0.01,
+            after_prefix=forced > 0,
         )
 
 

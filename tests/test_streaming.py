@@ -116,6 +116,7 @@ def speech(*words: int, gap_s: float = 0.1) -> NDArray[np.float32]:
 
 def result(*words: tuple[str, float, float], **kw: float | None) -> TranscriptionResult:
     timed = [Word(text, start, end) for text, start, end in words]
+    after_prefix = bool(kw.pop("after_prefix", False))
     options: dict[str, float | None] = {"avg_logprob": -0.2, "no_speech_prob": 0.01} | kw
     return TranscriptionResult(
         text=" ".join(w.text for w in timed),
@@ -124,6 +125,7 @@ def result(*words: tuple[str, float, float], **kw: float | None) -> Transcriptio
         words=timed,
         avg_logprob=float(options["avg_logprob"] or 0.0),
         no_speech_prob=options["no_speech_prob"],
+        after_prefix=after_prefix,
     )
 
 
@@ -150,9 +152,32 @@ def test_agreeing_prefix_is_committed_and_the_tail_is_the_partial() -> None:
     policy.feed(np.full(RATE, 0.1, dtype=np.float32))
     third = policy.next_window(now=3.0)
     assert third is not None and third.prefix == "a b,"
-    out = policy.accept(third, result(("c", 0.85, 1.3), ("d.", 2.0, 2.3), ("e", 2.5, 2.8)))
+    out = policy.accept(third, result(("c", 0.85, 1.3), ("d.", 2.0, 2.3), ("e", 2.5, 2.8), after_prefix=True))
     assert [(o.segment_id, o.is_final, o.text) for o in out] == [(1, True, "c d."), (2, False, "e")]
     assert out[0].words[0] == Word("c", 0.9, 1.3)  # never before the last committed word
+
+
+def test_a_decode_that_did_not_take_the_prefix_is_filtered_by_time() -> None:
+    """A backend that could not force the committed words returns all of them again: they are not repeated."""
+    policy = started_policy()
+    for now in (1.0, 2.0):
+        window = policy.next_window(now=now)
+        assert window is not None
+        policy.accept(window, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("c", 1.0, 1.3)))
+        policy.feed(np.full(RATE, 0.1, dtype=np.float32))
+    window = policy.next_window(now=3.0)
+    assert window is not None and window.prefix == "a b,"
+    out = policy.accept(window, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("c", 1.0, 1.3), ("d.", 1.4, 1.8)))
+    assert [(o.is_final, o.text) for o in out] == [(False, "c d.")]  # "a b," is not sent again
+
+
+def test_agreed_words_are_committed_only_once_audio_after_them_was_heard() -> None:
+    """A word is settled only when 2.5 s of audio after it went into the decode that agreed on it."""
+    agreement = LocalAgreement()
+    words = [Word("one,", 0.0, 0.4), Word("two,", 1.0, 1.4)]
+    agreement.insert(words, heard_until=3.0)
+    assert agreement.insert(words, heard_until=3.2) == [words[0]]  # "two," ends 1.8 s before the audio does
+    assert agreement.insert(words[1:], heard_until=3.9) == [words[1]]
 
 
 def test_agreed_words_wait_for_the_end_of_their_phrase() -> None:
@@ -216,7 +241,7 @@ def test_a_short_pause_decodes_the_next_utterance_after_the_previous_one() -> No
     assert window is not None and window.kind == "final"
     assert (window.start, window.prefix) == (int(0.3 * RATE), "hello there.")
     assert window.end == int(4.2 * RATE) and len(window.audio) == window.end - window.start
-    out = policy.accept(window, result(("how", 2.8, 3.0), ("are", 3.1, 3.3), ("you?", 3.4, 3.7)))
+    out = policy.accept(window, result(("how", 2.8, 3.0), ("are", 3.1, 3.3), ("you?", 3.4, 3.7), after_prefix=True))
     assert [(o.text, o.start, o.end) for o in out] == [("how are you?", 3.1, 4.0)]
     assert policy.pending <= int(10.4 * RATE)
 
@@ -285,7 +310,7 @@ def test_silence_verdicts_and_loops_are_guarded() -> None:
 
 def test_committed_text_that_leaves_the_buffer_becomes_the_bounded_prompt() -> None:
     """Trimmed committed words become context: the most recent ≤ context_chars characters."""
-    policy = UtterancePolicy(trim_s=2.0, context_chars=20)
+    policy = UtterancePolicy(trim_s=2.0, context_chars=14)
     policy.feed(np.zeros(0, dtype=np.float32), [SpeechEvent("start", 0)])
     words = [(f"word{i}.", i * 0.5, i * 0.5 + 0.4) for i in range(8)]
     seconds = 0
@@ -297,8 +322,8 @@ def test_committed_text_that_leaves_the_buffer_becomes_the_bounded_prompt() -> N
         policy.accept(window, result(*[w for w in words if w[2] <= seconds - window.start / RATE]))
     window = policy.next_window(now=100.0, finalize_until=policy.received)
     assert window is not None
-    assert window.context == "word2. word3."
-    assert len(window.context) <= 20
+    assert window.context == "word1. word2."
+    assert len(window.context) <= 14
 
 
 def test_interim_results_off_sends_only_finals() -> None:
