@@ -162,7 +162,7 @@ def test_speech_with_voice_activity_gives_what_stt_gives(
 ) -> None:
     """With Silero VAD on, two utterances and the pause between them come out as the offline `stt`
     command (the same pipeline without a server) transcribes them."""
-    settings = make_settings(vad="silero", **NO_PARTIALS)
+    settings = make_settings(vad="silero", context_audio_s=0, **NO_PARTIALS)  # each utterance decoded alone
     pause, first = np.zeros(24000, dtype=np.float32), say("the weather is nice today")
     speech = np.concatenate([pause, first, pause, say("see you tomorrow"), pause])
     second_at = (2 * len(pause) + len(first)) / 16000
