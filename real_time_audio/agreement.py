@@ -23,6 +23,7 @@ RECENT_WORDS = 8
 # Agreed words are committed a phrase at a time: up to the last one that ends a phrase (its
 # punctuation has been seen with the words after it), or all of them once this many are waiting.
 PHRASE_END = (",", ".", "?", "!", ";", ":")
+ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "jr.", "sr.", "vs.", "etc.", "e.g.", "i.e."})
 MAX_HELD_WORDS = 6
 # An agreed word is committed only once this much audio after it has been heard: until then the
 # words that follow it (and its own punctuation) are still being decided.
@@ -60,7 +61,8 @@ def phrase_length(agreed: Sequence[Word]) -> int:
     if len(agreed) >= MAX_HELD_WORDS:
         return len(agreed)
     for index in range(len(agreed) - 1, -1, -1):
-        if agreed[index].text.endswith(PHRASE_END):
+        text = agreed[index].text
+        if text.endswith(PHRASE_END) and text.casefold() not in ABBREVIATIONS:  # "Mr." ends no phrase
             return index + 1
     return 0
 

@@ -191,6 +191,10 @@ def test_agreed_words_wait_for_the_end_of_their_phrase() -> None:
     agreement = LocalAgreement()
     agreement.insert(words[:7])
     assert agreement.insert(words) == words[:7]  # six or more agreed: committed without a phrase end
+    agreement = LocalAgreement()
+    title = [Word("Mr.", 0.0, 0.3), Word("Quilter", 0.4, 0.9), Word("is", 1.0, 1.2)]
+    agreement.insert(title)
+    assert agreement.insert(title) == []  # an abbreviation's period ends no phrase
 
 
 def test_words_that_moved_in_time_are_not_agreed() -> None:
