@@ -16,7 +16,6 @@ imported by `write_transformers_folder`, which the model loader calls.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -548,14 +547,6 @@ def _storage_dtype(model: Ct2Model) -> str:
     """float16 when every stored weight is float16 (widening and narrowing back are exact), else float32."""
     stored = {str(v.dtype) for v in model.variables.values() if v.ndim >= 2}
     return "float16" if stored == {"float16"} else "float32"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_transformers_folder(source: Path, out: Path) -> dict[str, Any]:

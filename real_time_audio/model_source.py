@@ -30,7 +30,6 @@ from real_time_audio.ct2 import (
     Ct2FormatError,
     is_ct2_folder,
     model_bin_parts,
-    sha256_of,
     write_transformers_folder,
 )
 
@@ -237,10 +236,11 @@ def _cached_problem(folder: Path, target: Path, expected_sha256: str | None) -> 
     return None
 
 
-def _model_bin_sha256(folder: Path) -> str:
+def sha256_of(*paths: Path) -> str:
+    """SHA-256 of the files' bytes, one after the other (a model.bin in parts hashes as the whole)."""
     digest = hashlib.sha256()
-    for part in model_bin_parts(folder):
-        with part.open("rb") as file:
+    for path in paths:
+        with path.open("rb") as file:
             while chunk := file.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
@@ -249,7 +249,7 @@ def _model_bin_sha256(folder: Path) -> str:
 def _convert_into(folder: Path, target: Path, cache_dir: Path, expected_sha256: str | None) -> None:
     started = time.perf_counter()
     fingerprint = _fingerprint(folder)
-    source_sha256 = _model_bin_sha256(folder)
+    source_sha256 = sha256_of(*model_bin_parts(folder))
     if expected_sha256 is not None and source_sha256 != expected_sha256:
         raise Ct2FormatError(f"model.bin has SHA-256 {source_sha256}, not the pinned {expected_sha256}")
     logger.info("converting the faster-whisper folder %s into %s (once; later starts reuse it)", folder, target)
