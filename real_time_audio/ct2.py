@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -288,6 +288,24 @@ class _Weights:
                 continue
             out[f"{target}.bias"] = np.ascontiguousarray(bias[rows])
 
+    def layer(
+        self, source: str, target: str, out: dict[str, NDArray[np.float32]], width: int, cross_attention: bool
+    ) -> None:
+        """One transformer layer: self-attention, (for the decoder) cross-attention, feed-forward."""
+        self.norm(f"{source}/self_attention/layer_norm", f"{target}.self_attn_layer_norm", out)
+        qkv = [f"{target}.self_attn.{p}_proj" for p in "qkv"]
+        self.fused(f"{source}/self_attention/linear_0", qkv, out, width)
+        self.linear(f"{source}/self_attention/linear_1", f"{target}.self_attn.out_proj", out)
+        if cross_attention:
+            self.norm(f"{source}/attention/layer_norm", f"{target}.encoder_attn_layer_norm", out)
+            self.linear(f"{source}/attention/linear_0", f"{target}.encoder_attn.q_proj", out)
+            kv = [f"{target}.encoder_attn.{p}_proj" for p in "kv"]
+            self.fused(f"{source}/attention/linear_1", kv, out, width)
+            self.linear(f"{source}/attention/linear_2", f"{target}.encoder_attn.out_proj", out)
+        self.norm(f"{source}/ffn/layer_norm", f"{target}.final_layer_norm", out)
+        self.linear(f"{source}/ffn/linear_0", f"{target}.fc1", out)
+        self.linear(f"{source}/ffn/linear_1", f"{target}.fc2", out)
+
 
 def _layers(model: Ct2Model, stack: str) -> int:
     count = 0
@@ -333,32 +351,13 @@ def to_state_dict(model: Ct2Model) -> tuple[dict[str, NDArray[np.float32]], Arch
     state[f"{encoder}.embed_positions.weight"] = weights.get("encoder/position_encodings/encodings")
     weights.norm("encoder/layer_norm", f"{encoder}.layer_norm", state)
     for i in range(arch.encoder_layers):
-        source, target = f"encoder/layer_{i}", f"{encoder}.layers.{i}"
-        weights.norm(f"{source}/self_attention/layer_norm", f"{target}.self_attn_layer_norm", state)
-        qkv = [f"{target}.self_attn.{p}_proj" for p in "qkv"]
-        weights.fused(f"{source}/self_attention/linear_0", qkv, state, d_model)
-        weights.linear(f"{source}/self_attention/linear_1", f"{target}.self_attn.out_proj", state)
-        weights.norm(f"{source}/ffn/layer_norm", f"{target}.final_layer_norm", state)
-        weights.linear(f"{source}/ffn/linear_0", f"{target}.fc1", state)
-        weights.linear(f"{source}/ffn/linear_1", f"{target}.fc2", state)
+        weights.layer(f"encoder/layer_{i}", f"{encoder}.layers.{i}", state, d_model, cross_attention=False)
     embeddings = weights.get("decoder/embeddings/weight")
     state[f"{decoder}.embed_tokens.weight"] = embeddings
     state[f"{decoder}.embed_positions.weight"] = weights.get("decoder/position_encodings/encodings")
     weights.norm("decoder/layer_norm", f"{decoder}.layer_norm", state)
     for i in range(arch.decoder_layers):
-        source, target = f"decoder/layer_{i}", f"{decoder}.layers.{i}"
-        weights.norm(f"{source}/self_attention/layer_norm", f"{target}.self_attn_layer_norm", state)
-        qkv = [f"{target}.self_attn.{p}_proj" for p in "qkv"]
-        weights.fused(f"{source}/self_attention/linear_0", qkv, state, d_model)
-        weights.linear(f"{source}/self_attention/linear_1", f"{target}.self_attn.out_proj", state)
-        weights.norm(f"{source}/attention/layer_norm", f"{target}.encoder_attn_layer_norm", state)
-        weights.linear(f"{source}/attention/linear_0", f"{target}.encoder_attn.q_proj", state)
-        kv = [f"{target}.encoder_attn.{p}_proj" for p in "kv"]
-        weights.fused(f"{source}/attention/linear_1", kv, state, d_model)
-        weights.linear(f"{source}/attention/linear_2", f"{target}.encoder_attn.out_proj", state)
-        weights.norm(f"{source}/ffn/layer_norm", f"{target}.final_layer_norm", state)
-        weights.linear(f"{source}/ffn/linear_0", f"{target}.fc1", state)
-        weights.linear(f"{source}/ffn/linear_1", f"{target}.fc2", state)
+        weights.layer(f"decoder/layer_{i}", f"{decoder}.layers.{i}", state, d_model, cross_attention=True)
     projection = "decoder/projection/weight"
     if model.aliases.get(projection) == "decoder/embeddings/weight":
         weights.used.add(projection)
@@ -591,20 +590,9 @@ def write_transformers_folder(source: Path, out: Path) -> dict[str, Any]:
     processor = WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
     processor.save_pretrained(out)
     config = WhisperConfig(
-        vocab_size=arch.vocab_size,
-        num_mel_bins=arch.num_mel_bins,
-        d_model=arch.d_model,
-        encoder_layers=arch.encoder_layers,
-        decoder_layers=arch.decoder_layers,
-        encoder_attention_heads=arch.encoder_attention_heads,
-        decoder_attention_heads=arch.decoder_attention_heads,
-        encoder_ffn_dim=arch.encoder_ffn_dim,
-        decoder_ffn_dim=arch.decoder_ffn_dim,
-        max_source_positions=arch.max_source_positions,
-        max_target_positions=arch.max_target_positions,
+        **asdict(arch),  # the architecture's fields are WhisperConfig's own names
         activation_function="gelu",
         scale_embedding=False,
-        tie_word_embeddings=arch.tie_word_embeddings,
         pad_token_id=generation["pad_token_id"],
         bos_token_id=generation["bos_token_id"],
         eos_token_id=generation["eos_token_id"],
