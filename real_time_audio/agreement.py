@@ -118,12 +118,25 @@ class LocalAgreement:
         self._commit(committed)
         return committed
 
-    def finish(self, words: Sequence[Word], after_prefix: bool = False) -> list[Word]:
-        """The audio is over (end of utterance, flush or end of stream): commit every new word."""
-        committed = self.fresh(words, after_prefix)
-        self.tail = []
+    def finish(self, words: Sequence[Word], after_prefix: bool = False, hold_from: float | None = None) -> list[Word]:
+        """The audio is over (end of utterance, flush or end of stream): commit every new word.
+
+        `hold_from`: new words starting at or after this time are not committed but kept as the
+        tail (the utterance that just ended, waiting to hear whether the speaker goes on).
+        """
+        new = self.fresh(words, after_prefix)
+        count = len(new)
+        if hold_from is not None:
+            while count and new[count - 1].start >= hold_from:
+                count -= 1
+        committed, self.tail = new[:count], new[count:]
         self._commit(committed)
         return committed
+
+    def commit(self, words: list[Word]) -> None:
+        """Commit words decided elsewhere (held words whose wait is over); the tail is dropped."""
+        self.tail = []
+        self._commit(words)
 
     def reset_tail(self) -> None:
         self.tail = []

@@ -88,6 +88,9 @@ class RecordingTranscription:
         self._ending = False  # no more audio will be added
         self._ended = False  # ... and all of it is in the policy
         self._window: Window | None = None  # the window whose result is awaited
+        self._settled: list[FinalSegment] = []  # finals due without a decode, not yet returned
+        # The last decode's window start, avg_logprob and no_speech_prob (held words were heard there).
+        self._last_decode: tuple[int, float, float | None] = (0, 0.0, None)
 
     @property
     def duration(self) -> float:
@@ -144,6 +147,7 @@ class RecordingTranscription:
         """The next window to decode, or None until more audio has been fed."""
         assert self._window is None, "one job at a time: accept the previous result first"
         while True:
+            self._settle()
             window = self.policy.next_window(0.0, self.policy.received if self._ended else None)
             if window is None:
                 return None
@@ -168,13 +172,24 @@ class RecordingTranscription:
         """Take the engine's result for the last request; returns the finals it settled."""
         window, self._window = self._window, None
         assert window is not None, "accept() without a request"
-        found = [
-            FinalSegment(segment, window.start, result.avg_logprob, result.no_speech_prob)
-            for segment in self.policy.accept(window, result)
-            if segment.is_final
-        ]
-        self.finals += found
+        self._last_decode = (window.start, result.avg_logprob, result.no_speech_prob)
+        self._collect(self.policy.accept(window, result))
+        return self.take_settled()
+
+    def take_settled(self) -> list[FinalSegment]:
+        """Finals settled since the last call (held words become final without a decode)."""
+        self._settle()
+        found, self._settled = self._settled, []
         return found
+
+    def _settle(self) -> None:
+        # The clock stands still here: held words wait for audio time (or the end of the recording).
+        self._collect(self.policy.settle(0.0, self.policy.received if self._ended else None))
+
+    def _collect(self, segments: list[SegmentText]) -> None:
+        found = [FinalSegment(segment, *self._last_decode) for segment in segments if segment.is_final]
+        self.finals += found
+        self._settled += found
 
 
 async def transcribe_ready(job: RecordingTranscription, engine: TranscriptionEngine) -> list[FinalSegment]:
@@ -184,6 +199,7 @@ async def transcribe_ready(job: RecordingTranscription, engine: TranscriptionEng
     while await asyncio.to_thread(job.advance):
         while (request := job.next_request()) is not None:
             found += job.accept(await engine.transcribe(request))
+        found += job.take_settled()
     return found
 
 
@@ -193,4 +209,5 @@ def transcribe_ready_blocking(job: RecordingTranscription, engine: Transcription
     while job.advance():
         while (request := job.next_request()) is not None:
             found += job.accept(engine.submit(request).result())
+        found += job.take_settled()
     return found

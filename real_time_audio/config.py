@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     context_audio_s: float = Field(10, ge=0, le=20)
     """Audio of the previous utterance (up to this many seconds) kept before the next one after a short pause,
     so the model hears the sentence so far and continues its words; 0 turns it off."""
+    final_hold_ms: int = Field(1500, ge=0, le=3000)
+    """How long the words of an utterance that just ended wait for the speaker to go on before they become
+    final: if speech resumes within it they are decoded again with what follows (a pause inside a sentence
+    then gets a comma, not a period). Counted from the start of the silence; 0 finalizes at once."""
     vad: Literal["silero", "off"] = "silero"
     """Voice-activity detection: silero (silence is never decoded) or off (all audio is decoded)."""
     vad_threshold: float = Field(0.35, gt=0, lt=1)

@@ -546,6 +546,8 @@ class Session:
             self._wake.clear()
             now = time.monotonic()
             marker = self._finalize[0] if self._finalize else None
+            for segment in self._policy.settle(now, marker.position if marker else None):
+                await self._send_segment(segment)
             window = self._policy.next_window(now, marker.position if marker else None)
             if window is not None:
                 self._transcriber_busy = True
@@ -561,7 +563,9 @@ class Session:
                     return
                 await self._complete()
                 return
-            delay = self._policy.seconds_until_partial(now)
+            waits = (self._policy.seconds_until_partial(now), self._policy.seconds_until_settle(now))
+            delays = [d for d in waits if d is not None]
+            delay = min(delays) if delays else None
             if delay == 0:
                 continue
             # Nothing due until more audio arrives: the reader must not wait for this transcriber.

@@ -16,10 +16,16 @@ How a session's audio becomes text:
   becomes the prompt (at most `context_chars` characters) for the next decodes.
 - When the region ends, on flush and at the end of the stream, the buffer is decoded one last
   time and every word not yet committed is sent as a final.
+- After a short pause the next utterance is decoded as the continuation of the previous one: the
+  previous utterance's audio stays at the start of the buffer and its committed words are the
+  decode's prefix. The words of the utterance that just ended are held back for up to `hold_s`
+  of silence: if the speaker goes on, they are decoded again with the words that follow (so a
+  pause inside a sentence does not end it with a period); otherwise they become final as heard.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -107,6 +113,7 @@ class UtterancePolicy:
         pad_s: float = 0.2,
         context_chars: int = 200,
         context_audio_s: float = 10.0,
+        hold_s: float = 1.5,
         interim_results: bool = True,
         vad_enabled: bool = True,
         guards: GuardThresholds | None = None,
@@ -118,6 +125,8 @@ class UtterancePolicy:
         self.context_chars = context_chars
         self.context_audio = int(context_audio_s * MODEL_SAMPLE_RATE)
         self.context_gap = int(CONTEXT_GAP_S * MODEL_SAMPLE_RATE)
+        self.hold_s = min(hold_s, CONTEXT_GAP_S)
+        self.hold = int(self.hold_s * MODEL_SAMPLE_RATE)
         self.interim_results = interim_results
         self.guards = guards or GuardThresholds()
         self.stats = PolicyStats()
@@ -136,6 +145,14 @@ class UtterancePolicy:
         # (the model then hears the sentence so far), or None.
         self._carry_end: int | None = None
         self._context = ""
+        # The last utterance's words, decoded but held back until the pause outlasts the hold (or
+        # the next decode hears them again with what follows): the sample and the wall-clock time
+        # at which they become final as they are; finals waiting to be sent.
+        self._held: list[Word] = []
+        self._held_until = 0
+        self._held_deadline: float | None = None
+        self._held_language: str | None = None
+        self._due: list[SegmentText] = []
         self._last_word_end = 0.0
         self._last_partial_at = -math.inf
         self._last_partial_end = 0
@@ -151,6 +168,7 @@ class UtterancePolicy:
             pad_s=settings.vad_pad_ms / 1000,
             context_chars=settings.context_prompt_chars,
             context_audio_s=settings.context_audio_s,
+            hold_s=settings.final_hold_ms / 1000,
             interim_results=interim_results,
             vad_enabled=settings.vad != "off",
             guards=GuardThresholds(
@@ -237,6 +255,29 @@ class UtterancePolicy:
             return None  # new audio will wake the session
         return max(0.0, self._last_partial_at + self.partial_interval_s - now)
 
+    def settle(self, now: float, finalize_until: int | None = None) -> list[SegmentText]:
+        """Finals due without a decode: held words whose wait is over (when finalizing, at once).
+
+        The wait ends after `hold_s` of silence in the audio or, should the audio stop coming,
+        `hold_s` of wall-clock time after it was first asked about here.
+        """
+        if self._held:
+            if self._held_deadline is None:
+                self._held_deadline = now + self.hold_s
+            # Finalizing: they are final now, unless speech inside what is being finalized follows
+            # them (its decode, due next, hears them again with what follows).
+            finalizing = finalize_until is not None and (not self._regions or self._regions[0].start >= finalize_until)
+            waited = now >= self._held_deadline or self.received >= self._held_until
+            if finalizing or (waited and not self._regions):
+                self._release_held()
+        return self._take_due()
+
+    def seconds_until_settle(self, now: float) -> float | None:
+        """How long until held words become final by the clock (None: not waiting for the clock)."""
+        if not self._held or self._held_deadline is None or self._regions:
+            return None
+        return max(0.0, self._held_deadline - now)
+
     def _window(self, start: int, end: int, kind: Literal["partial", "cap", "final"]) -> Window:
         audio = self._joined()[start - self._buffer_start : end - self._buffer_start]
         self.stats.windows[kind] += 1
@@ -247,38 +288,86 @@ class UtterancePolicy:
 
     def accept(self, window: Window, result: TranscriptionResult | None) -> list[SegmentText]:
         """Take what the model heard in `window` (None: the decode failed) and say what to send."""
+        out = self._take_due()
         if window.epoch != self._epoch or window.start != self._decode_start:
-            return []  # a partial of audio that has been finalized or trimmed meanwhile
+            return out  # a partial of audio that has been finalized or trimmed meanwhile
         words, language = self._heard(window, result)
         # The model continued after the committed words (it was made to begin with them): all its words are new.
         after_prefix = bool(window.prefix) and result is not None and result.after_prefix
-        out: list[SegmentText] = []
+        if self._held and window.is_final:
+            new = self._agreement.fresh(words, after_prefix)
+            if new and new[-1].end >= self._held[0].start:
+                self._held = []  # heard again, with what follows: this decode's words replace them
+            else:
+                self._release_held()  # this decode did not hear them (no speech, say): they stand as heard
+                out += self._take_due()
         if window.kind == "partial":
             if result is None:
                 return []
             self._last_partial_end = window.end
             self.transcribed = max(self.transcribed, window.end)
             heard_until = window.end / MODEL_SAMPLE_RATE
-            out += self._final(self._agreement.insert(words, after_prefix, heard_until), language, window)
+            confirmed = self._agreement.insert(words, after_prefix, heard_until)
+            if confirmed:
+                self._held = []  # two decodes agreed on what follows the finals: the hold is over
+            out += self._final(confirmed, language, window.end)
             if window.end - self._decode_start > self.trim_samples and self._buffered_words:
                 self._trim_to(self._sample(self._buffered_words[-1].end))
             if self.interim_results and self._agreement.tail:
-                out.append(self._segment(self._agreement.tail, False, language, window))
+                out.append(self._segment(self._agreement.tail, False, language, window.end))
             return out
         if window.kind == "cap":
             cutoff = window.end / MODEL_SAMPLE_RATE - CAP_HOLD_BACK_S
             committed = self._agreement.commit_until(words, cutoff, after_prefix)
-            out += self._final(committed, language, window)
+            out += self._final(committed, language, window.end)
             target = self._sample(committed[-1].end) if committed else 0
             if target < self._decode_start + MIN_CAP_PROGRESS_S * MODEL_SAMPLE_RATE:
                 target = self._sample(cutoff)  # nothing (or too little) confirmed: move on regardless
             self._trim_to(target)
             self.transcribed = max(self.transcribed, self._decode_start)
             return out
-        out += self._final(self._agreement.finish(words, after_prefix), language, window)
+        committed = self._agreement.finish(words, after_prefix, self._hold_from(window))
+        held = self._agreement.tail
+        if held and self._carry_start(window.end, [*self._buffered_words, *committed], held) is None:
+            self._agreement.commit(held)  # no audio to hear them again with: they cannot wait
+            committed, held = committed + held, []
+        out += self._final(committed, language, window.end)
         self.transcribed = max(self.transcribed, window.end)
-        self._finish_region(window.end)
+        self._finish_region(window.end, held)
+        if held:
+            self._agreement.tail = held
+            self._held, self._held_language, self._held_deadline = held, language, None
+            self._held_until = window.end - self.pad + self.hold
+            self._floor = min(self._floor, self._sample(held[0].start))
+            if self.interim_results:
+                out.append(self._segment(held, False, language, window.end))
         return out
+
+    def _hold_from(self, window: Window) -> float | None:
+        """Where the words held back after this final window start (None: hold nothing).
+
+        Only a final that closes an utterance by voice activity holds its words, and only when a
+        following utterance could still be decoded with it (the pause may yet be short).
+        """
+        if self.hold <= 0 or self.context_audio <= 0 or not self._regions:
+            return None
+        region = self._regions[0]
+        if region.end is None or window.end < region.end:
+            return None  # cut short by a flush or the end of the stream: everything is final now
+        if len(self._regions) > 1 and self._regions[1].start - window.end > self.context_gap:
+            return None
+        return region.start / MODEL_SAMPLE_RATE
+
+    def _release_held(self) -> None:
+        """The held words become final as they were heard."""
+        words, self._held, self._held_deadline = self._held, [], None
+        self._agreement.commit(words)
+        if words:
+            self._due += self._final(words, self._held_language, self.transcribed)
+
+    def _take_due(self) -> list[SegmentText]:
+        due, self._due = self._due, []
+        return due
 
     def _heard(self, window: Window, result: TranscriptionResult | None) -> tuple[list[Word], str | None]:
         """The words of a result in session time, with the guards applied."""
@@ -307,15 +396,16 @@ class UtterancePolicy:
             self._agreement.reset_tail()
         return words, result.language
 
-    def _final(self, words: list[Word], language: str | None, window: Window) -> list[SegmentText]:
+    def _final(self, words: list[Word], language: str | None, covered: int) -> list[SegmentText]:
         if not words:
             return []
-        segment = self._segment(words, True, language, window)
+        segment = self._segment(words, True, language, covered)
         self._buffered_words += segment.words
         self.segment_id += 1
         return [segment]
 
-    def _segment(self, words: Sequence[Word], is_final: bool, language: str | None, window: Window) -> SegmentText:
+    def _segment(self, words: Sequence[Word], is_final: bool, language: str | None, covered: int) -> SegmentText:
+        """`covered`: the sample up to which the audio has been transcribed (for the lag)."""
         timed: list[Word] = []
         previous_end = self._last_word_end
         for word in words:  # word times only ever move forward
@@ -325,7 +415,7 @@ class UtterancePolicy:
             previous_end = end
         if is_final:
             self._last_word_end = previous_end
-        lag = max(0.0, (self.received - window.end) / MODEL_SAMPLE_RATE)
+        lag = max(0.0, (self.received - covered) / MODEL_SAMPLE_RATE)
         return SegmentText(
             self.segment_id,
             is_final,
@@ -349,8 +439,9 @@ class UtterancePolicy:
         self._add_context(leaving)
         self._set_decode_start(sample)
 
-    def _finish_region(self, end: int) -> None:
-        """Everything before `end` is final; the first region ends there (or goes on after it).
+    def _finish_region(self, end: int, held: Sequence[Word] = ()) -> None:
+        """Everything before `end` is final (but the `held` words); the first region ends there
+        (or goes on after it).
 
         The utterance's audio (its last `context_audio` seconds, from a word boundary) and its
         committed words stay as the start of the next decodes while the pause is short, so the
@@ -365,7 +456,7 @@ class UtterancePolicy:
                 self._regions[0].start = max(self._regions[0].start, end)
         else:
             region.start = end
-        carry = self._carry_start(end)
+        carry = self._carry_start(end, self._buffered_words, held)
         if self._regions and self._regions[0].start - end > self.context_gap:
             carry = None  # the next utterance is already known to come after a long pause
         if carry is not None:
@@ -385,20 +476,24 @@ class UtterancePolicy:
             self.transcribed = max(self.transcribed, end)
             self._drop_audio_before(max(end, self.received - self.pad))
 
-    def _carry_start(self, end: int) -> int | None:
-        """Where the audio kept as context would start (a committed word's end), or None to keep none."""
-        if self.context_audio <= 0 or not self._buffered_words:
+    def _carry_start(self, end: int, committed: Sequence[Word], held: Sequence[Word] = ()) -> int | None:
+        """Where the audio kept as context would start (the end of a committed word, before every
+        held word), or None to keep none."""
+        if self.context_audio <= 0 or not (committed or held):
             return None
         earliest = end - self.context_audio
         if self._decode_start >= earliest:
             return self._decode_start
-        for previous, word in zip(self._buffered_words, self._buffered_words[1:], strict=False):
+        candidates = [*committed, *held[:1]]
+        for previous, word in itertools.pairwise(candidates):
             if self._sample(word.start) >= earliest:
                 return self._sample(previous.end)
         return None
 
     def _release_carry(self) -> None:
         """The pause went on: the kept utterance becomes text context only, and its audio goes."""
+        if self._held:
+            self._release_held()
         self._add_context(self._buffered_words)
         self._buffered_words = []
         self._carry_end = None

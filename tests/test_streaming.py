@@ -45,10 +45,12 @@ def simulate(
     run = Run()
 
     def drain(now: float, finalize_until: int | None = None) -> None:
+        run.outputs.extend(policy.settle(now, finalize_until))
         while (window := policy.next_window(now, finalize_until)) is not None:
             run.windows.append((now, window))
             result = model.transcribe_batch([TranscriptionRequest(audio=window.audio, prefix=window.prefix or None)])[0]
             run.outputs.extend(policy.accept(window, result))
+            run.outputs.extend(policy.settle(now, finalize_until))
 
     position = 0
     while position < len(audio):
@@ -211,8 +213,9 @@ def test_words_that_moved_in_time_are_not_agreed() -> None:
 
 
 def test_speech_end_finalizes_everything_left() -> None:
-    """At the end of an utterance all unconfirmed words become one final; the padding is decoded too."""
-    policy = UtterancePolicy(pad_s=0.2)
+    """FINAL_HOLD_MS=0: at the end of an utterance all unconfirmed words become one final at once;
+    the padding is decoded too."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
     policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
     policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
     window = policy.next_window(now=0.0)
@@ -221,6 +224,116 @@ def test_speech_end_finalizes_everything_left() -> None:
     out = policy.accept(window, result(("hello", 0.3, 0.6), ("there", 0.7, 1.0)))
     assert [(o.is_final, o.text, o.start, o.end) for o in out] == [(True, "hello there", 0.6, 1.3)]
     assert policy.next_window(now=100.0) is None
+
+
+def held_utterance(policy: UtterancePolicy) -> None:
+    """Speech from 0.5 s to 1.5 s, decoded as "hello there." and held back (shown as a partial)."""
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final"
+    out = policy.accept(window, result(("hello", 0.3, 0.6), ("there.", 0.7, 1.0)))
+    assert [(o.is_final, o.text, o.segment_id) for o in out] == [(False, "hello there.", 0)]
+
+
+def test_an_ended_utterance_waits_out_the_hold_then_becomes_final_as_heard() -> None:
+    """The words wait for 1.5 s of silence (counted from its start at 1.5 s), then are final."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    assert policy.settle(now=0.0) == []
+    policy.feed(np.zeros(int(0.9 * RATE), dtype=np.float32))  # 2.9 s: 1.4 s of silence
+    assert policy.settle(now=0.0) == []
+    policy.feed(np.zeros(int(0.1 * RATE), dtype=np.float32))
+    out = policy.settle(now=0.0)
+    assert [(o.is_final, o.text, o.segment_id, o.start, o.end) for o in out] == [(True, "hello there.", 0, 0.6, 1.3)]
+    assert policy.settle(now=10.0) == [] and policy.next_window(now=10.0) is None
+
+
+def test_held_words_become_final_by_the_clock_when_the_audio_stops() -> None:
+    """A client that stops sending audio still gets the final, `hold_s` after it was first due."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    assert policy.settle(now=100.0) == []
+    assert policy.seconds_until_settle(now=100.5) == pytest.approx(1.0)
+    assert [o.text for o in policy.settle(now=101.5)] == ["hello there."]
+    assert policy.seconds_until_settle(now=101.5) is None
+
+
+def test_a_flush_finalizes_held_words_at_once() -> None:
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    out = policy.settle(now=0.0, finalize_until=policy.received)
+    assert [(o.is_final, o.text) for o in out] == [(True, "hello there.")]
+
+
+def test_speech_resuming_within_the_hold_decodes_the_held_words_again_with_what_follows() -> None:
+    """A 1 s pause inside a sentence: the held "there." is heard again as "there," and the sentence
+    goes on; the words of the new utterance are held in turn."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])  # 1 s of silence
+    assert policy.settle(now=0.0) == []  # the speaker went on: the words wait for the next decode
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", int(3.5 * RATE))])
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final"
+    assert (window.start, window.end, window.prefix) == (int(0.3 * RATE), int(3.7 * RATE), "")
+    words = (("hello", 0.3, 0.6), ("there,", 0.7, 1.0), ("how", 2.3, 2.5), ("are", 2.6, 2.8), ("you?", 2.9, 3.1))
+    out = policy.accept(window, result(*words))
+    assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "hello there,", 0), (False, "how are you?", 1)]
+    policy.feed(np.zeros(2 * RATE, dtype=np.float32))
+    assert [(o.is_final, o.text, o.segment_id) for o in policy.settle(now=0.0)] == [(True, "how are you?", 1)]
+
+
+def test_finalizing_with_speech_queued_after_held_words_decodes_them_together() -> None:
+    """END arrives while the next utterance is still undecoded: the held words are not cut off
+    as they stand but decoded once more with it, then everything is final."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", int(3.5 * RATE))])
+    end = policy.received
+    assert policy.settle(now=0.0, finalize_until=end) == []
+    window = policy.next_window(now=0.0, finalize_until=end)
+    assert window is not None and window.start == int(0.3 * RATE)
+    out = policy.accept(window, result(("hello", 0.3, 0.6), ("there,", 0.7, 1.0), ("friend.", 2.3, 2.6)))
+    assert [(o.is_final, o.text) for o in out] == [(True, "hello there,"), (False, "friend.")]
+    assert [(o.is_final, o.text) for o in policy.settle(now=0.0, finalize_until=end)] == [(True, "friend.")]
+    assert policy.next_window(now=0.0, finalize_until=end) is None
+
+
+def test_a_decode_that_rewrites_the_held_words_replaces_them() -> None:
+    """The next decode hears the start differently ("I don't know how…" for "Don't know."): its words
+    stand, none of the held ones is kept beside them."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", int(3.5 * RATE))])
+    window = policy.next_window(now=0.0)
+    assert window is not None
+    out = policy.accept(window, result(("oh", 0.2, 0.3), ("hello", 0.35, 0.6), ("there", 0.7, 1.0), ("you", 2.3, 2.6)))
+    assert [(o.is_final, o.text) for o in out] == [(True, "oh hello there"), (False, "you")]
+
+
+def test_a_decode_without_the_held_words_finalizes_them_first() -> None:
+    """The next decode is judged silence: the held words are not lost, they are final as first heard."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", int(3.5 * RATE))])
+    window = policy.next_window(now=0.0)
+    assert window is not None
+    out = policy.accept(window, result(("hmm", 2.4, 2.6), no_speech_prob=0.99, avg_logprob=-2.0))
+    assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "hello there.", 0)]
+
+
+def test_a_long_pause_finalizes_held_words_before_letting_the_audio_go() -> None:
+    """Speech resumes only after 4 s: the held words are final first; the new decode starts afresh."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    policy.feed(np.zeros(int(4 * RATE), dtype=np.float32), [SpeechEvent("start", int(5.5 * RATE))])
+    assert [(o.is_final, o.text) for o in policy.settle(now=0.0)] == [(True, "hello there.")]
+    window = policy.next_window(now=0.0, finalize_until=policy.received)
+    assert window is not None and (window.start, window.prefix, window.context) == (int(5.3 * RATE), "", "hello there.")
 
 
 def utterance_then_pause(policy: UtterancePolicy, pause_s: float) -> None:
@@ -239,7 +352,7 @@ def utterance_then_pause(policy: UtterancePolicy, pause_s: float) -> None:
 
 def test_a_short_pause_decodes_the_next_utterance_after_the_previous_one() -> None:
     """After a pause of under 3 s the previous utterance's audio and words lead the next decode."""
-    policy = UtterancePolicy(pad_s=0.2)
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
     utterance_then_pause(policy, pause_s=1.5)
     window = policy.next_window(now=0.0)
     assert window is not None and window.kind == "final"
@@ -252,7 +365,7 @@ def test_a_short_pause_decodes_the_next_utterance_after_the_previous_one() -> No
 
 def test_a_long_pause_lets_the_previous_utterance_go() -> None:
     """After more than 3 s of silence only the text stays, as the prompt; the audio is dropped."""
-    policy = UtterancePolicy(pad_s=0.2)
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
     utterance_then_pause(policy, pause_s=4.0)
     window = policy.next_window(now=0.0)
     assert window is not None and window.kind == "final"
