@@ -53,7 +53,7 @@ def loop_start(keys: Sequence[str]) -> int | None:
     """
     for index in range(len(keys)):
         for size in range(1, MAX_LOOP_NGRAM + 1):
-            gram = keys[index : index + size]
+            gram = list(keys[index : index + size])
             if len(gram) < size:
                 break
             if any(size % unit == 0 and gram == gram[:unit] * (size // unit) for unit in range(1, size)):
