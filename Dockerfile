@@ -44,11 +44,13 @@ COPY real_time_audio ./real_time_audio
 
 # Settings not given here take their defaults (README.md, "Configuration"); pass others with -e.
 # MODEL_FALLBACK=false: a missing model stops the container instead of serving another one.
+# API_DOCS=false: no interactive API documentation in production.
 ENV HOST=0.0.0.0 \
     PORT=8000 \
     HF_HOME=/home/app/.cache/huggingface \
     MODEL_CACHE_DIR=/home/app/.cache/huggingface/converted \
     MODEL_FALLBACK=false \
+    API_DOCS=false \
     AUDIO_STORAGE_DIR=/app/audio_chunks
 
 # Downloaded models and session recordings outlive the container.

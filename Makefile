@@ -28,7 +28,8 @@ run: install  ## start the server with the settings from the environment and .en
 	$(BIN)/python main.py
 
 dev: install  ## development server that reloads on code changes
-	$(BIN)/uvicorn main:app --reload --reload-dir real_time_audio --host 127.0.0.1 --port 8000
+	$(BIN)/uvicorn main:app --reload --reload-dir real_time_audio --host 127.0.0.1 --port 8000 \
+		--http real_time_audio.server:HttpProtocol --limit-concurrency 500
 
 SYSTEM_PACKAGES := espeak-ng chromium chromium-driver
 
@@ -53,6 +54,7 @@ $(VENV)/.bench: requirements-bench.txt requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements-bench.txt
 	touch $@
 
-bench: $(VENV)/.bench  ## the benchmark suite (capacity, batching, stability, efficiency) and accuracy (needs ../shared)
+bench: $(VENV)/.bench  ## the benchmark suite (capacity, batching, stability, efficiency), accuracy (needs ../shared), attacks
 	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 	$(BIN)/python bench/accuracy.py $(ACCURACY_ARGS)
+	$(BIN)/python bench/hostile.py

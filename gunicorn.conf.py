@@ -12,6 +12,8 @@ import os
 # Production never serves another model than the one configured: without it, start-up fails loudly
 # instead of falling back to the small model (an explicit MODEL_FALLBACK=true still wins).
 os.environ.setdefault("MODEL_FALLBACK", "false")
+# Nor does it publish the interactive API documentation (an explicit API_DOCS=true still wins).
+os.environ.setdefault("API_DOCS", "false")
 
 # Settings are pydantic only: reading them here imports neither torch nor CUDA into the master.
 from real_time_audio.config import load_settings  # after the production default above
@@ -25,8 +27,9 @@ bind = f"[{_host}]:{_settings.port}" if ":" in _host else f"{_host}:{_settings.p
 # One worker per GPU: every worker loads its own model copy, and all of them use DEVICE. With several
 # GPUs run one gunicorn per GPU (DEVICE=cuda:N, distinct PORT) rather than raising this.
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
-# The maintained ASGI worker from the uvicorn-worker package (`uvicorn.workers` is deprecated).
-worker_class = "uvicorn_worker.UvicornWorker"
+# The maintained ASGI worker from the uvicorn-worker package, with the server's connection limit and
+# request-head deadline (MAX_CONNECTIONS, HEADER_TIMEOUT_S; real_time_audio/server.py).
+worker_class = "real_time_audio.server.UvicornWorker"
 # The heartbeat starts only after the lifespan has loaded and warmed up the model, so keep this above that.
 timeout = 300
 # SIGTERM gives open sessions DRAIN_TIMEOUT_S for their finals; 10 s more to stop the engine before SIGKILL.

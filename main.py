@@ -31,6 +31,7 @@ from real_time_audio.storage import recover_interrupted
 from real_time_audio.vad import FrameScorer, SileroScorer
 
 logger = logging.getLogger("real_time_audio")
+SHUTDOWN_RELEASE_S = 10.0  # how long shutdown waits for sessions to close their records
 
 
 def create_app(
@@ -65,14 +66,25 @@ def create_app(
             async with storage_lifecycle(app, archive):
                 yield
         finally:
+            await sessions_released(app, SHUTDOWN_RELEASE_S)
             await asyncio.to_thread(engine.stop)
             logger.info("engine stopped")
 
-    app = FastAPI(title="Real-time audio transcription", version="1.0.0", lifespan=lifespan)
+    docs = settings.api_docs
+    app = FastAPI(
+        title="Real-time audio transcription",
+        version="1.0.0",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.settings = settings
     app.state.engine = None
     app.state.vad_scorer = None
     app.state.sessions = {}
+    app.state.releasing = set()  # sessions' final releases (record closed, decoder stopped) still running
+    app.state.echo_active = 0  # /ws/echo loops (count toward MAX_SESSIONS too)
     app.state.rest_active = 0  # POST /v1/audio/transcriptions requests in progress (count toward MAX_SESSIONS)
     app.state.draining = False  # set on SIGTERM: new sessions are refused while open ones finish
     # Called with the session id once a session's record is closed (e.g. to upload it); must not block.
@@ -96,6 +108,17 @@ def create_app(
     app.include_router(records_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+async def sessions_released(app: FastAPI, timeout_s: float) -> None:
+    """At shutdown: wait (bounded) until every session has ended and its record is closed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while app.state.sessions or app.state.releasing:
+        if loop.time() >= deadline:
+            logger.warning("shutdown: %d session(s) still open", len(app.state.sessions) + len(app.state.releasing))
+            return
+        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager
@@ -133,6 +156,7 @@ def live_state(app: FastAPI) -> LiveState:
     return LiveState(
         sessions=lambda: len(app.state.sessions),
         rest_requests=lambda: app.state.rest_active,
+        echo_sessions=lambda: app.state.echo_active,
         queue_depth=lambda: e.queue_depth() if (e := engine()) else (0, 0),
         worst_lag=worst_lag,
         partials_skipped=lambda: e.stats.partials_skipped if (e := engine()) else 0,
@@ -149,4 +173,12 @@ if __name__ == "__main__":
     import uvicorn
 
     settings = app.state.settings
-    uvicorn.run("main:app", host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    from real_time_audio.server import server_options
+
+    uvicorn.run(
+        "main:app",
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        **server_options(settings),
+    )

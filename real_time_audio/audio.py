@@ -16,12 +16,14 @@ class BadAudioError(ValueError):
     """Audio that cannot be decoded in the session's encoding.
 
     `salvaged` holds samples decoded before the problem was found (container streams), which are
-    still valid and must not be lost.
+    still valid and must not be lost. `fatal`: the stream is hostile (it expands beyond any real
+    codec, or declares an impossible format); the session ends after the audio before it.
     """
 
-    def __init__(self, message: str, salvaged: NDArray[np.float32] | None = None) -> None:
+    def __init__(self, message: str, salvaged: NDArray[np.float32] | None = None, *, fatal: bool = False) -> None:
         super().__init__(message)
         self.salvaged = salvaged if salvaged is not None else np.zeros(0, dtype=np.float32)
+        self.fatal = fatal
 
 
 class AudioDecoder(Protocol):
@@ -31,13 +33,17 @@ class AudioDecoder(Protocol):
         """Raise BadAudioError if `frame` can be rejected before it is persisted."""
 
     def decode(self, frame: bytes) -> NDArray[np.float32]:
-        """The 16 kHz mono samples that `frame` completes. Raises BadAudioError (with salvaged samples)."""
+        """The first piece of the 16 kHz mono samples that `frame` completes (`more` returns the rest).
+        Raises BadAudioError (with salvaged samples)."""
+
+    def more(self) -> NDArray[np.float32]:
+        """The next piece of decoded samples; empty once the decoder needs more input (or is done)."""
 
     def drain(self) -> NDArray[np.float32]:
         """Samples held back by resampling, at a flush; the stream continues afterwards."""
 
     def finish(self) -> NDArray[np.float32]:
-        """Everything left at the end of the stream. Raises BadAudioError (with salvaged samples)."""
+        """End of stream: the first piece of what is left (`more` returns the rest). Raises BadAudioError."""
 
     def close(self) -> None:
         """Release threads and buffers; nothing more will be decoded."""
@@ -98,6 +104,10 @@ class PcmDecoder:
         tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self._resampler.clear()
         return np.asarray(tail, dtype=np.float32)
+
+    def more(self) -> NDArray[np.float32]:
+        """A PCM frame decodes whole (its size is bounded by MAX_FRAME_BYTES): there is never more."""
+        return np.zeros(0, dtype=np.float32)
 
     def finish(self) -> NDArray[np.float32]:
         """At the end of stream, what is left is what the resampler holds (a half sample pair is dropped)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -192,11 +193,15 @@ class RecordingTranscription:
         self._settled += found
 
 
-async def transcribe_ready(job: RecordingTranscription, engine: TranscriptionEngine) -> list[FinalSegment]:
+async def transcribe_ready(
+    job: RecordingTranscription, engine: TranscriptionEngine, threads: Executor | None = None
+) -> list[FinalSegment]:
     """Feed everything that can be fed and decode what becomes due, awaiting the server's engine;
-    returns the new finals. Call after `add`, and once more after `end`."""
+    returns the new finals. Call after `add`, and once more after `end`. Voice detection runs on
+    `threads` (the caller's own, so that it never waits for a shared pool)."""
     found: list[FinalSegment] = []
-    while await asyncio.to_thread(job.advance):
+    loop = asyncio.get_running_loop()
+    while await loop.run_in_executor(threads, job.advance):
         while (request := job.next_request()) is not None:
             found += job.accept(await engine.transcribe(request))
         found += job.take_settled()

@@ -93,12 +93,18 @@ class Settings(BaseSettings):
     """Cap on generated tokens per second of audio (plus a small allowance), against runaway text."""
     warmup: bool = True
     """Run one inference at start-up so the first user does not pay for it."""
+    api_docs: bool = True
+    """Serve the interactive API documentation (/docs, /redoc, /openapi.json); the production configuration
+    (gunicorn.conf.py, the Docker image) turns it off."""
     log_format: Literal["text", "json"] = "text"
     """text: one readable line per event; json: one JSON object per line, for log collectors."""
 
     # -- access and limits ----------------------------------------------------------------------
     api_tokens: Annotated[list[SecretStr], NoDecode] = []
-    """Comma-separated tokens; when set, every WebSocket and HTTP API call must present one."""
+    """Comma-separated tokens; when set, every WebSocket and HTTP API call must present one, and a stored
+    session can be read back only with the token that created it."""
+    admin_tokens: Annotated[list[SecretStr], NoDecode] = []
+    """Comma-separated tokens that are accepted like API_TOKENS and may also read every stored session."""
     allowed_origins: Annotated[list[str], NoDecode] = []
     """Comma-separated browser origins allowed to connect (e.g. https://app.example.com); empty = any."""
     max_connections_per_client: int = Field(0, ge=0)
@@ -107,6 +113,19 @@ class Settings(BaseSettings):
     """Longest a session may stay connected, in seconds; it is then finished like END. 0 = unlimited."""
     max_pending_audio_s: float = Field(60, ge=5, le=3600)
     """Audio received but not yet finalized, per session, above which the server stops reading that socket."""
+    max_sample_rate: int = Field(48000, ge=8000, le=384000)
+    """Highest sample rate accepted in container audio (live and uploads); higher-rate audio is refused."""
+    max_channels: int = Field(2, ge=1, le=8)
+    """Most channels accepted in container audio (they are mixed down to mono)."""
+    max_connections: int = Field(500, ge=0)
+    """Open connections (of any kind) the process serves; HTTP requests beyond it get 503. 0 = no limit."""
+    header_timeout_s: float = Field(10, gt=0, le=300)
+    """A connection whose request head (or WebSocket handshake) has not fully arrived this long after it
+    opened is closed."""
+    upload_timeout_s: float = Field(30, gt=0, le=3600)
+    """An upload whose body sends nothing for this long is refused (408)."""
+    upload_min_bytes_per_s: int = Field(4096, ge=0)
+    """Slowest average upload rate accepted (after the first UPLOAD_TIMEOUT_S); slower uploads are refused (408)."""
     max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     """Largest file accepted by POST /v1/audio/transcriptions."""
     drain_timeout_s: float = Field(20, ge=0, le=600)
@@ -128,7 +147,7 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     """Region of the bucket (AWS_DEFAULT_REGION is used when empty)."""
 
-    @field_validator("api_tokens", "allowed_origins", mode="before")
+    @field_validator("api_tokens", "admin_tokens", "allowed_origins", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -177,6 +196,8 @@ class Settings(BaseSettings):
             )
         if any(not token.get_secret_value() for token in self.api_tokens):
             raise ValueError("API_TOKENS must not contain empty tokens")
+        if any(not token.get_secret_value() for token in self.admin_tokens):
+            raise ValueError("ADMIN_TOKENS must not contain empty tokens")
         if self.vad_pad_ms > self.vad_silence_ms:
             raise ValueError(f"VAD_PAD_MS ({self.vad_pad_ms}) must not exceed VAD_SILENCE_MS ({self.vad_silence_ms})")
         return self

@@ -5,6 +5,15 @@ demuxer open for its whole life. FFmpeg reads through a blocking file object; th
 its own thread and blocks there until more bytes arrive. `decode` feeds a slice, waits until the
 demuxer has used everything it can (it is blocked waiting for more, or finished) and returns the
 samples that slice completed, so the caller sees the same results however the bytes were cut.
+
+A hostile stream cannot make the decoder expand without bound:
+- decoded audio leaves in pieces of at most `PIECE_SAMPLES`: the demuxer thread stops while a
+  piece waits to be taken, so the caller applies its back-pressure and limits between pieces
+  (`decode` and `finish` return the first piece, `more` the next ones);
+- a stream that decodes to more than `EXPANSION_SLACK_S` of audio plus `MAX_EXPANSION` bytes of
+  16 kHz 16-bit mono PCM per byte received is cut off with a fatal BadAudioError;
+- a stream whose audio is outside 8 kHz to `max_sample_rate` or has more than `max_channels`
+  channels is refused (fatal) before any of it is resampled.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +45,17 @@ _MP4_SCAN_BYTES = 64 << 10  # how far to look for the first moov/mdat box before
 _WAV_SCAN_BYTES = 64 << 10  # how far to look for a WAV's data chunk before handing it to FFmpeg
 _AVSEEK_SIZE = 0x10000  # FFmpeg's "how big is the file?" pseudo-whence
 _STOP_TIMEOUT_S = 10.0
+# Decoded audio is handed over in pieces of at most this many samples (4 s at 16 kHz).
+PIECE_SAMPLES = 4 * MODEL_SAMPLE_RATE
+# No real codec expands one byte into more than this many bytes of 16 kHz 16-bit mono PCM. Measured
+# with FFmpeg's encoders on a minute of digital silence (the most compressible real input): Opus in
+# Ogg 139, FLAC 106, Opus in WebM 69, MP3 32, µ-law 4; speech is far lower. A stream beyond it (after
+# the first EXPANSION_SLACK_S of audio) is a decompression bomb.
+MAX_EXPANSION = 1000
+EXPANSION_SLACK_S = 10
+MIN_SAMPLE_RATE = 8000
+DEFAULT_MAX_SAMPLE_RATE = 48000
+DEFAULT_MAX_CHANNELS = 2
 
 
 def check_magic(encoding: str, head: bytes) -> str | None:
@@ -112,7 +133,7 @@ def parse_wav_header(head: bytes) -> WavFormat | Literal[False] | None:
             if tag == 0xFFFE and size >= 40 and body + 40 <= len(head):  # WAVE_FORMAT_EXTENSIBLE
                 tag = int.from_bytes(head[body + 24 : body + 26], "little")
             fmt = {(1, 16): "pcm_s16le", (3, 32): "pcm_f32le"}.get((tag, bits))
-            if fmt is None or channels not in (1, 2) or not 1000 <= rate <= 384000:
+            if fmt is None or channels not in (1, 2):
                 return False
             wav_channels, wav_rate = channels, rate
         elif kind == b"data":
@@ -155,6 +176,7 @@ class _BlockingInput:
     def close_input(self) -> None:
         with self._cond:
             self._closed = True
+            self.starved = False  # from now on reads return what is left, then the end
             self._cond.notify_all()
 
     def abort(self) -> None:
@@ -217,10 +239,11 @@ class _BlockingInput:
             self._pos = min(target, self._available)
             return self._pos
 
-    def wait_starved(self, finished: threading.Event) -> None:
-        """Block until the reader has read everything and waits for more (or has finished)."""
+    def wait_starved(self, done: Callable[[], bool]) -> None:
+        """Block until the reader has read everything and waits for more, or `done()` (it has
+        finished, or its output is full)."""
         with self._cond:
-            while not self.starved and not finished.is_set():
+            while not self.starved and not done():
                 self._cond.wait(timeout=0.05)
 
     def wake(self) -> None:
@@ -235,11 +258,21 @@ class ContainerDecoder:
     samples already returned stay valid, and the next slice is expected to begin a new stream.
     """
 
-    def __init__(self, encoding: str) -> None:
+    def __init__(
+        self,
+        encoding: str,
+        *,
+        max_sample_rate: int = DEFAULT_MAX_SAMPLE_RATE,
+        max_channels: int = DEFAULT_MAX_CHANNELS,
+    ) -> None:
         if encoding not in DEMUXERS:
             raise ValueError(f"not a container encoding: {encoding}")
         self.encoding = encoding
+        self.max_sample_rate = max_sample_rate
+        self.max_channels = max_channels
         self.samples_out = 0
+        self.bytes_in = 0  # every byte fed, for the expansion budget
+        self._produced = 0  # samples decoded (at 16 kHz), against that budget
         self._open_limit = MP4_OPEN_LIMIT_BYTES if encoding == "mp4" else OPEN_LIMIT_BYTES
         self._life = threading.Lock()  # orders starting the demuxer against closing the decoder
         self._closed = False
@@ -252,6 +285,11 @@ class ContainerDecoder:
         self._error: str | None = None  # fatal: the demuxer has stopped
         self._skipped: list[str] = []  # packets dropped; decoding went on
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # the demuxer waits here while a piece is full
+        self._pending = 0  # samples in _out
+        self._full = False  # a whole piece waits to be taken
+        self._finishing = False  # the input is closed: `more` goes on until the demuxer is done
+        self._fatal = False
         self._finished = threading.Event()
         self._opened = threading.Event()
         self._resampler: soxr.ResampleStream | None = None
@@ -270,6 +308,7 @@ class ContainerDecoder:
         """Feed one slice; return the 16 kHz samples it completed. Raises BadAudioError."""
         if self._closed:
             return np.zeros(0, dtype=np.float32)
+        self.bytes_in += len(frame)
         if self._pcm is not None:
             return self._decode_pcm(frame)
         if self._thread is None:
@@ -290,7 +329,7 @@ class ContainerDecoder:
                     return self._start_pcm(wav)
             frame = self._launch()
         self._input.feed(frame)
-        self._input.wait_starved(self._finished)
+        self._input.wait_starved(self._piece_ready)
         if not self._opened.is_set() and self._input.tell() > self._open_limit:
             self._input.abort()
             self._join()
@@ -301,9 +340,39 @@ class ContainerDecoder:
             )
         return self._collect()
 
+    def more(self) -> NDArray[np.float32]:
+        """The next piece of decoded audio; empty once the demuxer needs more input (or is done)."""
+        if self._closed or self._pcm is not None or self._thread is None:
+            return np.zeros(0, dtype=np.float32)
+        self._input.wait_starved(self._piece_ready)
+        samples = self._collect()
+        if self._finishing and self._finished.is_set() and self._thread is not None:
+            with self._lock:
+                done = not self._out
+            if done:  # the end: what the resampler still holds comes last
+                self._join()
+                samples = np.concatenate([samples, self.drain()])
+        return samples
+
+    def _piece_ready(self) -> bool:
+        return self._full or self._finished.is_set()
+
+    def _check_format(self, rate: int, channels: int) -> None:
+        if not MIN_SAMPLE_RATE <= rate <= self.max_sample_rate or not 1 <= channels <= self.max_channels:
+            raise BadAudioError(
+                f"the {self.encoding} stream's audio is {rate} Hz with {channels} channel(s); accepted are "
+                f"{MIN_SAMPLE_RATE}-{self.max_sample_rate} Hz and 1-{self.max_channels} channels",
+                fatal=True,
+            )
+
     def _start_pcm(self, wav: WavFormat) -> NDArray[np.float32]:
         """FFmpeg's WAV reader holds back its first 64 KiB (it checks for S/PDIF data), two seconds of
         16 kHz speech, so plain PCM WAV streams skip it: the samples go straight to a PCM decoder."""
+        try:
+            self._check_format(wav.sample_rate, wav.channels)
+        except BadAudioError:
+            self._closed = True
+            raise
         self._pcm = PcmDecoder(wav.encoding, wav.sample_rate, wav.channels)
         self._pcm_left = wav.data_bytes
         self.sample_rate = wav.sample_rate
@@ -346,9 +415,8 @@ class ContainerDecoder:
                 raise BadAudioError(f"the stream ended after {size} bytes, before any audio: {reason}")
             self._input.feed(self._launch())
         self._input.close_input()
-        self._join()
-        samples = self._collect()
-        return np.concatenate([samples, self.drain()])
+        self._finishing = True
+        return self.more()
 
     def _launch(self) -> bytes:
         """Start the demuxer thread; returns the held-back head, which is the first thing to feed it."""
@@ -367,12 +435,20 @@ class ContainerDecoder:
         if self._thread is not None:
             self._thread.join(_STOP_TIMEOUT_S)
 
-    def close(self) -> None:
-        """Stop the demuxer thread without decoding the rest (the session is gone). Safe to call
-        while another thread is inside `decode`: nothing new starts afterwards."""
+    def abort(self) -> None:
+        """Stop decoding without waiting (safe from an event loop, and while another thread is
+        inside `decode`, which then returns at once): nothing more is decoded."""
         with self._life:
             self._closed = True
             self._input.abort()
+        with self._lock:
+            self._room.notify_all()  # a demuxer waiting for its piece to be taken sees the abort
+
+    def close(self) -> None:
+        """Stop the demuxer thread without decoding the rest (the session is gone), and wait for it.
+        Safe to call while another thread is inside `decode`: nothing new starts afterwards."""
+        self.abort()
+        with self._life:
             thread = self._thread
         if thread is not None:
             thread.join(_STOP_TIMEOUT_S)
@@ -382,9 +458,17 @@ class ContainerDecoder:
         with self._lock:
             samples = np.concatenate(self._out) if self._out else np.zeros(0, dtype=np.float32)
             self._out.clear()
-            error, skipped = self._error, self._skipped
+            self._pending, self._full = 0, False
+            self._room.notify_all()
+            error, skipped, fatal = self._error, self._skipped, self._fatal
             self._skipped = []
         self.samples_out += len(samples)
+        if error is not None and fatal:  # nothing more is decoded: the session ends after this audio
+            self._closed = True
+            self._input.abort()
+            with self._lock:
+                self._room.notify_all()
+            raise BadAudioError(error, samples, fatal=True)
         if error is not None:
             self._join()
             samples = np.concatenate([samples, self.drain()])
@@ -423,7 +507,7 @@ class ContainerDecoder:
                 for frame in mono.resample(None):
                     self._push(frame)
         except BadAudioError as exc:
-            self._fail(str(exc))
+            self._fail(str(exc), fatal=exc.fatal)
         except (av.FFmpegError, ValueError, EOFError) as exc:
             if not self._input.aborted:
                 self._fail(f"could not decode the {self.encoding} stream: {_describe(exc)}")
@@ -435,6 +519,7 @@ class ContainerDecoder:
             self._input.wake()
 
     def _emit(self, mono: av.AudioResampler, frame: Any) -> None:
+        self._check_format(int(frame.sample_rate), len(frame.layout.channels))
         for out in mono.resample(frame):
             self._push(out)
 
@@ -457,6 +542,20 @@ class ContainerDecoder:
             if self._resampler is not None:
                 samples = np.asarray(self._resampler.resample_chunk(samples, last=False), dtype=np.float32)
             self._out.append(samples)
+            self._pending += len(samples)
+            self._produced += len(samples)
+            allowed = EXPANSION_SLACK_S * MODEL_SAMPLE_RATE + self.bytes_in * MAX_EXPANSION // 2
+            if self._produced > allowed:
+                raise BadAudioError(
+                    f"the {self.encoding} stream decodes to more audio than any real codec produces: "
+                    f"{self._produced / MODEL_SAMPLE_RATE:.0f} s from {self.bytes_in} bytes (at most "
+                    f"{EXPANSION_SLACK_S} s plus {MAX_EXPANSION} bytes of 16 kHz 16-bit audio per byte received)",
+                    fatal=True,
+                )
+            while self._pending >= PIECE_SAMPLES and not self._input.aborted:
+                self._full = True  # the caller takes this piece before the demuxer goes on
+                self._input.wake()
+                self._room.wait(timeout=0.5)
 
     def _skip(self, packet: Any) -> None:
         """A corrupt packet: report it, drop it, and go on with the next one."""
@@ -465,9 +564,10 @@ class ContainerDecoder:
         with self._lock:
             self._skipped.append(f"a corrupt {self.encoding} packet{where} was skipped")
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, fatal: bool = False) -> None:
         with self._lock:
             self._error = message
+            self._fatal = fatal
 
 
 def _describe(exc: BaseException) -> str:

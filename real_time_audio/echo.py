@@ -5,6 +5,11 @@ The client connects (optionally with the same query parameters as `/ws/transcrib
 frame it sends is sent back unchanged, in order, `delay` seconds after it arrived. `END` (or
 `{"type": "end"}`) sends the frames still waiting, then closes with 1000. Nothing is transcribed
 or stored.
+
+Limits as for a transcription session: it counts toward MAX_SESSIONS and the per-address limit
+(routes.py); at most ECHO_BUFFER_BYTES wait to be sent back, and beyond that the server stops
+reading (TCP slows the client down); a client that does not read what is sent back for
+IDLE_TIMEOUT_S is disconnected.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ CLOSE_NORMAL = 1000
 CLOSE_TOO_LARGE = 1009
 CLOSE_IDLE = 4408
 MAX_DELAY_S = 10.0
+# Audio waiting to be sent back: ten seconds of 48 kHz stereo float32 (the largest raw format), and more.
+ECHO_BUFFER_BYTES = 8 << 20
+
+
+class ClientNotReading(Exception):
+    """What the server sends back has not been read for IDLE_TIMEOUT_S."""
 
 
 class EchoSession:
@@ -44,6 +55,9 @@ class EchoSession:
         self.delay_s = settings.echo_delay_s
         self.config = SessionConfig()
         self._due: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        self._buffered = 0  # bytes in _due
+        self._room = asyncio.Event()  # set while _buffered is under ECHO_BUFFER_BYTES
+        self._room.set()
 
     def _configure(self, query: dict[str, str]) -> list[str]:
         problems = []
@@ -78,17 +92,23 @@ class EchoSession:
         for problem in problems:
             await self._error("bad_config", problem)
         sender = asyncio.create_task(self._send_back())
+        receiver = asyncio.create_task(self._receive())
         try:
-            await self._receive()
-            self._due.put_nowait(None)  # END: send what is waiting, then close
-            await sender
-            await self.ws.close(CLOSE_NORMAL)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver in done:
+                receiver.result()
+                self._due.put_nowait(None)  # END: send what is waiting, then close
                 await sender
+                await self.ws.close(CLOSE_NORMAL)
+            else:
+                sender.result()  # it only ends early by failing: the client stopped reading
+        except (WebSocketDisconnect, ClientNotReading):
+            pass  # returning drops the connection
+        finally:
+            for task in (sender, receiver):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _receive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,6 +131,10 @@ class EchoSession:
                     await self.ws.close(CLOSE_TOO_LARGE)
                     raise WebSocketDisconnect(CLOSE_TOO_LARGE)
                 self._due.put_nowait((loop.time() + self.delay_s, data))
+                self._buffered += len(data)
+                if self._buffered > ECHO_BUFFER_BYTES:  # back-pressure: read on once the client has caught up
+                    self._room.clear()
+                    await self._room.wait()
             elif text is not None:
                 try:
                     parsed = parse_client_text(text)
@@ -127,7 +151,13 @@ class EchoSession:
         while (item := await self._due.get()) is not None:
             due, data = item
             await asyncio.sleep(max(0.0, due - loop.time()))
-            await self.ws.send_bytes(data)
+            try:
+                await asyncio.wait_for(self.ws.send_bytes(data), self.settings.idle_timeout_s)
+            except TimeoutError:
+                raise ClientNotReading from None
+            self._buffered -= len(data)
+            if self._buffered <= ECHO_BUFFER_BYTES:
+                self._room.set()
 
     async def _error(self, code: ErrorCode, message: str) -> None:
         await self.ws.send_text(to_json(ErrorMessage(code=code, message=message)))

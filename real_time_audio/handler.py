@@ -19,8 +19,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,7 +31,7 @@ from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder,
 from real_time_audio.batch import transcription_message
 from real_time_audio.config import Settings
 from real_time_audio.connection import ConnectionHooks
-from real_time_audio.containers import ContainerDecoder
+from real_time_audio.containers import PIECE_SAMPLES, ContainerDecoder
 from real_time_audio.metrics import Metrics
 from real_time_audio.models import (
     ConfigUpdate,
@@ -54,6 +55,7 @@ from real_time_audio.models import (
     query_config,
     to_json,
 )
+from real_time_audio.security import owner_of
 from real_time_audio.service import (
     EngineUnavailableError,
     QueueFullError,
@@ -66,9 +68,11 @@ from real_time_audio.streaming import SegmentText, UtterancePolicy, Window
 from real_time_audio.vad import FrameScorer, SpeechEvent, VoiceActivityDetector
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_BAD_AUDIO = 1007
 CLOSE_TOO_LARGE = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_IDLE = 4408
@@ -95,7 +99,7 @@ class SessionClosed(Exception):
 class _Finalize:
     """A request to finalize all audio before `position` (samples): a flush or the end of stream."""
 
-    kind: Literal["flush", "end", "drain"]
+    kind: Literal["flush", "end", "drain", "reject"]
     position: int
 
 
@@ -110,8 +114,14 @@ class Session:
         query: dict[str, str] | None = None,
         vad_scorer: FrameScorer | None = None,
         metrics: Metrics | None = None,
+        releases: set[asyncio.Future[None]] | None = None,
     ) -> None:
         self.ws = websocket
+        # Where the final release of this session's record and decoder is registered while it runs
+        # in the session's own thread, so that the server's shutdown can wait for it.
+        self._releases = releases
+        self._released_future: asyncio.Future[None] | None = None
+        self._release_started: asyncio.Future[None] | None = None
         self.engine = engine
         self.settings = settings
         self.id = uuid.uuid4().hex
@@ -142,15 +152,44 @@ class Session:
         self._holding_reads = False  # back-pressure: the reader is waiting for the transcriber
         self._reads_held_at = -math.inf  # loop time when back-pressure last let go
         self._connection = ConnectionHooks(websocket, self._reads_recently_held)
+        # The session's own threads for its blocking work (the record, decoding, voice detection):
+        # a session whose decoder is busy never holds a thread another session needs. Two, so that
+        # the final release never waits behind a decode (it stops that decode instead).
+        self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"session-{self.id[:8]}")
+        self._rejected: str | None = None  # a hostile stream ended the session: why
+        self._client_gone = False  # the client left after END: finish the transcript without it
+        self.before_close: Callable[[], None] | None = None  # called once, before the server closes
+
+    def _leaving(self) -> None:
+        """Just before the server closes the connection: give back the client's slots at once, so
+        that a client reconnecting the moment it sees the close is not refused."""
+        if self.before_close is not None:
+            hook, self.before_close = self.before_close, None
+            hook()
+
+    async def _io(self, action: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking work on the session's own threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(action, *args))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve the connection until it ends, then release everything it held."""
+        # Registered until the record is closed and the decoder stopped (the server's shutdown waits).
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._releases is not None:
+            self._releases.add(done)
+            done.add_done_callback(self._releases.discard)
+        self._released_future = done
+        try:
+            await self._serve()
+        finally:
+            if self._release_started is None and not done.done():  # it never got as far as the release
+                done.set_result(None)
+
+    async def _serve(self) -> None:
         query_error = self._configure_from_query()
-        self._recorder = await asyncio.to_thread(
-            SessionRecorder, self.settings.audio_storage_dir, self.id, self._metadata()
-        )
+        self._recorder = await self._io(SessionRecorder, self.settings.audio_storage_dir, self.id, self._metadata())
         self.log.info("session %s started (%s)", self.id, self.ws.client)
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -181,9 +220,12 @@ class Session:
         finally:
             for task in tasks:
                 task.cancel()
-            # Submitted to the thread pool at once, so the record is closed and the decoder stopped
-            # even if this task is cancelled again while it waits.
-            released = asyncio.get_running_loop().run_in_executor(None, self._release)
+            # Submitted at once, so the record is closed and the decoder stopped even if this task
+            # is cancelled again while it waits.
+            released = asyncio.get_running_loop().run_in_executor(self._threads, self._release)
+            self._release_started = released
+            released.add_done_callback(self._mark_released)
+            self._threads.shutdown(wait=False)  # its threads end once the work queued is done
             if self.metrics is not None:  # before any await: this task may be cancelled while it waits
                 self.metrics.sessions_ended.labels(self._status).inc()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -195,10 +237,17 @@ class Session:
                 self._recorder.bytes_received if self._recorder else 0,
             )
 
+    def _mark_released(self, _: object) -> None:
+        if self._released_future is not None and not self._released_future.done():
+            self._released_future.set_result(None)
+
     def _release(self) -> None:
+        decoder = self._decoder
+        if decoder is not None:
+            decoder.close()  # safe while the other thread decodes: that decode then returns at once
         with self._io_lock:
             self._released = True
-            if self._decoder is not None:
+            if self._decoder is not None and self._decoder is not decoder:
                 self._decoder.close()
             try:
                 self._close_recorder()
@@ -221,7 +270,7 @@ class Session:
 
     async def _persist(self, action: Callable[..., object], *args: Any) -> None:
         """`_record` in a worker thread; a storage failure is reported to the client once."""
-        problem = await asyncio.to_thread(self._record, action, *args)
+        problem = await self._io(self._record, action, *args)
         if problem is not None:
             await self._storage_failure(problem)
 
@@ -251,6 +300,7 @@ class Session:
         with contextlib.suppress(RuntimeError, OSError):
             async with self._send_lock:
                 if self.ws.application_state == WebSocketState.CONNECTED:
+                    self._leaving()
                     await self.ws.close(CLOSE_GOING_AWAY, "server shutting down")
 
     async def _close_for_shutdown(self) -> None:
@@ -259,7 +309,18 @@ class Session:
         self.log.info("session %s closed for shutdown after its last finals", self.id)
         async with self._send_lock:
             if self.ws.application_state == WebSocketState.CONNECTED:
+                self._leaving()
                 await self.ws.close(CLOSE_GOING_AWAY, "server shutting down")
+
+    async def _close_rejected(self) -> None:
+        """A hostile stream: its audio before the problem has been transcribed; close with 1007."""
+        self._status = "bad_audio"
+        await self._persist(self._close_recorder)
+        self.log.warning("session %s closed: %s", self.id, self._rejected)
+        async with self._send_lock:
+            if self.ws.application_state == WebSocketState.CONNECTED:
+                self._leaving()
+                await self.ws.close(CLOSE_BAD_AUDIO, "bad audio")
 
     def _close_recorder(self) -> None:
         if self._recorder is not None and not self._recorder.closed:
@@ -271,12 +332,16 @@ class Session:
         return self._holding_reads or asyncio.get_running_loop().time() - self._reads_held_at < PONG_GRACE_S
 
     def _metadata(self) -> dict[str, Any]:
-        return {
+        metadata = {
             "config": self.config.wire(),
             "model": self.engine.model_id,
             "device": self.engine.device,
             "client": f"{self.ws.client.host}:{self.ws.client.port}" if self.ws.client else None,
         }
+        owner = owner_of(self.settings, self.ws)
+        if owner is not None:  # with tokens: a digest of the one that opened the session
+            metadata["owner"] = owner
+        return metadata
 
     def _duration(self) -> float:
         """Seconds of audio received: from the byte count for PCM, from the decoded audio for containers."""
@@ -354,13 +419,18 @@ class Session:
                         continue
                 message, pending = pending.result(), None
                 if message["type"] == "websocket.disconnect":
+                    if self._ended:  # END, then gone: all the audio is here; its transcript is still made and kept
+                        self._client_gone = True
+                        break
                     raise ClientGone
                 if message.get("bytes") is not None:
                     await self._on_audio(message["bytes"])
+                    if self._rejected is not None:
+                        break  # a hostile stream: nothing more is read
                 elif message.get("text") is not None:
                     await self._on_text(message["text"])
             if not self._ended:
-                await self._request_finalize("drain")
+                await self._request_finalize("reject" if self._rejected is not None else "drain")
         finally:
             draining.cancel()
             if pending is not None:
@@ -408,14 +478,28 @@ class Session:
             await self._send_error("bad_audio", str(exc))
             return
         self._audio_started = True  # the first accepted frame fixes the format
-        samples, events, problem, storage = await asyncio.to_thread(self._ingest, frame)
-        await self._feed(samples, events)
+        samples, events, problem, storage = await self._io(self._ingest, frame)
         if storage is not None:
             await self._storage_failure(storage)
-        if problem:
-            await self._send_error("bad_audio", problem)
-        # Back-pressure: above the cap, stop reading (TCP then slows the client) while the transcriber
-        # works through the backlog; reading goes on if it is idle (waiting for more audio to decode).
+        await self._take_decoded(samples, events, problem)
+
+    async def _take_decoded(self, samples: NDArray[np.float32], events: list[SpeechEvent], problem: str | None) -> None:
+        """Feed the policy the decoded audio, one bounded piece at a time, with back-pressure after
+        each, until the decoder has nothing more for now. A fatal problem ends the session."""
+        while True:
+            await self._feed(samples, events)
+            if problem:
+                await self._send_error("bad_audio", problem)
+                if self._rejected is not None:
+                    return
+            await self._hold_reads()
+            if len(samples) < PIECE_SAMPLES or self._decoder is None:
+                return  # a piece short of full: the decoder has used everything it was given
+            samples, events, problem = await self._io(self._more)
+
+    async def _hold_reads(self) -> None:
+        """Back-pressure: above the cap, stop reading (TCP then slows the client) while the transcriber
+        works through the backlog; reading goes on if it is idle (waiting for more audio to decode)."""
         limit = self.settings.max_pending_audio_s * MODEL_SAMPLE_RATE
         while self._policy.pending > limit and self._transcriber_busy and not self._draining.is_set():
             self._progress.clear()
@@ -438,7 +522,9 @@ class Session:
         config = self.config
         if config.encoding in SAMPLE_WIDTH:
             return PcmDecoder(config.encoding, config.sample_rate, config.channels)
-        return ContainerDecoder(config.encoding)
+        return ContainerDecoder(
+            config.encoding, max_sample_rate=self.settings.max_sample_rate, max_channels=self.settings.max_channels
+        )
 
     def _ingest(self, frame: bytes) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None, OSError | None]:
         """Persist, decode and run voice-activity detection on one frame (in a worker thread).
@@ -459,14 +545,34 @@ class Session:
             try:
                 samples = self._decoder.decode(frame)
             except BadAudioError as exc:
-                samples, problem = exc.salvaged, str(exc)
+                samples, problem = exc.salvaged, self._bad_audio(exc)
             return samples, self._detect(samples), problem, storage
+
+    def _more(self) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None]:
+        """The decoder's next piece of audio (in a worker thread), with its voice activity."""
+        with self._io_lock:
+            if self._released or self._decoder is None:
+                return np.zeros(0, dtype=np.float32), [], None
+            problem = None
+            try:
+                samples = self._decoder.more()
+            except BadAudioError as exc:
+                samples, problem = exc.salvaged, self._bad_audio(exc)
+            return samples, self._detect(samples), problem
+
+    def _bad_audio(self, exc: BadAudioError) -> str:
+        """The message for a decoding problem; a fatal one (a hostile stream) ends the session."""
+        if exc.fatal and self._rejected is None:
+            self._rejected = str(exc)
+            return f"{exc}; the session ends: the audio before this point is transcribed and kept"
+        return str(exc)
 
     def _detect(self, samples: NDArray[np.float32]) -> list[SpeechEvent]:
         return self._vad.process(samples) if self._vad is not None and len(samples) else []
 
     def _drain(self, end: bool) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None]:
-        """The samples still inside the decoder; at the end of stream, open speech ends too."""
+        """The samples still inside the decoder (at the end of stream, its first piece: `_more`
+        gives the rest)."""
         samples, problem = np.zeros(0, dtype=np.float32), None
         with self._io_lock:
             if self._released:
@@ -475,11 +581,15 @@ class Session:
                 try:
                     samples = self._decoder.finish() if end else self._decoder.drain()
                 except BadAudioError as exc:
-                    samples, problem = exc.salvaged, str(exc)
-            events = self._detect(samples)
-            if end and self._vad is not None:
-                events += self._vad.finish(self._policy.received + len(samples))
-            return samples, events, problem
+                    samples, problem = exc.salvaged, self._bad_audio(exc)
+            return samples, self._detect(samples), problem
+
+    def _end_speech(self) -> list[SpeechEvent]:
+        """End of stream: open speech ends at the last sample."""
+        with self._io_lock:
+            if self._released or self._vad is None:
+                return []
+            return self._vad.finish(self._policy.received)
 
     async def _feed(self, samples: NDArray[np.float32], events: list[SpeechEvent]) -> None:
         """Hand audio to the policy and tell the client where speech starts and ends."""
@@ -530,11 +640,14 @@ class Session:
         await self._persist(functools.partial(self._recorder.update_metadata, config=self.config.wire()))
         await self._send(StatusConfigured(config=self.config.wire()))
 
-    async def _request_finalize(self, kind: Literal["flush", "end", "drain"]) -> None:
-        samples, events, problem = await asyncio.to_thread(self._drain, kind != "flush")
-        await self._feed(samples, events)
-        if problem:
-            await self._send_error("bad_audio", problem)
+    async def _request_finalize(self, kind: Literal["flush", "end", "drain", "reject"]) -> None:
+        if kind != "reject":  # a rejected stream is not decoded any further
+            samples, events, problem = await self._io(self._drain, kind != "flush")
+            await self._take_decoded(samples, events, problem)
+            if kind != "flush":
+                await self._feed(np.zeros(0, dtype=np.float32), await self._io(self._end_speech))
+        else:
+            await self._feed(np.zeros(0, dtype=np.float32), await self._io(self._end_speech))
         self._finalize.append(_Finalize(kind, self._policy.received))
         self._wake.set()
 
@@ -560,6 +673,9 @@ class Session:
                     continue
                 if marker.kind == "drain":
                     await self._close_for_shutdown()
+                    return
+                if marker.kind == "reject":
+                    await self._close_rejected()
                     return
                 await self._complete()
                 return
@@ -628,17 +744,21 @@ class Session:
                 duration=round(self._duration(), 3),
                 segments=len(self._finals),
                 recording=Recording(
-                    audio=str(self._recorder.audio_path),
+                    audio=f"/sessions/{self.id}/audio",  # where the API serves it; no server path
                     bytes=self._recorder.bytes_received,
                     sha256=self._recorder.sha256,
                 ),
             )
         )
-        await self.ws.close(CLOSE_NORMAL)
+        if not self._client_gone:
+            self._leaving()
+            await self.ws.close(CLOSE_NORMAL)
 
     # -- sending --------------------------------------------------------------------------------
 
     async def _send(self, message: ServerMessage) -> None:
+        if self._client_gone:
+            return  # after END the client left: the transcript is finished for the record alone
         async with self._send_lock:
             if self.ws.application_state != WebSocketState.CONNECTED:
                 raise ClientGone
@@ -661,6 +781,7 @@ class Session:
         try:
             await self._send_error(code, message)
             async with self._send_lock:
+                self._leaving()
                 await self.ws.close(close_code)
         except (ClientGone, RuntimeError, OSError):
             pass

@@ -95,7 +95,11 @@ def load_audio(
         with path.open("rb") as handle:
             while block := handle.read(1 << 20):
                 pieces.append(decoder.decode(block))
+                while len(piece := decoder.more()):
+                    pieces.append(piece)
         pieces.append(decoder.finish())
+        while len(piece := decoder.more()):
+            pieces.append(piece)
     except BadAudioError as exc:
         raise ValueError(f"{path}: cannot decode: {exc}") from None
     finally:

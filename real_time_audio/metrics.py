@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -44,6 +44,7 @@ class LiveState:
 
     sessions: Callable[[], int]
     rest_requests: Callable[[], int]
+    echo_sessions: Callable[[], int]
     queue_depth: Callable[[], tuple[int, int]]  # finals, partials
     worst_lag: Callable[[], float]
     partials_skipped: Callable[[], int]
@@ -58,6 +59,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds (Linux).
+        ProcessCollector(registry=registry)
         self.batch_size = Histogram(
             "rta_batch_size", "Jobs per batched model call.", buckets=BATCH_BUCKETS, registry=registry
         )
@@ -145,6 +148,8 @@ class _LiveCollector(Collector):
         state = self.state
         yield _gauge("rta_active_sessions", "Open WebSocket transcription sessions.", state.sessions())
         yield _gauge("rta_active_rest_requests", "POST /v1/audio/transcriptions in progress.", state.rest_requests())
+        yield _gauge("rta_active_echo_sessions", "Open /ws/echo loops.", state.echo_sessions())
+        yield _gauge("rta_threads", "Threads in this process.", threading.active_count())
         finals, partials = state.queue_depth()
         depth = GaugeMetricFamily("rta_queue_depth", "Jobs waiting for a worker, by kind.", labels=["kind"])
         depth.add_metric(["final"], finals)

@@ -127,10 +127,17 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+MAX_TEXT_FRAME_CHARS = 64 * 1024  # a config with a long prompt is a few KiB
+
+
 def parse_client_text(text: str) -> ClientMessage:
     """Parse one text frame. `END` is accepted as the plain-text end of stream."""
     import json
 
+    if len(text) > MAX_TEXT_FRAME_CHARS:  # not parsed at all: a control message is never this long
+        raise ProtocolError(
+            "bad_message", f"text frame of {len(text)} characters exceeds the limit of {MAX_TEXT_FRAME_CHARS}"
+        )
     if text.strip() == "END":
         return EndMessage(type="end")
     try:

@@ -1,7 +1,9 @@
 """Read access to stored sessions: GET /sessions/{id} (metadata and transcript) and /sessions/{id}/audio.
 
 Only server-generated ids (32 lowercase hex characters) name a folder, so no request can reach a
-path outside the storage folder. Both routes need the same token as the rest of the API.
+path outside the storage folder. Both routes need the same token as the rest of the API, and a
+session is readable only with the token that created it (or an admin token): any other gets the
+same 404 as a session that does not exist.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fastapi.responses import FileResponse
 
 from real_time_audio.archive import CONTENT_TYPES
 from real_time_audio.retention import SESSION_ID
-from real_time_audio.security import require_access
+from real_time_audio.security import may_read, require_access
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/sessions", tags=["sessions"], dependencies=[Depends(require_access)])
@@ -87,8 +89,9 @@ async def session_record(session_id: str, request: Request) -> dict[str, Any]:
     """The session's session.json, with `transcript`: its finals in order. Works while it is live too."""
     folder = _folder(request, session_id)
     record = await asyncio.to_thread(read_record, folder)
-    if record is None:
+    if record is None or not may_read(request.app.state.settings, request, record):
         raise _not_found(f"no session {session_id}")
+    record.pop("owner", None)
     return record
 
 
@@ -97,7 +100,7 @@ async def session_audio(session_id: str, request: Request) -> FileResponse:
     """The session's audio exactly as stored (WAV for PCM, else the client's container); Range works."""
     folder = _folder(request, session_id)
     metadata = await asyncio.to_thread(read_metadata, folder)
-    if metadata is None:
+    if metadata is None or not may_read(request.app.state.settings, request, metadata):
         raise _not_found(f"no session {session_id}")
     if session_id in request.app.state.sessions:
         # The file grows while we send it, which would break the declared length.

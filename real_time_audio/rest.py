@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePath
-from typing import Any
+from pathlib import PurePath
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -31,16 +33,23 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, BadAudioError
 from real_time_audio.batch import FinalSegment, RecordingTranscription, transcribe_ready, transcription_message
 from real_time_audio.config import Settings
-from real_time_audio.containers import ContainerDecoder, check_magic
+from real_time_audio.containers import PIECE_SAMPLES, ContainerDecoder, check_magic
 from real_time_audio.guards import compression_ratio
 from real_time_audio.media import SUFFIX_ENCODING, sniff_encoding
 from real_time_audio.models import SessionConfig, describe_validation_error
-from real_time_audio.security import require_access
+from real_time_audio.security import (
+    ConnectionCounter,
+    active_sessions,
+    client_address,
+    owner_of,
+    require_access,
+)
 from real_time_audio.service import EngineUnavailableError, TranscriptionEngine
 from real_time_audio.storage import SessionRecorder
 from real_time_audio.transcripts import Cue, plain_text, render_cues
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("segment", "word")
@@ -160,18 +169,32 @@ async def create_transcription(request: Request) -> Response:
     """Transcribe an uploaded file (OpenAI-compatible); answers json, text, srt, vtt or verbose_json."""
     app = request.app
     settings: Settings = app.state.settings
-    engine = _admit(request)
-    app.state.rest_active += 1
-    try:
-        async with _read_form(request, settings.max_upload_bytes) as form:
+    _admit(request)
+    address = client_address(request)
+    connections: ConnectionCounter = app.state.connections
+    if connections.full(address):
+        raise ApiError(
+            429,
+            f"too many connections from {address}: the limit is {connections.limit} at a time",
+            code="server_busy",
+            kind="rate_limit_error",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    with connections.hold(address):
+        async with _read_form(request, settings) as form:
+            # The session slot is taken only now that the whole body is here: a slow upload holds
+            # a connection (bounded by the upload deadlines), never a slot.
+            engine = _admit(request)
             options = _options(form, engine)
-            return await _transcribe(request, engine, options)
-    finally:
-        app.state.rest_active -= 1
+            app.state.rest_active += 1
+            try:
+                return await _transcribe(request, engine, options)
+            finally:
+                app.state.rest_active -= 1
 
 
 def _admit(request: Request) -> TranscriptionEngine:
-    """The checks made before the body is read: shutdown, engine, capacity."""
+    """The checks made before the body is read, and again once it has arrived: shutdown, engine, capacity."""
     state = request.app.state
     settings: Settings = state.settings
     if state.draining:
@@ -182,7 +205,7 @@ def _admit(request: Request) -> TranscriptionEngine:
         raise ApiError(
             503, f"the transcription engine is not available: {reason}", code="engine_unavailable", kind="server_error"
         )
-    if len(state.sessions) + state.rest_active >= settings.max_sessions:
+    if active_sessions(state) >= settings.max_sessions:
         raise ApiError(
             429,
             f"the server is at its limit of {settings.max_sessions} concurrent sessions and transcriptions; "
@@ -201,12 +224,19 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the file is larger than the limit of {limit} bytes", code="too_large", param="file")
 
 
+def _too_slow(message: str) -> ApiError:
+    # `Connection: close` makes the server drop the connection rather than wait for the rest.
+    return ApiError(408, message, code="upload_timeout", headers={"Connection": "close"})
+
+
 @contextlib.asynccontextmanager
-async def _read_form(request: Request, limit: int) -> AsyncIterator[FormData]:
-    """Parse the multipart body, refusing it (413) as soon as it is bigger than the limit allows.
+async def _read_form(request: Request, settings: Settings) -> AsyncIterator[FormData]:
+    """Parse the multipart body, refusing it (413) as soon as it is bigger than the limit allows,
+    and (408) when it stalls for UPLOAD_TIMEOUT_S or arrives slower than UPLOAD_MIN_BYTES_PER_S.
 
     The file is spooled to a temporary file (on disk past 1 MiB), closed on the way out.
     """
+    limit = settings.max_upload_bytes
     content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if content_type != "multipart/form-data":
         raise ApiError(
@@ -220,11 +250,27 @@ async def _read_form(request: Request, limit: int) -> AsyncIterator[FormData]:
         raise _too_large(limit)
 
     async def capped(stream: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         received = 0
-        async for chunk in stream:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), settings.upload_timeout_s)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _too_slow(
+                    f"the upload sent nothing for {settings.upload_timeout_s:g} s (after {received} bytes)"
+                ) from None
             received += len(chunk)
             if received > budget:
                 raise _too_large(limit)
+            elapsed = loop.time() - started
+            if elapsed > settings.upload_timeout_s and received < settings.upload_min_bytes_per_s * elapsed:
+                raise _too_slow(
+                    f"the upload is too slow: {received} bytes in {elapsed:.0f} s, below the minimum of "
+                    f"{settings.upload_min_bytes_per_s} bytes/s"
+                )
             yield chunk
 
     async with contextlib.aclosing(request.stream()) as stream:
@@ -329,28 +375,50 @@ class _Upload:
     bytes in the session record, decoding them. A lock orders it against the final release."""
 
     def __init__(
-        self, upload: UploadFile, encoding: str, root: Path, session_id: str, metadata: dict[str, Any]
+        self, upload: UploadFile, encoding: str, settings: Settings, session_id: str, metadata: dict[str, Any]
     ) -> None:
+        root = settings.audio_storage_dir
         self.session_id = session_id
         self.source = upload.file
         self.encoding = encoding
         self.recorder = SessionRecorder(root, session_id, metadata)
-        self.decoder = ContainerDecoder(encoding)
+        self.decoder = ContainerDecoder(
+            encoding, max_sample_rate=settings.max_sample_rate, max_channels=settings.max_channels
+        )
         self.problem: str | None = None  # the first decoding problem
+        self.fatal = False  # the file is hostile (a decompression bomb, an impossible format): decoding stopped
         self.storage_error: OSError | None = None
         self._lock = threading.Lock()
         self._released = False
+        self._more_waiting = False  # the last piece was full: the decoder may hold more
+        self._read_all = False
 
-    def next_block(self) -> tuple[NDArray[np.float32], bool]:
-        """Persist and decode the next block; returns its samples and whether the file went on."""
+    def next_piece(self) -> tuple[NDArray[np.float32], bool]:
+        """Persist and decode the file's next block (or take the decoder's next piece of audio);
+        returns at most one piece of samples and whether more may follow."""
         with self._lock:
-            if self._released:
+            if self._released or self.fatal:
                 return np.zeros(0, dtype=np.float32), False
-            block = self.source.read(READ_BLOCK_BYTES)
-            if not block:
-                return self._decode(self.decoder.finish), False
-            self._store(self.recorder.write_audio, block, self.encoding, MODEL_SAMPLE_RATE, 1)
-            return self._decode(lambda: self.decoder.decode(block)), True
+            if self._more_waiting:
+                samples = self._decode(self.decoder.more)
+            elif block := self.source.read(READ_BLOCK_BYTES):
+                self._store(self.recorder.write_audio, block, self.encoding, MODEL_SAMPLE_RATE, 1)
+                samples = self._decode(lambda: self.decoder.decode(block))
+            else:
+                self._read_all = True
+                samples = self._decode(self.decoder.finish)
+            self._more_waiting = len(samples) >= PIECE_SAMPLES and not self.fatal
+            return samples, not self.fatal and (self._more_waiting or not self._read_all)
+
+    def _copy_rest(self) -> None:
+        """Keep the part of the file not read yet (decoding stopped early) in the record, as received."""
+        if self._released:
+            return
+        try:
+            while block := self.source.read(READ_BLOCK_BYTES):
+                self._store(self.recorder.write_audio, block, self.encoding, MODEL_SAMPLE_RATE, 1)
+        except (OSError, ValueError) as exc:  # the spooled file is gone (closed on a cancelled request)
+            logger.error("upload %s: the rest of the file could not be kept: %s", self.session_id, exc)
 
     def _decode(self, step: Callable[[], NDArray[np.float32]]) -> NDArray[np.float32]:
         """Samples decoded before a problem are kept, as in a live session; the first problem is noted."""
@@ -358,6 +426,7 @@ class _Upload:
             return step()
         except BadAudioError as exc:
             self.problem = self.problem or str(exc)
+            self.fatal = self.fatal or exc.fatal
             return exc.salvaged
 
     def append_finals(self, finals: list[FinalSegment]) -> None:
@@ -376,8 +445,14 @@ class _Upload:
                 logger.error("upload %s: writing the record failed: %s", self.session_id, exc)
             self.storage_error = exc
 
+    def stop_decoding(self) -> None:
+        """Safe while the upload's thread decodes: that decode returns at once, with nothing more."""
+        self.decoder.abort()
+
     def release(self, status: str, duration: float, segments: int) -> None:
+        """Close the record. Whatever stopped the transcription, the whole file is kept first."""
         with self._lock:
+            self._copy_rest()
             self._released = True
             self.decoder.close()
             try:
@@ -397,9 +472,26 @@ def _peek(upload: UploadFile) -> tuple[int, bytes]:
 
 
 async def _transcribe(request: Request, engine: TranscriptionEngine, options: _Options) -> Response:
+    # The upload's blocking work (reading the spooled file, the record, decoding, voice detection)
+    # runs on its own thread, never on the pool other requests and sessions share.
+    threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
+    try:
+        return await _transcribe_with(request, engine, options, threads)
+    finally:
+        threads.shutdown(wait=False)
+
+
+async def _transcribe_with(
+    request: Request, engine: TranscriptionEngine, options: _Options, threads: ThreadPoolExecutor
+) -> Response:
     app = request.app
     settings: Settings = app.state.settings
-    size, head = await asyncio.to_thread(_peek, options.upload)
+    loop = asyncio.get_running_loop()
+
+    def run(action: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        return loop.run_in_executor(threads, functools.partial(action, *args))
+
+    size, head = await run(_peek, options.upload)
     if size > settings.max_upload_bytes:
         raise _too_large(settings.max_upload_bytes)
     if size == 0:
@@ -420,10 +512,11 @@ async def _transcribe(request: Request, engine: TranscriptionEngine, options: _O
             "response_format": options.response_format,
         },
     }
+    owner = owner_of(settings, request)
+    if owner is not None:  # with tokens: a digest of the one that sent the file
+        metadata["owner"] = owner
     try:
-        upload = await asyncio.to_thread(
-            _Upload, options.upload, encoding, settings.audio_storage_dir, session_id, metadata
-        )
+        upload = await run(_Upload, options.upload, encoding, settings, session_id, metadata)
     except OSError as exc:
         log.error("upload %s: the record could not be created: %s", session_id, exc)
         raise ApiError(
@@ -444,7 +537,7 @@ async def _transcribe(request: Request, engine: TranscriptionEngine, options: _O
     try:
         more = True
         while more:
-            samples, more = await asyncio.to_thread(upload.next_block)
+            samples, more = await run(upload.next_piece)
             decoded += len(samples)
             if upload.problem and not decoded:
                 status = "bad_audio"
@@ -460,9 +553,19 @@ async def _transcribe(request: Request, engine: TranscriptionEngine, options: _O
             job.add(samples)
             if not more:
                 job.end()
-            finals = await transcribe_ready(job, engine)
+            finals = await transcribe_ready(job, engine, threads)
             if finals:
-                await asyncio.to_thread(upload.append_finals, finals)
+                await run(upload.append_finals, finals)
+        if upload.fatal:  # the rest of the file is still kept, when the upload is released
+            status = "bad_audio"
+            raise ApiError(
+                400,
+                f"the file was refused as {encoding}: {upload.problem}. The first {job.duration:.2f} s were "
+                f"transcribed ({len(job.finals)} segments) and are kept with the whole file in session {session_id}",
+                code="bad_audio",
+                param="file",
+                headers={"X-Session-Id": session_id},
+            )
         if upload.problem:
             log.warning("upload %s: decoded %.2f s despite a problem: %s", session_id, job.duration, upload.problem)
         status = "completed"
@@ -484,17 +587,19 @@ async def _transcribe(request: Request, engine: TranscriptionEngine, options: _O
         log.exception("upload %s failed", session_id)
         raise ApiError(
             500,
-            "the file could not be transcribed (internal error); its audio is kept on the server",
+            f"the file could not be transcribed (internal error); the whole file is kept in session {session_id}",
             code="internal",
             kind="server_error",
             headers={"X-Session-Id": session_id},
         ) from None
     finally:
-        await _release(app, upload, status, job, log)
+        await _release(app, upload, status, job, log, threads)
     return _response(options, job, session_id)
 
 
-async def _release(app: Any, upload: _Upload, status: str, job: RecordingTranscription, log: Any) -> None:
+async def _release(
+    app: Any, upload: _Upload, status: str, job: RecordingTranscription, log: Any, threads: ThreadPoolExecutor
+) -> None:
     """Close the record (even if this request is cancelled meanwhile), then tell the session-end hooks."""
     session_id = upload.session_id
 
@@ -505,7 +610,10 @@ async def _release(app: Any, upload: _Upload, status: str, job: RecordingTranscr
             except Exception:
                 log.exception("session-end hook %r failed for %s", hook, session_id)
 
-    released = asyncio.get_running_loop().run_in_executor(None, upload.release, status, job.duration, len(job.finals))
+    upload.stop_decoding()  # a decode still running in the upload's thread ends at once
+    released = asyncio.get_running_loop().run_in_executor(
+        threads, upload.release, status, job.duration, len(job.finals)
+    )
     released.add_done_callback(ended)
     metrics = getattr(app.state, "metrics", None)
     if metrics is not None:

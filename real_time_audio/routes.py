@@ -14,7 +14,13 @@ from real_time_audio.echo import EchoSession
 from real_time_audio.handler import CLOSE_INTERNAL, Session
 from real_time_audio.metrics import Metrics
 from real_time_audio.models import ErrorMessage, to_json
-from real_time_audio.security import ConnectionCounter, check_access, client_address
+from real_time_audio.security import (
+    ConnectionCounter,
+    active_sessions,
+    check_access,
+    chosen_subprotocol,
+    client_address,
+)
 from real_time_audio.service import TranscriptionEngine
 
 logger = logging.getLogger(__name__)
@@ -74,13 +80,13 @@ async def transcribe(websocket: WebSocket) -> None:
     engine: TranscriptionEngine = app.state.engine
     sessions: dict[str, Session] = app.state.sessions
     settings = app.state.settings
-    await websocket.accept()
+    await _accept(websocket)
     if not await _admit(websocket):
         return
     if not engine.ready:
         await _refuse(websocket, "internal", "the transcription engine is not available", CLOSE_INTERNAL)
         return
-    if len(sessions) + app.state.rest_active >= settings.max_sessions:
+    if active_sessions(app.state) >= settings.max_sessions:
         await _refuse(
             websocket,
             "server_busy",
@@ -89,14 +95,26 @@ async def transcribe(websocket: WebSocket) -> None:
         )
         return
     session = Session(
-        websocket, engine, settings, dict(websocket.query_params), app.state.vad_scorer, app.state.metrics
+        websocket,
+        engine,
+        settings,
+        dict(websocket.query_params),
+        app.state.vad_scorer,
+        app.state.metrics,
+        app.state.releasing,
     )
     sessions[session.id] = session
-    try:
-        with app.state.connections.hold(client_address(websocket)):
-            await session.run()
-    finally:
+    slot = app.state.connections.acquire(client_address(websocket))
+
+    def leave() -> None:  # idempotent: before the server's close frame, and at the end anyway
         sessions.pop(session.id, None)
+        slot.release()
+
+    session.before_close = leave
+    try:
+        await session.run()
+    finally:
+        leave()
         for hook in app.state.session_end_hooks:
             hook(session.id)
 
@@ -104,11 +122,31 @@ async def transcribe(websocket: WebSocket) -> None:
 @router.websocket("/ws/echo")
 async def echo(websocket: WebSocket) -> None:
     """Sends received audio back after a delay (default ECHO_DELAY_S), to test a microphone loop."""
-    await websocket.accept()
+    app = websocket.app
+    await _accept(websocket)
     if not await _admit(websocket):
         return
-    with websocket.app.state.connections.hold(client_address(websocket)):
-        await EchoSession(websocket, websocket.app.state.settings).run()
+    settings = app.state.settings
+    if active_sessions(app.state) >= settings.max_sessions:
+        await _refuse(
+            websocket,
+            "server_busy",
+            f"the server is at its limit of {settings.max_sessions} sessions; try again later",
+            CLOSE_TRY_AGAIN_LATER,
+        )
+        return
+    app.state.echo_active += 1
+    try:
+        with app.state.connections.hold(client_address(websocket)):
+            await EchoSession(websocket, settings).run()
+    finally:
+        app.state.echo_active -= 1
+
+
+async def _accept(websocket: WebSocket) -> None:
+    """Accept the handshake, selecting `rta.v1` if the client offered subprotocols (a browser that
+    sends its token as one fails the connection unless the server selects one it offered)."""
+    await websocket.accept(subprotocol=chosen_subprotocol(websocket.scope.get("subprotocols") or ()))
 
 
 async def _admit(websocket: WebSocket) -> bool:

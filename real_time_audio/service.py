@@ -158,6 +158,10 @@ class WhisperBackend:
         )
         self._sot = generation.decoder_start_token_id
         self._no_timestamps = generation.no_timestamps_token_id
+        self._startofprev = processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")
+        self._special_ids = frozenset(processor.tokenizer.all_special_ids) | set(
+            processor.tokenizer.added_tokens_decoder
+        )
         self._pad = generation.pad_token_id if generation.pad_token_id is not None else generation.eos_token_id
         self._eot = generation.eos_token_id if isinstance(generation.eos_token_id, int) else None
         self._special_ids = frozenset(tokenizer.all_special_ids)
@@ -226,20 +230,26 @@ class WhisperBackend:
         backend.location = location
         return backend
 
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text: a client's "<|endoftext|>" is spelled out, never the
+        special token (which would end or derail the decode of every row in the batch)."""
+        tokenizer = self.processor.tokenizer
+        ids: list[int] = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        special = self._special_ids
+        return [i for i in ids if i not in special]
+
     def _prompt_ids(self, prompt: str | None) -> list[int]:
         """<|startofprev|> and the prompt's most recent MAX_PROMPT_TOKENS tokens (none without a prompt)."""
-        if not prompt:
+        if not prompt or not prompt.strip():
             return []
-        ids: list[int] = self.processor.get_prompt_ids(prompt, return_tensors="np").tolist()
-        if len(ids) > MAX_PROMPT_TOKENS + 1:
-            ids = ids[:1] + ids[-MAX_PROMPT_TOKENS:]
-        return ids
+        ids = self._text_ids(" " + prompt.strip())[-MAX_PROMPT_TOKENS:]
+        return [self._startofprev, *ids] if ids else []
 
     def _prefix_ids(self, prefix: str | None) -> list[int]:
         """The committed words the decoder must start with (none when absent or too long)."""
         if not prefix or not prefix.strip():
             return []
-        ids: list[int] = self.processor.tokenizer.encode(" " + prefix.strip(), add_special_tokens=False)
+        ids = self._text_ids(" " + prefix.strip())
         return ids if len(ids) <= MAX_PREFIX_TOKENS else []
 
     def _decoder_prompt(self, request: TranscriptionRequest, language: str | None) -> tuple[list[int], int]:

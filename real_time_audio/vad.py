@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from real_time_audio.config import Settings
 
 FRAME_SAMPLES = 512  # Silero's frame at 16 kHz (32 ms)
+SCORE_FRAMES = 256  # frames scored per model call (8 s of audio), however much arrives at once
 CONTEXT_SAMPLES = 64  # samples of the previous frame the model sees before each frame
 NEGATIVE_MARGIN = 0.15  # speech continues until the probability drops this far below the threshold
 
@@ -144,13 +145,14 @@ class VoiceActivityDetector:
         if whole == 0:
             return []
         frames = audio[:whole].reshape(-1, FRAME_SAMPLES).astype(np.float32, copy=False)
-        probabilities, self._state = self.scorer.score(frames, self._state)
         events: list[SpeechEvent] = []
-        for probability in probabilities.tolist():
-            event = self._step(probability)
-            if event is not None:
-                events.append(event)
-            self._position += FRAME_SAMPLES
+        for first in range(0, len(frames), SCORE_FRAMES):  # bounded work and memory per model call
+            probabilities, self._state = self.scorer.score(frames[first : first + SCORE_FRAMES], self._state)
+            for probability in probabilities.tolist():
+                event = self._step(probability)
+                if event is not None:
+                    events.append(event)
+                self._position += FRAME_SAMPLES
         return events
 
     def finish(self, end: int) -> list[SpeechEvent]:

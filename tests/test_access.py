@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import websockets
 from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from main import create_app
 from real_time_audio.config import Settings
@@ -36,6 +38,14 @@ def refused(client: TestClient, path: str, headers: dict[str, str] | None = None
     return error, int(getattr(info.value, "code", 0))
 
 
+def refused_with(client: TestClient, subprotocols: list[str]) -> tuple[str, str | None]:
+    with client.websocket_connect("/ws/transcribe", subprotocols=subprotocols) as ws:
+        message = ws.receive_json()
+        with pytest.raises(WebSocketDisconnect):
+            ws.receive_json()
+        return message["message"], ws.accepted_subprotocol
+
+
 def test_tokens_are_required_and_checked(guarded: Settings, caplog: pytest.LogCaptureFixture) -> None:
     """No token or a wrong one: `unauthorized` and 1008. A configured token by header or query: connected."""
     caplog.set_level(logging.DEBUG)
@@ -44,7 +54,8 @@ def test_tokens_are_required_and_checked(guarded: Settings, caplog: pytest.LogCa
             {
                 "type": "error",
                 "code": "unauthorized",
-                "message": "a token is required: send 'Authorization: Bearer <token>' or ?token=<token>",
+                "message": "a token is required: send 'Authorization: Bearer <token>', offer the WebSocket "
+                "subprotocol 'rta.token.<base64url of the token>' (with 'rta.v1'), or add ?token=<token>",
             },
             1008,
         )
@@ -60,6 +71,14 @@ def test_tokens_are_required_and_checked(guarded: Settings, caplog: pytest.LogCa
             with client.websocket_connect(path, headers=headers) as ws:
                 assert ws.receive_json()["status"] == "connected"
                 end_session(ws)
+        # A browser's way: the token as a subprotocol; the server selects the plain one, never the token.
+        offered = ["rta.v1", "rta.token." + base64.urlsafe_b64encode(b"beta-token-2").decode().rstrip("=")]
+        with client.websocket_connect("/ws/transcribe", subprotocols=offered) as ws:
+            assert ws.accepted_subprotocol == "rta.v1"
+            assert ws.receive_json()["status"] == "connected"
+            end_session(ws)
+        assert refused_with(client, ["rta.v1", "rta.token.YWxwaGE"]) == ("the token is not valid", "rta.v1")
+        assert refused_with(client, ["rta.v1", "rta.token.***"]) == ("the token is not valid", "rta.v1")
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "refused connection" in logged
     for secret in ("alpha-token", "beta-token", "nope"):

@@ -51,7 +51,7 @@ def test_container_speech_is_transcribed_exactly_and_kept_byte_for_byte(
     completed = messages[-1]
     assert completed["recording"]["bytes"] == len(data)
     assert completed["recording"]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert completed["recording"]["audio"].endswith(f"audio.{encoding}")
+    assert completed["recording"]["audio"] == f"/sessions/{completed['session_id']}/audio"  # a URL, no server path
     assert abs(completed["duration"] - 40.0) < 0.15
     folder = settings.audio_storage_dir / completed["session_id"]
     assert (folder / f"audio.{encoding}").read_bytes() == data

@@ -10,7 +10,10 @@ from numpy.typing import NDArray
 
 from real_time_audio.audio import BadAudioError
 from real_time_audio.containers import (
+    EXPANSION_SLACK_S,
+    MAX_EXPANSION,
     OPEN_LIMIT_BYTES,
+    PIECE_SAMPLES,
     ContainerDecoder,
     WavFormat,
     check_magic,
@@ -18,6 +21,7 @@ from real_time_audio.containers import (
     parse_wav_header,
 )
 from real_time_audio.media import encode
+from tests import hostile_media
 from tests.conftest import speech_like
 
 CONTAINERS = ["webm", "ogg", "mp4", "mp3", "flac", "wav"]
@@ -53,11 +57,15 @@ def decode_all(encoding: str, slices: list[bytes]) -> tuple[NDArray[np.float32],
     for piece in slices:
         try:
             pieces.append(decoder.decode(piece))
+            while len(more := decoder.more()):
+                pieces.append(more)
         except BadAudioError as exc:
             pieces.append(exc.salvaged)
             problems.append(str(exc))
     try:
         pieces.append(decoder.finish())
+        while len(more := decoder.more()):
+            pieces.append(more)
     except BadAudioError as exc:
         pieces.append(exc.salvaged)
         problems.append(str(exc))
@@ -198,3 +206,97 @@ def test_wav_header_parsing() -> None:
     assert wav == WavFormat("pcm_s16le", 44100, 2, len(head) + 8, None)
     eight_bit = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, 8000, 8000, 1, 8)
     assert parse_wav_header(b"RIFF" + bytes(4) + b"WAVE" + eight_bit + b"data" + bytes(4)) is False
+
+
+# -- hostile streams -------------------------------------------------------------------------------
+
+
+def decode_fed(
+    decoder: ContainerDecoder, data: bytes, slice_bytes: int = 1024
+) -> tuple[list[int], BadAudioError | None]:
+    """Feed `data` in slices, taking every piece; the sizes of the pieces and the error that ended it."""
+    pieces: list[int] = []
+    try:
+        for offset in range(0, len(data), slice_bytes):
+            pieces.append(len(decoder.decode(data[offset : offset + slice_bytes])))
+            while len(piece := decoder.more()):
+                pieces.append(len(piece))
+        pieces.append(len(decoder.finish()))
+        while len(piece := decoder.more()):
+            pieces.append(len(piece))
+    except BadAudioError as exc:
+        pieces.append(len(exc.salvaged))
+        return pieces, exc
+    finally:
+        decoder.close()
+    return pieces, None
+
+
+BOMBS = {
+    "flac": lambda: hostile_media.flac_bomb(400),  # 5.2 KB declaring 54 minutes
+    "ogg": lambda: hostile_media.opus_bomb(20),  # 16 KB of Opus declaring 10 minutes
+    # Fragmented, as a browser's live MP4 is: decoded as it arrives.
+    "mp4": lambda: hostile_media.remux(
+        hostile_media.flac_bomb(400), "flac", "mp4", {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+    ),
+    "webm": lambda: hostile_media.remux(hostile_media.flac_bomb(400), "flac", "matroska"),
+}
+
+
+@pytest.mark.parametrize("encoding", sorted(BOMBS))
+def test_a_decompression_bomb_is_cut_off_within_its_budget(encoding: str) -> None:
+    """The stream ends with a fatal error once it has decoded more than the slack plus 1000 bytes of
+    16 kHz 16-bit audio per byte received; no piece handed over is larger than a piece plus one frame."""
+    data = BOMBS[encoding]()
+    decoder = ContainerDecoder(encoding)
+    pieces, error = decode_fed(decoder, data)
+    assert error is not None and error.fatal
+    assert "decodes to more audio than any real codec produces" in str(error)
+    budget = EXPANSION_SLACK_S * 16000 + decoder.bytes_in * MAX_EXPANSION // 2
+    largest_frame = 2 * 65535  # one FLAC frame at 8 kHz, resampled to 16 kHz
+    assert sum(pieces) <= budget + largest_frame
+    assert max(pieces) <= PIECE_SAMPLES + largest_frame
+    assert decoder.bytes_in < len(data)  # it stopped before the end of the stream
+    assert decoder.decode(data[:1024]).size == 0  # and decodes nothing more
+
+
+def test_a_wav_declaring_1_hz_is_refused_before_any_audio() -> None:
+    """544 bytes of µ-law at 1 Hz would be 500 s at 16 kHz; the rate is refused first."""
+    decoder = ContainerDecoder("wav")
+    pieces, error = decode_fed(decoder, hostile_media.mulaw_wav(500))
+    assert error is not None and error.fatal and sum(pieces) == 0
+    assert str(error) == "the wav stream's audio is 1 Hz with 1 channel(s); accepted are 8000-48000 Hz and 1-2 channels"
+
+
+def test_a_plain_wav_header_with_an_impossible_rate_is_refused() -> None:
+    header = bytearray(encode(np.zeros(1600, dtype=np.float32), 16000, "wav"))
+    header[24:28] = (400000).to_bytes(4, "little")
+    decoder = ContainerDecoder("wav")
+    pieces, error = decode_fed(decoder, bytes(header))
+    assert error is not None and error.fatal and sum(pieces) == 0
+    assert "400000 Hz" in str(error)
+
+
+def test_the_sample_rate_limit_is_a_setting() -> None:
+    """96 kHz is refused by default and accepted when MAX_SAMPLE_RATE allows it."""
+    data = encode(speech_like(seed=1, duration_s=6.0), 96000, "flac")  # 96,000 samples: 1 s at 96 kHz
+    assert decode_fed(ContainerDecoder("flac"), data)[1] is not None
+    pieces, error = decode_fed(ContainerDecoder("flac", max_sample_rate=96000), data)
+    assert error is None and sum(pieces) == pytest.approx(16000, abs=200)
+
+
+@pytest.mark.parametrize("encoding", ["flac", "ogg", "webm", "mp3"])
+def test_real_digital_silence_is_not_mistaken_for_a_bomb(encoding: str) -> None:
+    """A minute of digital silence, the most compressible real stream, decodes whole."""
+    data = encode(np.zeros(60 * 16000, dtype=np.float32), 16000, encoding)
+    pieces, error = decode_fed(ContainerDecoder(encoding), data)
+    assert error is None
+    assert 60 * 16000 <= sum(pieces) <= 60 * 16000 + EXTRA_SAMPLES[encoding] + 1152
+
+
+def test_a_long_stream_in_one_slice_comes_out_in_bounded_pieces(signal: NDArray[np.float32]) -> None:
+    """Ten times the signal sent at once: pieces of about PIECE_SAMPLES, and all of the audio."""
+    data = encode(np.tile(signal, 10), 16000, "flac")
+    pieces, error = decode_fed(ContainerDecoder("flac"), data, slice_bytes=len(data))
+    assert error is None and sum(pieces) == 10 * len(signal)
+    assert len(pieces) >= 10 * len(signal) // PIECE_SAMPLES and max(pieces) <= PIECE_SAMPLES + 4608

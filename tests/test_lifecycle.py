@@ -442,7 +442,8 @@ def test_audio_media_type_follows_the_container(
 
 
 def test_session_routes_need_a_token_when_tokens_are_set(make_settings: Callable[..., Settings]) -> None:
-    """401 without or with a wrong token; a Bearer header or ?token= opens both routes."""
+    """401 without or with a wrong token; a Bearer header or ?token= opens both routes (of a record
+    made before tokens were set, which has no owner)."""
     settings = make_settings(api_tokens="secret-1,secret-2")
     make_record(settings.audio_storage_dir, sid(1))
     with TestClient(create_app(settings)) as client:

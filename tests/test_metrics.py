@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from main import create_app
 from real_time_audio.config import Settings
-from real_time_audio.logs import JsonFormatter, TextFormatter
+from real_time_audio.logs import JsonFormatter, RedactSecrets, TextFormatter, escape_controls, redact
 from tests.conftest import finals, pcm16, receive_until, speech_like
 from tests.test_routes import end_session
 
@@ -122,3 +122,38 @@ def test_log_lines_carry_the_session_id() -> None:
     )
     plain = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "no session here", (), None)
     assert TextFormatter().format(plain).endswith(" WARNING real_time_audio.handler: no session here")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            '127.0.0.1:5 - "WebSocket /ws/transcribe?encoding=webm&token=s3cr%2Ft&x=1" [accepted]',
+            '127.0.0.1:5 - "WebSocket /ws/transcribe?encoding=webm&token=[REDACTED]&x=1" [accepted]',
+        ),
+        ('1.2.3.4:9 - "GET /?token=abc HTTP/1.1" 200', '1.2.3.4:9 - "GET /?token=[REDACTED] HTTP/1.1" 200'),
+        ("< authorization: Bearer abc.def", "< authorization: Bearer [REDACTED]"),
+        ("< Authorization: Basic dXNlcjpwYXNz", "< Authorization: Basic [REDACTED]"),
+        ("< sec-websocket-protocol: rta.v1, rta.token.YWJj", "< sec-websocket-protocol: rta.v1, rta.token.[REDACTED]"),
+        ("{'headers': [(b'authorization', b'Bearer xyz')]}", "{'headers': [(b'authorization', b'Bearer [REDACTED]')]}"),
+        ("GET /sessions/ab HTTP/1.1", "GET /sessions/ab HTTP/1.1"),
+    ],
+)
+def test_secrets_are_redacted(line: str, expected: str) -> None:
+    assert redact(line) == expected
+
+
+def test_a_record_can_neither_leak_a_token_nor_forge_a_line() -> None:
+    """The filter rewrites the arguments before formatting: no token, and one line per record."""
+    logger = logging.getLogger("uvicorn.error")
+    record = logger.makeRecord(
+        logger.name, logging.INFO, __file__, 1, '%s - "WebSocket %s" [accepted]', ("1.2.3.4:5", "/ws?token=t0p"), None
+    )
+    forged = logger.makeRecord(
+        logger.name, logging.INFO, __file__, 1, "error %s: %s", ("bad_config", "x\nERROR forged\x1b[2J"), None
+    )
+    scrub = RedactSecrets()
+    assert scrub.filter(record) and scrub.filter(forged)
+    assert record.getMessage() == '1.2.3.4:5 - "WebSocket /ws?token=[REDACTED]" [accepted]'
+    assert forged.getMessage() == "error bad_config: x\\nERROR forged\\x1b[2J"
+    assert escape_controls("a\u2028b\rc") == "a\\u2028b\\rc"

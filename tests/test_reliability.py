@@ -646,7 +646,7 @@ def test_fifty_concurrent_sessions_each_get_exactly_their_own_text_and_recording
         assert done["text"] == reference[seed], seed
         assert done["text"] == " ".join(m["text"] for m in finals(result["messages"]) if m["text"])
         assert done["recording"] == {
-            "audio": done["recording"]["audio"],
+            "audio": f"/sessions/{done['session_id']}/audio",
             "bytes": len(clip(seed)),
             "sha256": hashlib.sha256(clip(seed)).hexdigest(),
         }

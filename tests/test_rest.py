@@ -432,3 +432,30 @@ def test_503_while_draining_or_without_an_engine(client: TestClient) -> None:
     assert response.status_code == 503
     assert error_of(response)["message"] == "the transcription engine is not available: device failure: test"
     assert state.rest_active == 0
+
+
+def test_uploads_count_toward_the_per_address_limit(make_settings: Callable[..., Settings]) -> None:
+    """MAX_CONNECTIONS_PER_CLIENT covers uploads too: with one WebSocket open, the same address's upload gets 429."""
+    settings = make_settings(max_connections_per_client=1)
+    wav = encode(speech_like(2, 1.0), 16000, "wav")
+    with TestClient(create_app(settings)) as client:
+        with client.websocket_connect("/ws/transcribe") as ws:
+            ws.receive_json()
+            refused = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav)})
+            ws.send_json({"type": "end"})
+            receive_until(ws, is_status("completed"))
+        assert refused.status_code == 429
+        assert refused.json()["error"] == {
+            "message": "too many connections from testclient: the limit is 1 at a time",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "server_busy",
+        }
+        assert client.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav)}).status_code == 200
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_api_documentation_is_a_setting(make_settings: Callable[..., Settings], enabled: bool) -> None:
+    with TestClient(create_app(make_settings(api_docs=enabled))) as client:
+        statuses = [client.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")]
+    assert statuses == ([200, 200, 200] if enabled else [404, 404, 404])

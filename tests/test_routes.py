@@ -116,7 +116,7 @@ def test_full_session_persists_exactly_what_was_sent(client: TestClient, setting
         "text": " ".join(final_texts),
         "duration": 4.0,
         "segments": len(final_texts),
-        "recording": {"audio": str(folder / "audio.wav"), "bytes": len(audio), "sha256": digest},
+        "recording": {"audio": f"/sessions/{session_id}/audio", "bytes": len(audio), "sha256": digest},
     }
     with wave.open(str(folder / "audio.wav")) as wav:
         assert wav.readframes(wav.getnframes()) == audio

@@ -155,7 +155,7 @@ def test_gunicorn_config_follows_the_environment(tmp_path: Path, monkeypatch: py
     assert values["workers"] == "2"
     assert values["graceful_timeout"] == "55"
     assert values["forwarded_allow_ips"] == "['10.0.0.7']"
-    assert values["worker_class"] == "uvicorn_worker.UvicornWorker"
+    assert values["worker_class"] == "real_time_audio.server.UvicornWorker"
     assert values["preload_app"] == "False"
 
 

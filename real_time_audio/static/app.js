@@ -10,11 +10,18 @@ const ui = {
   connection: $("connection"), speech: $("speech"), lag: $("lag"), status: $("status"), recording: $("recording"),
 };
 const params = new URLSearchParams(location.search);
-ui.token.value = params.get("token") || "";
+// A token may come in the address as #token=… (never sent to a server) or ?token=…; either way it
+// is taken out of the address bar, so it stays out of history and bookmarks.
+const fragment = new URLSearchParams(location.hash.slice(1));
+ui.token.value = fragment.get("token") || params.get("token") || "";
+if (fragment.has("token") || params.has("token")) {
+  params.delete("token");
+  history.replaceState(null, "", location.pathname + (params.size ? `?${params}` : ""));
+}
 const RECORDER_TYPES = [
   ["audio/webm;codecs=opus", "webm"], ["audio/webm", "webm"], ["audio/mp4", "mp4"], ["audio/ogg;codecs=opus", "ogg"],
 ];
-const NO_RETRY = new Set([1000, 1008, 1009]); // normal end, refused, frame too large
+const NO_RETRY = new Set([1000, 1007, 1008, 1009]); // normal end, bad audio, refused, frame too large
 const KEEPALIVE_MS = 15000;
 
 let capture = null; // {encoding, start(), pause(), resume(), stop()}

@@ -8,7 +8,8 @@
  *
  * @typedef {object} SessionOptions
  * @property {string} [url]            WebSocket URL; default: /ws/transcribe on the page's own host
- * @property {string} [token]          API token, sent as ?token= (browsers cannot set headers)
+ * @property {string} [token]          API token, offered as the WebSocket subprotocol "rta.token.<base64url>"
+ *                                     (browsers cannot set headers; it never appears in a URL)
  * @property {Encoding} [encoding]     default pcm_s16le
  * @property {number} [sampleRate]     raw PCM only; default 16000
  * @property {number} [channels]       raw PCM only; default 1
@@ -74,7 +75,6 @@ export class TranscribeClient extends EventTarget {
       language: o.language,
       task: o.task,
       interim_results: o.interimResults === false ? "false" : undefined,
-      token: o.token,
     };
     for (const [name, value] of Object.entries(params)) {
       if (value !== undefined && value !== null && value !== "") url.searchParams.set(name, String(value));
@@ -82,10 +82,21 @@ export class TranscribeClient extends EventTarget {
     return url.toString();
   }
 
+  /** The subprotocols to offer: "rta.v1", and the token (base64url) when there is one. */
+  protocols() {
+    const token = this.options.token;
+    if (!token) return [];
+    const bytes = new TextEncoder().encode(token);
+    let binary = "";
+    for (const byte of bytes) binary += String.fromCharCode(byte);
+    const encoded = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    return ["rta.v1", `rta.token.${encoded}`];
+  }
+
   /** Open the session; resolves with the `connected` status, rejects with the refusal. */
   connect() {
     return new Promise((resolve, reject) => {
-      const socket = new WebSocket(this.url());
+      const socket = new WebSocket(this.url(), this.protocols());
       socket.binaryType = "arraybuffer";
       this.socket = socket;
       let connected = false;
