@@ -386,12 +386,62 @@ def measure(server: Server, name: str, attack: Callable[[Server], Awaitable[dict
     }
 
 
+def _normal(entry: dict[str, Any]) -> str:
+    normal = entry.get("normal")
+    if not normal:
+        return "–"
+    outcome = normal.get("outcome", "?")
+    return f"{outcome}, connected in {normal.get('connected_s', '?')} s"
+
+
+def _effect(entry: dict[str, Any]) -> str:
+    """The attack's own outcome, in a few words."""
+    if entry.get("timed_out"):
+        return f"still running after {ATTACK_TIMEOUT_S:.0f} s"
+    keys = [
+        ("close_code", "close {}"),
+        ("status", "HTTP {}"),
+        ("duration_s", "{} s of audio decoded"),
+        ("duration", "{} s of audio decoded"),
+        ("open", "{} sessions left open"),
+        ("accepted_mib", "{} MiB accepted"),
+        ("uploads_open_after_45_s", "{} of 32 uploads open after 45 s"),
+        ("open_after_30_s", "{} of 500 open after 30 s"),
+        ("token_occurrences_in_log", "{} tokens in the log"),
+        ("other_token_status", "other token: HTTP {}"),
+    ]
+    parts = [template.format(entry[key]) for key, template in keys if entry.get(key) is not None]
+    return "; ".join(parts) or "–"
+
+
+def table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Markdown: each attack before and after, side by side."""
+    old = {entry["attack"]: entry for entry in before["attacks"]}
+    lines = [
+        "| attack | before: peak RSS growth, CPU | before: outcome | before: normal client "
+        "| after: peak RSS growth, CPU | after: outcome | after: normal client |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for entry in after["attacks"]:
+        was = old.get(entry["attack"], {})
+        lines.append(
+            f"| {entry['attack']} | {was.get('peak_rss_growth_mib', '–')} MiB, {was.get('cpu_s', '–')} s "
+            f"| {_effect(was) if was else '–'} | {_normal(was)} "
+            f"| {entry['peak_rss_growth_mib']} MiB, {entry['cpu_s']} s | {_effect(entry)} | {_normal(entry)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project", type=Path, default=ROOT, help="the checkout to serve (default: this one)")
     parser.add_argument("--tag", default="after")
     parser.add_argument("--only", nargs="*", choices=sorted(ATTACKS), help="run only these attacks")
+    parser.add_argument("--table", nargs=2, type=Path, metavar=("BEFORE", "AFTER"), help="print two results as a table")
     args = parser.parse_args()
+    if args.table:
+        print(table(*(json.loads(path.read_text()) for path in args.table)))
+        return
     report: dict[str, Any] = {"project": str(args.project), "machine": machine(), "attacks": []}
     for name in args.only or list(ATTACKS):
         server = Server(args.project)  # a fresh server per attack: no attack inherits another's damage
