@@ -108,18 +108,34 @@ class Server:
 # -- the normal client ----------------------------------------------------------------------------
 
 
+SENTENCE = "good morning everyone and welcome to the show"
+
+
+def speech() -> Any:
+    """A spoken sentence (espeak-ng), 16 kHz mono float32."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    import soxr
+
+    command = ["espeak-ng", "-v", "en-us", "-s", "160", "--stdout", SENTENCE]
+    wav = subprocess.run(command, capture_output=True, check=True)
+    samples, rate = sf.read(io.BytesIO(wav.stdout), dtype="float32")
+    return np.asarray(soxr.resample(samples, rate, 16000), dtype=np.float32)
+
+
 def speech_wav() -> bytes:
     from real_time_audio.media import encode
-    from tests.conftest import speech_like
 
-    return encode(speech_like(5, 3.0), 16000, "wav")
+    return encode(speech(), 16000, "wav")
 
 
 async def normal_client(server: Server) -> dict[str, Any]:
-    """3 s of audio at real-time pace: how long `connected` took, and how the session ended."""
-    from tests.conftest import pcm16, speech_like
+    """A spoken sentence at real-time pace: how long `connected` took, how the session ended, its text."""
+    from tests.conftest import pcm16
 
-    audio = pcm16(speech_like(5, 3.0))
+    audio = pcm16(speech())
     started = time.monotonic()
     try:
         async with websockets.connect(f"{server.ws}/ws/transcribe", additional_headers=AUTH, open_timeout=60) as ws:
@@ -137,7 +153,7 @@ async def normal_client(server: Server) -> dict[str, Any]:
             return {
                 "connected_s": round(connected_s, 2),
                 "outcome": "completed" if done else f"closed {ws.close_code}",
-                "finals": sum(1 for m in messages if m.get("is_final")),
+                "text": messages[-1].get("text") if done else None,
                 "errors": errors,
                 "total_s": round(time.monotonic() - started, 2),
             }
@@ -279,11 +295,14 @@ async def half_open(server: Server) -> dict[str, Any]:
 
 
 def _open(sock: socket.socket) -> bool:
+    """Whether the server still holds the connection (whatever it answered before closing it)."""
     sock.setblocking(False)
     try:
-        return sock.recv(1) != b""
+        while sock.recv(65536):
+            pass
+        return False  # the end of the stream: closed by the server
     except BlockingIOError:
-        return True  # nothing to read and not closed
+        return True  # nothing (more) to read and not closed
     except OSError:
         return False
 
@@ -313,7 +332,7 @@ async def poisoned_prompt(server: Server) -> dict[str, Any]:
     status, body = await asyncio.to_thread(
         post_file, server, speech_wav(), "a.wav", prompt="<|endoftext|> hello", response_format="json"
     )
-    return {"status": status, "body": str(body)[:160]}
+    return {"status": status, "text": (body or {}).get("text") if isinstance(body, dict) else None}
 
 
 async def other_token(server: Server) -> dict[str, Any]:
@@ -391,7 +410,8 @@ def _normal(entry: dict[str, Any]) -> str:
     if not normal:
         return "–"
     outcome = normal.get("outcome", "?")
-    return f"{outcome}, connected in {normal.get('connected_s', '?')} s"
+    text = f', "{normal["text"]}"' if normal.get("text") else ""
+    return f"{outcome}, connected in {normal.get('connected_s', '?')} s{text}"
 
 
 def _effect(entry: dict[str, Any]) -> str:
@@ -409,6 +429,7 @@ def _effect(entry: dict[str, Any]) -> str:
         ("open_after_30_s", "{} of 500 open after 30 s"),
         ("token_occurrences_in_log", "{} tokens in the log"),
         ("other_token_status", "other token: HTTP {}"),
+        ("text", '"{}"'),
     ]
     parts = [template.format(entry[key]) for key, template in keys if entry.get(key) is not None]
     return "; ".join(parts) or "–"
