@@ -141,7 +141,10 @@ def test_page_records_the_microphone_and_shows_finals(
 def test_page_shows_the_real_words_spoken_into_the_microphone(
     tmp_path: Path, make_settings: Callable[..., Settings], real_model_dir: Path, say: Callable[[str], np.ndarray]
 ) -> None:
-    """With the real tiny.en model, the finals on the page are the words of the speech the microphone plays."""
+    """With the real tiny.en model, the finals on the page are the words of the speech the microphone plays.
+
+    The server requires a token: the page takes it from the address (`#token=`), removes it from
+    there, and sends it as a WebSocket subprotocol, so the session opens and belongs to that token."""
     from selenium.webdriver.common.by import By
 
     from main import create_app
@@ -152,14 +155,17 @@ def test_page_shows_the_real_words_spoken_into_the_microphone(
     speech = tmp_path / "sentences.wav"
     soundfile.write(speech, audio, 16000, subtype="PCM_16")
     expected = " ".join(sentences)
-    settings = make_settings(transcription_model_id=str(real_model_dir), vad="silero", partial_interval_ms=1000)
+    settings = make_settings(
+        transcription_model_id=str(real_model_dir), vad="silero", partial_interval_ms=1000, api_tokens="page-token-7"
+    )
 
     def plain(text: str) -> str:
         return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
 
     with LiveServer(create_app(settings)) as server, chromium(speech) as driver:
         find = driver.find_element  # type: ignore[attr-defined]
-        driver.get(f"http://127.0.0.1:{server.port}/")  # type: ignore[attr-defined]
+        driver.get(f"http://127.0.0.1:{server.port}/#token=page-token-7")  # type: ignore[attr-defined]
+        assert "token" not in driver.current_url  # type: ignore[attr-defined]
         find(By.ID, "start").click()
         wait_for(driver, lambda d: find(By.ID, "connection").text == "live", 30)
         # Both sentences, word for word, become finals while the microphone runs.
@@ -171,3 +177,6 @@ def test_page_shows_the_real_words_spoken_into_the_microphone(
         wait_for(driver, lambda d: find(By.ID, "recording").text.startswith("completed:"), 60)
     assert plain(finals_text).startswith(expected), finals_text
     assert finals_text.startswith("Good morning")
+    (record,) = settings.audio_storage_dir.glob("*/session.json")
+    owner = json.loads(record.read_text())["owner"]
+    assert owner == hashlib.sha256(b"page-token-7").hexdigest()
