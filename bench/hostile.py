@@ -351,14 +351,9 @@ async def other_token(server: Server) -> dict[str, Any]:
 
 
 ATTACKS: dict[str, Callable[[Server], Awaitable[dict[str, Any]]]] = {
-    "flac_bomb_ws": ws_bomb("flac", lambda: hostile_media.flac_bomb(400)),
-    "opus_bomb_ws": ws_bomb("ogg", lambda: hostile_media.opus_bomb(20)),
-    "mp4_flac_bomb_ws": ws_bomb(
-        "mp4",
-        lambda: hostile_media.remux(
-            hostile_media.flac_bomb(400), "flac", "mp4", {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
-        ),
-    ),
+    "flac_bomb_ws": ws_bomb("flac", hostile_media.BOMBS["flac"]),
+    "opus_bomb_ws": ws_bomb("ogg", hostile_media.BOMBS["ogg"]),
+    "mp4_flac_bomb_ws": ws_bomb("mp4", hostile_media.BOMBS["mp4"]),
     "mulaw_1hz_wav_ws": ws_bomb("wav", lambda: hostile_media.mulaw_wav(500)),
     "flac_bomb_upload": rest_bomb,
     "vanishing_clients": vanishing_clients,

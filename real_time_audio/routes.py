@@ -86,13 +86,7 @@ async def transcribe(websocket: WebSocket) -> None:
     if not engine.ready:
         await _refuse(websocket, "internal", "the transcription engine is not available", CLOSE_INTERNAL)
         return
-    if active_sessions(app.state) >= settings.max_sessions:
-        await _refuse(
-            websocket,
-            "server_busy",
-            f"the server is at its limit of {settings.max_sessions} sessions; try again later",
-            CLOSE_TRY_AGAIN_LATER,
-        )
+    if not await _has_room(websocket):
         return
     session = Session(
         websocket,
@@ -124,17 +118,9 @@ async def echo(websocket: WebSocket) -> None:
     """Sends received audio back after a delay (default ECHO_DELAY_S), to test a microphone loop."""
     app = websocket.app
     await _accept(websocket)
-    if not await _admit(websocket):
+    if not await _admit(websocket) or not await _has_room(websocket):
         return
     settings = app.state.settings
-    if active_sessions(app.state) >= settings.max_sessions:
-        await _refuse(
-            websocket,
-            "server_busy",
-            f"the server is at its limit of {settings.max_sessions} sessions; try again later",
-            CLOSE_TRY_AGAIN_LATER,
-        )
-        return
     app.state.echo_active += 1
     try:
         with app.state.connections.hold(client_address(websocket)):
@@ -174,6 +160,17 @@ async def _admit(websocket: WebSocket) -> bool:
         )
         return False
     return True
+
+
+async def _has_room(websocket: WebSocket) -> bool:
+    """Below MAX_SESSIONS (transcriptions, uploads and echo loops together), or refused with 1013."""
+    state = websocket.app.state
+    limit = state.settings.max_sessions
+    if active_sessions(state) < limit:
+        return True
+    message = f"the server is at its limit of {limit} sessions; try again later"
+    await _refuse(websocket, "server_busy", message, CLOSE_TRY_AGAIN_LATER)
+    return False
 
 
 async def _refuse(websocket: WebSocket, code: Any, message: str, close_code: int) -> None:

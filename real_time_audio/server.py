@@ -34,13 +34,28 @@ def _header_timeout() -> float:
 
 
 class _HeadDeadline:
-    """A deadline for the request head: armed when a connection opens and after each response,
-    disarmed once the head is complete, and closing the transport when it passes."""
+    """A deadline for the request head: armed when a connection opens and after each response on
+    a kept-alive connection, disarmed once the head is complete (each protocol says when), and
+    closing the transport when it passes. Mixed in before uvicorn's protocol class."""
 
     header_timeout_s = _header_timeout()
     _head_timer: asyncio.TimerHandle | None = None
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
+    timeout_keep_alive_task: asyncio.TimerHandle | None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self.timeout_keep_alive_task is not None:  # kept alive, waiting for the next request
+            self._arm_head_deadline()
 
     def _arm_head_deadline(self) -> None:
         self._disarm_head_deadline()
@@ -59,44 +74,18 @@ class _HeadDeadline:
 
 if HttpToolsProtocol is not None:
 
-    class HttpToolsWithDeadline(_HeadDeadline, HttpToolsProtocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm_head_deadline()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm_head_deadline()
-            super().connection_lost(exc)
-
+    class HttpToolsWithDeadline(_HeadDeadline, HttpToolsProtocol):  # type: ignore[misc]
         def on_headers_complete(self) -> None:
             self._disarm_head_deadline()
             super().on_headers_complete()
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.timeout_keep_alive_task is not None:  # kept alive, waiting for the next request
-                self._arm_head_deadline()
 
-
-class H11WithDeadline(_HeadDeadline, H11Protocol):
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_head_deadline()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_deadline()
-        super().connection_lost(exc)
-
+class H11WithDeadline(_HeadDeadline, H11Protocol):  # type: ignore[misc]
     def data_received(self, data: bytes) -> None:
         scope = self.scope
         super().data_received(data)
         if self.scope is not scope or self.transport.get_protocol() is not self:
             self._disarm_head_deadline()  # a new request's head was parsed (or the socket upgraded)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.timeout_keep_alive_task is not None:
-            self._arm_head_deadline()
 
 
 HttpProtocol: type = HttpToolsWithDeadline if HttpToolsProtocol is not None else H11WithDeadline

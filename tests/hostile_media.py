@@ -163,3 +163,13 @@ def flood_without_reading(port: int, path: str, headers: dict[str, str], limit: 
         return sent
     finally:
         sock.close()
+
+
+# The decompression bombs the tests and bench/hostile.py send, by the protocol encoding they claim.
+BOMBS = {
+    "flac": lambda: flac_bomb(400),  # 5.2 KB declaring 55 minutes
+    "ogg": lambda: opus_bomb(20),  # 16 KB of Opus declaring 10 minutes
+    # Fragmented, as a browser's live MP4 is: decoded as it arrives.
+    "mp4": lambda: remux(flac_bomb(400), "flac", "mp4", {"movflags": "frag_keyframe+empty_moov+default_base_moof"}),
+    "webm": lambda: remux(flac_bomb(400), "flac", "matroska"),
+}

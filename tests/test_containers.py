@@ -232,15 +232,7 @@ def decode_fed(
     return pieces, None
 
 
-BOMBS = {
-    "flac": lambda: hostile_media.flac_bomb(400),  # 5.2 KB declaring 54 minutes
-    "ogg": lambda: hostile_media.opus_bomb(20),  # 16 KB of Opus declaring 10 minutes
-    # Fragmented, as a browser's live MP4 is: decoded as it arrives.
-    "mp4": lambda: hostile_media.remux(
-        hostile_media.flac_bomb(400), "flac", "mp4", {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
-    ),
-    "webm": lambda: hostile_media.remux(hostile_media.flac_bomb(400), "flac", "matroska"),
-}
+BOMBS = hostile_media.BOMBS
 
 
 @pytest.mark.parametrize("encoding", sorted(BOMBS))

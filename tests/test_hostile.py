@@ -31,6 +31,7 @@ import websockets
 
 from tests import hostile_media
 from tests.conftest import PROJECT_ROOT, finals, free_port, pcm16, seconds, speech_like
+from tests.test_server_process import wait_ready
 
 BIN = Path(sys.executable).parent
 TOKEN = "tok-alpha-5f1e"
@@ -102,17 +103,10 @@ def server(
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
     served = Server(port, folder / "audio", process, log)
     try:
-        deadline = time.monotonic() + seconds(120)
-        while True:
-            assert process.poll() is None, served.logged()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.25)
+        try:
+            wait_ready(port, process, seconds(120))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{served.logged()[-3000:]}") from None
         yield served
     finally:
         process.send_signal(signal.SIGTERM)
@@ -175,14 +169,7 @@ async def bomb_session(server: Server, encoding: str, data: bytes) -> tuple[list
         return messages, ws.close_code
 
 
-BOMBS = {
-    "flac": lambda: hostile_media.flac_bomb(400),  # 5.2 KB declaring 55 minutes
-    "ogg": lambda: hostile_media.opus_bomb(20),  # 16 KB of Opus declaring 10 minutes
-    "mp4": lambda: hostile_media.remux(
-        hostile_media.flac_bomb(400), "flac", "mp4", {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
-    ),
-    "webm": lambda: hostile_media.remux(hostile_media.flac_bomb(400), "flac", "matroska"),
-}
+BOMBS = hostile_media.BOMBS
 
 
 @pytest.mark.parametrize("encoding", sorted(BOMBS))
