@@ -184,8 +184,10 @@ class Session:
         try:
             await self._serve()
         finally:
-            if self._release_started is None and not done.done():  # it never got as far as the release
-                done.set_result(None)
+            if self._release_started is None:  # it never got as far as the release (no record was made)
+                self._threads.shutdown(wait=False)
+                if not done.done():
+                    done.set_result(None)
 
     async def _serve(self) -> None:
         query_error = self._configure_from_query()
