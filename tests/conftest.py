@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -178,6 +179,17 @@ def record_decode_lengths(engine: Any) -> list[int]:
 
     engine.backend.transcribe_batch = recording
     return lengths
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a server process (a graceful shutdown), then SIGKILL it if it has not exited in 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(seconds(30))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:

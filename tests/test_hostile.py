@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import pytest
 import websockets
 
 from tests import hostile_media
-from tests.conftest import PROJECT_ROOT, finals, free_port, pcm16, seconds, speech_like
+from tests.conftest import PROJECT_ROOT, finals, free_port, pcm16, seconds, speech_like, stop_process
 from tests.test_server_process import wait_ready
 
 BIN = Path(sys.executable).parent
@@ -109,12 +108,7 @@ def server(
             raise AssertionError(f"{exc}:\n{served.logged()[-3000:]}") from None
         yield served
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(seconds(30))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 async def normal_session(server: Server, seed: int = 5) -> dict[str, Any]:

@@ -41,7 +41,17 @@ from main import create_app
 from real_time_audio.config import Settings
 from real_time_audio.media import encode
 from real_time_audio.models import ServerMessage
-from tests.conftest import PROJECT_ROOT, LiveServer, finals, free_port, pcm16, seconds, speech_like, stream_session
+from tests.conftest import (
+    PROJECT_ROOT,
+    LiveServer,
+    finals,
+    free_port,
+    pcm16,
+    seconds,
+    speech_like,
+    stop_process,
+    stream_session,
+)
 from tests.test_server_process import BIN, server_env, wait_ready
 
 # Written from PROTOCOL.md, not from the code: the only message types and error codes allowed.
@@ -826,16 +836,6 @@ def start_uvicorn(port: int, env: dict[str, str], log: Path) -> subprocess.Popen
         return subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(seconds(30))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def test_kill_9_loses_at_most_the_last_second_and_the_next_start_repairs_the_records(
     checkpoint_dir: Path, tmp_path: Path, report: Callable[[str, dict[str, Any]], None]
 ) -> None:
@@ -855,7 +855,7 @@ def test_kill_9_loses_at_most_the_last_second_and_the_next_start_repairs_the_rec
         wait_ready(port, server, seconds(120))
         kill_time = asyncio.run(stream_until_killed(port, server, streams))
     finally:
-        stop(server)
+        stop_process(server)
     assert server.returncode == -signal.SIGKILL
 
     restart_port = free_port()
@@ -865,7 +865,7 @@ def test_kill_9_loses_at_most_the_last_second_and_the_next_start_repairs_the_rec
         wait_ready(restart_port, restarted, seconds(120))
         ready_s = time.monotonic() - started
     finally:
-        stop(restarted)
+        stop_process(restarted)
     server_log = log.read_text()
 
     figures: dict[str, Any] = {"restart_ready_seconds": round(ready_s, 1)}

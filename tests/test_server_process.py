@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, finals, free_port, pcm16, seconds, speech_like, stream_session
+from tests.conftest import PROJECT_ROOT, finals, free_port, pcm16, seconds, speech_like, stop_process, stream_session
 
 BIN = Path(sys.executable).parent
 
@@ -87,13 +87,7 @@ def server_process(
         wait_ready(port, process, seconds(120))
         yield port, storage, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(seconds(30))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
         assert process.stdout is not None
         process.stdout.close()
 
