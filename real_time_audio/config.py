@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     """Speech probability at which a frame counts as speech."""
     vad_silence_ms: int = Field(500, ge=100, le=10000)
     """Silence that ends an utterance; its text is then finalized."""
-    vad_pad_ms: int = Field(200, ge=0, le=1000)
+    vad_pad_ms: int = Field(400, ge=0, le=1000)
     """Audio kept before a speech start and after a speech end, so word edges are not cut."""
     vad_min_speech_ms: int = Field(96, ge=32, le=2000)
     """Shortest sound that starts an utterance; shorter clicks and bumps are ignored."""

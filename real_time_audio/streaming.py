@@ -110,7 +110,7 @@ class UtterancePolicy:
         partial_interval_s: float = 1.0,
         max_window_s: float = 30.0,
         trim_s: float = 15.0,
-        pad_s: float = 0.2,
+        pad_s: float = 0.4,
         context_chars: int = 200,
         context_audio_s: float = 10.0,
         hold_s: float = 1.5,

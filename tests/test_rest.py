@@ -175,7 +175,8 @@ def test_speech_with_voice_activity_gives_what_stt_gives(
     segments = response.json()["segments"]
     # One final per utterance, each decoded from where its speech began (less VAD_PAD_MS).
     assert [f["segment_id"] for f in expected] == [0, 1]
-    assert expected[0]["start"] >= 1.5 - 0.2 and expected[1]["start"] >= second_at - 0.2
+    pad = settings.vad_pad_ms / 1000
+    assert expected[0]["start"] >= 1.5 - pad and expected[1]["start"] >= second_at - pad
     assert [(s["id"], s["start"], s["end"], s["text"]) for s in segments] == [
         (f["segment_id"], f["start"], f["end"], f["text"]) for f in expected
     ]
