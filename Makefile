@@ -29,7 +29,7 @@ run: install  ## start the server with the settings from the environment and .en
 
 dev: install  ## development server that reloads on code changes
 	$(BIN)/uvicorn main:app --reload --reload-dir real_time_audio --host 127.0.0.1 --port 8000 \
-		--http real_time_audio.server:HttpProtocol --limit-concurrency 500
+		--http real_time_audio.ops.server:HttpProtocol --limit-concurrency 500
 
 SYSTEM_PACKAGES := espeak-ng chromium chromium-driver
 

@@ -28,8 +28,8 @@ bind = f"[{_host}]:{_settings.port}" if ":" in _host else f"{_host}:{_settings.p
 # GPUs run one gunicorn per GPU (DEVICE=cuda:N, distinct PORT) rather than raising this.
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 # The maintained ASGI worker from the uvicorn-worker package, with the server's connection limit and
-# request-head deadline (MAX_CONNECTIONS, HEADER_TIMEOUT_S; real_time_audio/server.py).
-worker_class = "real_time_audio.server.UvicornWorker"
+# request-head deadline (MAX_CONNECTIONS, HEADER_TIMEOUT_S; real_time_audio/ops/server.py).
+worker_class = "real_time_audio.ops.server.UvicornWorker"
 # The heartbeat starts only after the lifespan has loaded and warmed up the model, so keep this above that.
 timeout = 300
 # SIGTERM gives open sessions DRAIN_TIMEOUT_S for their finals; 10 s more to stop the engine before SIGKILL.
@@ -53,7 +53,7 @@ if _settings.log_format == "json":
     logconfig_dict = {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "real_time_audio.logs.JsonFormatter"}},
+        "formatters": {"json": {"()": "real_time_audio.ops.logs.JsonFormatter"}},
         "handlers": {
             "console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
             "access": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},

@@ -16,19 +16,19 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from real_time_audio.archive import SessionArchive
+from real_time_audio.api.records import router as records_router
+from real_time_audio.api.rest import router as rest_router
+from real_time_audio.audio.vad import FrameScorer, SileroScorer
 from real_time_audio.config import Settings, load_settings
-from real_time_audio.drain import install_signal_handlers
-from real_time_audio.logs import configure_logging
-from real_time_audio.metrics import LiveState, Metrics
-from real_time_audio.records import router as records_router
-from real_time_audio.rest import router as rest_router
-from real_time_audio.retention import RetentionPolicy, retention_loop
+from real_time_audio.ops.drain import install_signal_handlers
+from real_time_audio.ops.logs import configure_logging
+from real_time_audio.ops.metrics import LiveState, Metrics
+from real_time_audio.ops.security import ConnectionCounter
 from real_time_audio.routes import STATIC_DIR, router
-from real_time_audio.security import ConnectionCounter
 from real_time_audio.service import TranscriptionEngine
-from real_time_audio.storage import recover_interrupted
-from real_time_audio.vad import FrameScorer, SileroScorer
+from real_time_audio.storage.archive import SessionArchive
+from real_time_audio.storage.recorder import recover_interrupted
+from real_time_audio.storage.retention import RetentionPolicy, retention_loop
 
 logger = logging.getLogger("real_time_audio")
 SHUTDOWN_RELEASE_S = 10.0  # how long shutdown waits for sessions to close their records
@@ -173,7 +173,7 @@ if __name__ == "__main__":
     import uvicorn
 
     settings = app.state.settings
-    from real_time_audio.server import server_options
+    from real_time_audio.ops.server import server_options
 
     uvicorn.run(
         "main:app",

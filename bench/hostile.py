@@ -126,7 +126,7 @@ def speech() -> Any:
 
 
 def speech_wav() -> bytes:
-    from real_time_audio.media import encode
+    from real_time_audio.audio.files import encode
 
     return encode(speech(), 16000, "wav")
 

@@ -59,6 +59,6 @@ def faster_whisper_folder(name: str) -> Path:
 
 def transformers_folder(name: str) -> Path:
     """The same model converted by the server's own converter (cached like the server caches it)."""
-    from real_time_audio.model_source import default_cache_dir, prepare_ct2_folder
+    from real_time_audio.whisper.source import default_cache_dir, prepare_ct2_folder
 
     return prepare_ct2_folder(faster_whisper_folder(name), default_cache_dir())

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE
-from real_time_audio.models import Transcription, WordTiming
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
+from real_time_audio.audio.vad import FrameScorer, VoiceActivityDetector
+from real_time_audio.messages import Transcription, WordTiming
 from real_time_audio.service import TranscriptionRequest, TranscriptionResult
-from real_time_audio.streaming import SegmentText, UtterancePolicy, Window
-from real_time_audio.vad import FrameScorer, VoiceActivityDetector
+from real_time_audio.streaming.policy import SegmentText, UtterancePolicy, Window
 
 if TYPE_CHECKING:
     from real_time_audio.config import Settings

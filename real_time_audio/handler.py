@@ -27,13 +27,12 @@ import numpy as np
 from numpy.typing import NDArray
 from starlette.websockets import WebSocket, WebSocketState
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
+from real_time_audio.audio.containers import PIECE_SAMPLES, ContainerDecoder
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
+from real_time_audio.audio.vad import FrameScorer, SpeechEvent, VoiceActivityDetector
 from real_time_audio.batch import transcription_message
 from real_time_audio.config import Settings
-from real_time_audio.connection import ConnectionHooks
-from real_time_audio.containers import PIECE_SAMPLES, ContainerDecoder
-from real_time_audio.metrics import Metrics
-from real_time_audio.models import (
+from real_time_audio.messages import (
     ConfigUpdate,
     EndMessage,
     ErrorCode,
@@ -55,7 +54,9 @@ from real_time_audio.models import (
     query_config,
     to_json,
 )
-from real_time_audio.security import owner_of
+from real_time_audio.ops.connection import ConnectionHooks
+from real_time_audio.ops.metrics import Metrics
+from real_time_audio.ops.security import owner_of
 from real_time_audio.service import (
     EngineUnavailableError,
     QueueFullError,
@@ -63,9 +64,8 @@ from real_time_audio.service import (
     TranscriptionRequest,
     TranscriptionResult,
 )
-from real_time_audio.storage import SessionRecorder
-from real_time_audio.streaming import SegmentText, UtterancePolicy, Window
-from real_time_audio.vad import FrameScorer, SpeechEvent, VoiceActivityDetector
+from real_time_audio.storage.recorder import SessionRecorder
+from real_time_audio.streaming.policy import SegmentText, UtterancePolicy, Window
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")

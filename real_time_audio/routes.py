@@ -10,11 +10,11 @@ from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from real_time_audio.echo import EchoSession
+from real_time_audio.api.echo import EchoSession
 from real_time_audio.handler import CLOSE_INTERNAL, Session
-from real_time_audio.metrics import Metrics
-from real_time_audio.models import ErrorMessage, to_json
-from real_time_audio.security import (
+from real_time_audio.messages import ErrorMessage, to_json
+from real_time_audio.ops.metrics import Metrics
+from real_time_audio.ops.security import (
     ConnectionCounter,
     active_sessions,
     check_access,

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from real_time_audio.agreement import Word
-from real_time_audio.alignment import token_start_times
-from real_time_audio.audio import MODEL_SAMPLE_RATE
-from real_time_audio.metrics import BatchReport
-from real_time_audio.model_source import ModelLoadError, ModelLocation, locate
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
+from real_time_audio.ops.metrics import BatchReport
+from real_time_audio.streaming.agreement import Word
+from real_time_audio.whisper.alignment import token_start_times
+from real_time_audio.whisper.source import ModelLoadError, ModelLocation, locate
 
 if TYPE_CHECKING:
     from real_time_audio.config import Settings

@@ -45,7 +45,7 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     """Real Whisper tiny.en: the fallback model `make install-dev` brings, converted once and cached."""
-    from real_time_audio.model_source import (
+    from real_time_audio.whisper.source import (
         FALLBACK_INSTALL,
         FALLBACK_MODEL_BIN_SHA256,
         default_cache_dir,

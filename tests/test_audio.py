@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from real_time_audio.audio import BadAudioError, PcmDecoder
+from real_time_audio.audio.pcm import BadAudioError, PcmDecoder
 
 
 def test_s16le_at_16k_is_exact() -> None:

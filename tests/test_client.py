@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from real_time_audio.client.__main__ import main
-from real_time_audio.client.formats import render
-from real_time_audio.client.load import print_table, run_load
-from real_time_audio.client.mic import MicrophoneUnavailable, run_microphone, sounddevice_stream
-from real_time_audio.client.session import ClientOptions
+from real_time_audio.audio.files import encode, load_audio
 from real_time_audio.config import Settings
-from real_time_audio.media import encode, load_audio
+from rta_client.__main__ import main
+from rta_client.formats import render
+from rta_client.load import print_table, run_load
+from rta_client.mic import MicrophoneUnavailable, run_microphone, sounddevice_stream
+from rta_client.session import ClientOptions
 from tests.burst_speech import SpokenWord, burst_app, speech_block
 from tests.conftest import LiveServer, free_port, needs_espeak, pcm16, speech_like
 
@@ -294,7 +294,7 @@ def test_the_installed_command_runs(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == f"error: {tmp_path / 'nothing.wav'}: no such file\n"
     module = subprocess.run(
-        [sys.executable, "-m", "real_time_audio.client", "stream", str(tmp_path / "nothing.wav")],
+        [sys.executable, "-m", "rta_client", "stream", str(tmp_path / "nothing.wav")],
         capture_output=True,
         text=True,
     )

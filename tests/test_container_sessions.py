@@ -12,8 +12,8 @@ import pytest
 import soxr
 from fastapi.testclient import TestClient
 
+from real_time_audio.audio.files import encode
 from real_time_audio.config import Settings
-from real_time_audio.media import encode
 from tests.burst_speech import burst_app, speech_block
 from tests.conftest import LiveServer, finals, is_status, receive_until
 from tests.test_containers import JUNK, random_slices

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from real_time_audio.audio import BadAudioError
-from real_time_audio.containers import (
+from real_time_audio.audio.containers import (
     EXPANSION_SLACK_S,
     MAX_EXPANSION,
     OPEN_LIMIT_BYTES,
     PIECE_SAMPLES,
     ContainerDecoder,
     WavFormat,
-    check_magic,
     mp4_index_first,
     parse_wav_header,
 )
-from real_time_audio.media import encode
+from real_time_audio.audio.files import encode
+from real_time_audio.audio.formats import check_magic
+from real_time_audio.audio.pcm import BadAudioError
 from tests import hostile_media
 from tests.conftest import speech_like
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from real_time_audio.ct2 import Ct2FormatError, read_model_bin, repair_merges
-from real_time_audio.model_source import MANIFEST, ModelLoadError, prepare_ct2_folder
+from real_time_audio.whisper.ct2 import Ct2FormatError, read_model_bin, repair_merges
+from real_time_audio.whisper.source import MANIFEST, ModelLoadError, prepare_ct2_folder
 from tests.ct2_writer import ct2_variables, write_ct2_folder
 
 
@@ -153,7 +153,7 @@ def test_the_cache_is_reused_and_a_damaged_copy_redone(
     checkpoint_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A second start reuses the conversion; a damaged cached file or a changed source makes it convert again."""
-    caplog.set_level(logging.INFO, logger="real_time_audio.model_source")
+    caplog.set_level(logging.INFO, logger="real_time_audio.whisper.source")
     write_ct2_folder(checkpoint_dir, tmp_path / "ct2")
     first = prepare_ct2_folder(tmp_path / "ct2", tmp_path / "cache")
     converted_at = json.loads((first / MANIFEST).read_text())["converted_at"]

@@ -19,7 +19,7 @@ import websockets
 
 from main import create_app
 from real_time_audio.config import Settings
-from real_time_audio.drain import drain
+from real_time_audio.ops.drain import drain
 from tests.conftest import (
     PROJECT_ROOT,
     LiveServer,

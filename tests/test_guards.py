@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from real_time_audio.guards import GuardThresholds, compression_ratio, loop_start, verdict
+from real_time_audio.streaming.guards import GuardThresholds, compression_ratio, loop_start, verdict
 
 THRESHOLDS = GuardThresholds()
 

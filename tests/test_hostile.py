@@ -388,7 +388,7 @@ def test_a_prompt_of_special_tokens_is_plain_text(server: Server) -> None:
 
 
 def hostile_media_wav() -> bytes:
-    from real_time_audio.media import encode
+    from real_time_audio.audio.files import encode
 
     return encode(speech_like(4, 2.0), 16000, "wav")
 

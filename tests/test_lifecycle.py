@@ -23,9 +23,9 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from main import create_app
-from real_time_audio.archive import ArchiveUnavailableError, SessionArchive
 from real_time_audio.config import Settings
-from real_time_audio.retention import RetentionPolicy, StoredSession, scan_sessions, sweep, tree_size
+from real_time_audio.storage.archive import ArchiveUnavailableError, SessionArchive
+from real_time_audio.storage.retention import RetentionPolicy, StoredSession, scan_sessions, sweep, tree_size
 from tests.conftest import finals, frames, free_port, is_status, pcm16, receive_until, seconds, speech_like
 
 DAY = 86400.0

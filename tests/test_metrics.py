@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from main import create_app
 from real_time_audio.config import Settings
-from real_time_audio.logs import JsonFormatter, RedactSecrets, TextFormatter, escape_controls, redact
+from real_time_audio.ops.logs import JsonFormatter, RedactSecrets, TextFormatter, escape_controls, redact
 from tests.conftest import finals, pcm16, receive_until, speech_like
 from tests.test_routes import end_session
 

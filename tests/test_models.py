@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from real_time_audio.models import (
+from real_time_audio.messages import (
     ConfigUpdate,
     EndMessage,
     FlushMessage,

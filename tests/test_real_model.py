@@ -20,9 +20,9 @@ import pytest
 import soundfile
 from fastapi import FastAPI
 
-from real_time_audio.client.__main__ import main
+from real_time_audio.audio.files import encode
 from real_time_audio.config import Settings
-from real_time_audio.media import encode
+from rta_client.__main__ import main
 from tests.conftest import LiveServer, needs_espeak, pcm16, stream_session
 
 # Sentences tiny.en reads back word for word from espeak-ng's en-us voice (not every one does:

@@ -38,9 +38,9 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from main import create_app
+from real_time_audio.audio.files import encode
 from real_time_audio.config import Settings
-from real_time_audio.media import encode
-from real_time_audio.models import ServerMessage
+from real_time_audio.messages import ServerMessage
 from tests.conftest import (
     PROJECT_ROOT,
     LiveServer,

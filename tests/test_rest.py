@@ -15,11 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from main import create_app
-from real_time_audio.client.offline import transcribe_offline
+from real_time_audio.api.transcripts import Cue, render_cues
+from real_time_audio.audio.files import encode, load_audio
 from real_time_audio.config import Settings
-from real_time_audio.media import encode, load_audio
-from real_time_audio.storage import wav_header
-from real_time_audio.transcripts import Cue, render_cues
+from real_time_audio.storage.recorder import wav_header
+from rta_client.offline import transcribe_offline
 from tests.conftest import finals, frames, is_status, needs_espeak, pcm16, receive_until, seconds, speech_like
 
 URL = "/v1/audio/transcriptions"

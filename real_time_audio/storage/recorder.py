@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from real_time_audio.audio import SAMPLE_WIDTH
+from real_time_audio.audio.pcm import SAMPLE_WIDTH
 
 logger = logging.getLogger(__name__)
 

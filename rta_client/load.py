@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from real_time_audio.client.offline import synthesize
-from real_time_audio.client.session import ClientError, ClientOptions
-from real_time_audio.client.stream import stream_file
-from real_time_audio.media import write_audio
+from real_time_audio.audio.files import write_audio
+from rta_client.offline import synthesize
+from rta_client.session import ClientError, ClientOptions
+from rta_client.stream import stream_file
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

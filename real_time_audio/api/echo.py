@@ -22,7 +22,7 @@ import uuid
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from real_time_audio.config import Settings
-from real_time_audio.models import (
+from real_time_audio.messages import (
     EndMessage,
     ErrorCode,
     ErrorMessage,

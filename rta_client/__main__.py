@@ -1,4 +1,4 @@
-"""`python -m real_time_audio.client` (also installed as `rta-client`): see `--help`."""
+"""`python -m rta_client` (also installed as `rta-client`): see `--help`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from real_time_audio.client.console import Console
-from real_time_audio.client.formats import FORMATS, SUFFIX_FORMAT, render
-from real_time_audio.client.session import DEFAULT_URI, ClientError, ClientOptions, SessionResult
+from rta_client.console import Console
+from rta_client.formats import FORMATS, SUFFIX_FORMAT, render
+from rta_client.session import DEFAULT_URI, ClientError, ClientOptions, SessionResult
 
 ENCODINGS = ("auto", "pcm_s16le", "pcm_f32le", "webm", "ogg", "mp4", "mp3", "flac", "wav")
 
@@ -126,7 +126,7 @@ def _finish_session(args: argparse.Namespace, result: SessionResult | None, cons
 
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "stream":
-        from real_time_audio.client.stream import stream_file
+        from rta_client.stream import stream_file
 
         console = _console(args)
         result = await stream_file(
@@ -134,12 +134,12 @@ async def _run(args: argparse.Namespace) -> int:
         )
         return _finish_session(args, result, console)
     if args.command == "mic":
-        from real_time_audio.client.mic import run_microphone, stdin_commands
+        from rta_client.mic import run_microphone, stdin_commands
 
         console = _console(args)
         return _finish_session(args, await run_microphone(_options(args), stdin_commands(), console=console), console)
     if args.command == "load":
-        from real_time_audio.client.load import load_command
+        from rta_client.load import load_command
 
         options = _options(args)
         return await load_command(args.files, args.clients, options, args.chunk_size, args.realtime, sys.stdout)
@@ -147,10 +147,10 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _offline(args: argparse.Namespace) -> int:
-    from real_time_audio.client import offline
+    from rta_client import offline
 
     if args.command == "tts":
-        from real_time_audio.media import write_audio
+        from real_time_audio.audio.files import write_audio
 
         samples, rate = offline.synthesize(args.text, args.voice, args.speed)
         try:

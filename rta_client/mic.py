@@ -14,8 +14,8 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from real_time_audio.client.console import Console
-from real_time_audio.client.session import ClientError, ClientOptions, LiveSession, SessionResult
+from rta_client.console import Console
+from rta_client.session import ClientError, ClientOptions, LiveSession, SessionResult
 
 COMMANDS = ("start", "stop", "resume", "quit")
 HELP = "commands: start | stop | resume | quit"

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from real_time_audio.agreement import LocalAgreement, Word, join_words
-from real_time_audio.audio import MODEL_SAMPLE_RATE
-from real_time_audio.guards import GuardThresholds, loop_start, verdict
-from real_time_audio.vad import SpeechEvent
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
+from real_time_audio.audio.vad import SpeechEvent
+from real_time_audio.streaming.agreement import LocalAgreement, Word, join_words
+from real_time_audio.streaming.guards import GuardThresholds, loop_start, verdict
 
 if TYPE_CHECKING:
     from real_time_audio.config import Settings

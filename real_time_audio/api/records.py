@@ -17,9 +17,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from real_time_audio.archive import CONTENT_TYPES
-from real_time_audio.retention import SESSION_ID
-from real_time_audio.security import may_read, require_access
+from real_time_audio.ops.security import may_read, require_access
+from real_time_audio.storage.archive import CONTENT_TYPES
+from real_time_audio.storage.retention import SESSION_ID
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/sessions", tags=["sessions"], dependencies=[Depends(require_access)])

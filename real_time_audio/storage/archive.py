@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from real_time_audio.config import Settings
-from real_time_audio.retention import scan_sessions
+from real_time_audio.storage.retention import scan_sessions
 
 logger = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ import numpy as np
 import soxr
 from numpy.typing import NDArray
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE, BadAudioError, PcmDecoder
+from real_time_audio.audio.formats import DEMUXERS, check_magic
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, BadAudioError, PcmDecoder
 
 logger = logging.getLogger(__name__)
 
 # FFmpeg demuxer for each container encoding of the protocol.
-DEMUXERS = {"webm": "matroska", "ogg": "ogg", "mp4": "mp4", "mp3": "mp3", "flac": "flac", "wav": "wav"}
 # Bytes a stream may carry before its audio track is found; beyond that it is declared undecodable.
 # An MP4 may hold all its media before its index (moov), so it may look further ahead.
 OPEN_LIMIT_BYTES = 1 << 20
@@ -56,33 +56,6 @@ EXPANSION_SLACK_S = 10
 MIN_SAMPLE_RATE = 8000
 DEFAULT_MAX_SAMPLE_RATE = 48000
 DEFAULT_MAX_CHANNELS = 2
-
-
-def check_magic(encoding: str, head: bytes) -> str | None:
-    """Why `head` (the first bytes of a stream) cannot start a file of `encoding`, or None if it can."""
-    if encoding == "webm":
-        ok = head.startswith(b"\x1a\x45\xdf\xa3")
-        expected = "an EBML header (1A 45 DF A3)"
-    elif encoding == "ogg":
-        ok = head.startswith(b"OggS")
-        expected = "an Ogg page ('OggS')"
-    elif encoding == "mp4":
-        ok = len(head) >= 8 and head[4:8] in (b"ftyp", b"moov", b"styp", b"free", b"skip", b"wide", b"mdat")
-        expected = "an MP4 box such as 'ftyp'"
-    elif encoding == "flac":
-        ok = head.startswith((b"fLaC", b"ID3"))
-        expected = "a FLAC signature ('fLaC')"
-    elif encoding == "wav":
-        ok = head.startswith((b"RIFF", b"RF64")) and head[8:12] == b"WAVE"
-        expected = "a RIFF/WAVE header"
-    elif encoding == "mp3":
-        ok = head.startswith(b"ID3") or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
-        expected = "an ID3 tag or an MPEG audio frame sync"
-    else:
-        raise ValueError(f"not a container encoding: {encoding}")
-    if ok:
-        return None
-    return f"the stream does not look like {encoding}: it should start with {expected}, got {head[:8].hex(' ')}"
 
 
 def mp4_index_first(head: bytes) -> bool | None:

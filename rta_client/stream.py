@@ -7,9 +7,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from real_time_audio.client.console import Console
-from real_time_audio.client.session import ClientError, ClientOptions, LiveSession, SessionResult
-from real_time_audio.media import duration_of, encoding_for
+from real_time_audio.audio.files import duration_of
+from real_time_audio.audio.formats import encoding_for
+from rta_client.console import Console
+from rta_client.session import ClientError, ClientOptions, LiveSession, SessionResult
 
 PCM_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
 

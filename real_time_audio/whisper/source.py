@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from real_time_audio.ct2 import (
+from real_time_audio.whisper.ct2 import (
     CONVERTER_VERSION,
     Ct2FormatError,
     is_ct2_folder,

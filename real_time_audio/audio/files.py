@@ -12,26 +12,9 @@ import av
 import numpy as np
 from numpy.typing import NDArray
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
+from real_time_audio.audio.formats import SUFFIX_ENCODING, encoding_for
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
 
-# File suffix → protocol encoding. Raw PCM has no header, so its suffix is the only clue.
-SUFFIX_ENCODING = {
-    ".webm": "webm",
-    ".weba": "webm",
-    ".mkv": "webm",
-    ".ogg": "ogg",
-    ".oga": "ogg",
-    ".opus": "ogg",
-    ".mp4": "mp4",
-    ".m4a": "mp4",
-    ".mp3": "mp3",
-    ".flac": "flac",
-    ".wav": "wav",
-    ".raw": "pcm_s16le",
-    ".pcm": "pcm_s16le",
-    ".s16": "pcm_s16le",
-    ".f32": "pcm_f32le",
-}
 # What `encode` writes for each container: (FFmpeg muxer, codec, sample rate, muxer options).
 _WRITERS: dict[str, tuple[str, str, int | None, dict[str, str]]] = {
     "wav": ("wav", "pcm_s16le", None, {}),
@@ -43,25 +26,6 @@ _WRITERS: dict[str, tuple[str, str, int | None, dict[str, str]]] = {
     "mp4": ("mp4", "aac", None, {"movflags": "frag_keyframe+empty_moov+default_base_moof", "frag_duration": "250000"}),
 }
 _FRAME = 960
-
-
-def encoding_for(path: Path) -> str:
-    """The protocol encoding of an audio file, from its suffix or, failing that, its first bytes."""
-    encoding = SUFFIX_ENCODING.get(path.suffix.lower())
-    if encoding:
-        return encoding
-    with path.open("rb") as handle:
-        encoding = sniff_encoding(handle.read(64))
-    if encoding:
-        return encoding
-    raise ValueError(f"{path}: unknown audio format; name it .wav, .webm, .ogg, .mp4, .mp3, .flac or .raw")
-
-
-def sniff_encoding(head: bytes) -> str | None:
-    """The container encoding whose signature `head` (a file's first bytes) starts with, or None."""
-    from real_time_audio.containers import DEMUXERS, check_magic
-
-    return next((candidate for candidate in DEMUXERS if check_magic(candidate, head) is None), None)
 
 
 def duration_of(path: Path) -> float:
@@ -80,7 +44,7 @@ def load_audio(
 ) -> NDArray[np.float32]:
     """Decode a whole file to 16 kHz mono float32 exactly as the server would (raw PCM needs its
     rate and channel count)."""
-    from real_time_audio.containers import ContainerDecoder
+    from real_time_audio.audio.containers import ContainerDecoder
 
     encoding = encoding or encoding_for(path)
     decoder: AudioDecoder  # the server's own decoders, so that both hear the same samples

@@ -13,8 +13,8 @@ import soundfile
 import soxr
 from numpy.typing import NDArray
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE
-from real_time_audio.client.session import ClientError
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
+from rta_client.session import ClientError
 
 ESPEAK = "espeak-ng"
 CHUNK_S = 1.0
@@ -44,9 +44,9 @@ def transcribe_offline(
 ) -> list[dict[str, Any]]:
     """Run audio through the server's own pipeline (voice activity, the streaming policy, the
     engine) with no network in between; returns final transcriptions shaped like the server's."""
+    from real_time_audio.audio.vad import SileroScorer
     from real_time_audio.batch import RecordingTranscription, transcribe_ready_blocking, transcription_message
     from real_time_audio.service import TranscriptionEngine
-    from real_time_audio.vad import SileroScorer
 
     engine = TranscriptionEngine.from_settings(settings)
     engine.start()
@@ -65,7 +65,7 @@ def transcribe_offline(
 
 
 def read_for_stt(path: Path, encoding: str | None, sample_rate: int, channels: int) -> NDArray[np.float32]:
-    from real_time_audio.media import load_audio
+    from real_time_audio.audio.files import load_audio
 
     if not path.is_file():
         raise ClientError(f"{path}: no such file", 2)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
 
 if TYPE_CHECKING:
     from real_time_audio.config import Settings

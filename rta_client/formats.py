@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from real_time_audio.transcripts import CUE_FORMATS, Cue, plain_text, render_cues
+from real_time_audio.api.transcripts import CUE_FORMATS, Cue, plain_text, render_cues
 
 FORMATS = ("text", "srt", "vtt", "json")
 SUFFIX_FORMAT = {".txt": "text", ".srt": "srt", ".vtt": "vtt", ".json": "json"}

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import PurePath
 from typing import Any, TypeVar
 
 import numpy as np
@@ -30,14 +29,14 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from real_time_audio.audio import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, BadAudioError
+from real_time_audio.api.transcripts import Cue, plain_text, render_cues
+from real_time_audio.audio.containers import PIECE_SAMPLES, ContainerDecoder
+from real_time_audio.audio.formats import guess_encoding
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, BadAudioError
 from real_time_audio.batch import FinalSegment, RecordingTranscription, transcribe_ready, transcription_message
 from real_time_audio.config import Settings
-from real_time_audio.containers import PIECE_SAMPLES, ContainerDecoder, check_magic
-from real_time_audio.guards import compression_ratio
-from real_time_audio.media import SUFFIX_ENCODING, sniff_encoding
-from real_time_audio.models import SessionConfig, describe_validation_error
-from real_time_audio.security import (
+from real_time_audio.messages import SessionConfig, describe_validation_error
+from real_time_audio.ops.security import (
     ConnectionCounter,
     active_sessions,
     client_address,
@@ -45,8 +44,8 @@ from real_time_audio.security import (
     require_access,
 )
 from real_time_audio.service import EngineUnavailableError, TranscriptionEngine
-from real_time_audio.storage import SessionRecorder
-from real_time_audio.transcripts import Cue, plain_text, render_cues
+from real_time_audio.storage.recorder import SessionRecorder
+from real_time_audio.streaming.guards import compression_ratio
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -345,9 +344,7 @@ def _options(form: FormData, engine: TranscriptionEngine) -> _Options:
 def _encoding(filename: str | None, head: bytes) -> str:
     """The container, from the file's suffix, else (or when its first bytes say otherwise) from them."""
     name = filename or "the file"
-    encoding = SUFFIX_ENCODING.get(PurePath(filename or "").suffix.lower())
-    if encoding is None or encoding in SAMPLE_WIDTH or check_magic(encoding, head) is not None:
-        encoding = sniff_encoding(head) or encoding  # a wrong name loses to a recognised signature
+    encoding = guess_encoding(filename, head)
     if encoding in SAMPLE_WIDTH:
         raise ApiError(
             400,
