@@ -29,6 +29,7 @@ from real_time_audio.service import TranscriptionEngine
 from real_time_audio.storage.archive import SessionArchive
 from real_time_audio.storage.recorder import recover_interrupted
 from real_time_audio.storage.retention import RetentionPolicy, retention_loop
+from real_time_audio.whisper.backend import load_engine
 
 logger = logging.getLogger("real_time_audio")
 SHUTDOWN_RELEASE_S = 10.0  # how long shutdown waits for sessions to close their records
@@ -36,7 +37,7 @@ SHUTDOWN_RELEASE_S = 10.0  # how long shutdown waits for sessions to close their
 
 def create_app(
     settings: Settings | None = None,
-    engine_factory: Callable[[Settings], TranscriptionEngine] = TranscriptionEngine.from_settings,
+    engine_factory: Callable[[Settings], TranscriptionEngine] = load_engine,
     vad_factory: Callable[[], FrameScorer] = SileroScorer.shared,
 ) -> FastAPI:
     """Build the application. The engine and the VAD model are loaded by the lifespan, not here."""

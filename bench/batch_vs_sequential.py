@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from real_time_audio.config import load_settings  # noqa: E402
-from real_time_audio.service import TranscriptionRequest, WhisperBackend  # noqa: E402
+from real_time_audio.service import TranscriptionRequest  # noqa: E402
+from real_time_audio.whisper.backend import WhisperBackend  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

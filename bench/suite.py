@@ -58,7 +58,7 @@ WINDOW_S = 30.0
 
 def load_backend(checkpoint: Path, device: str) -> Any:
     from real_time_audio.config import load_settings
-    from real_time_audio.service import WhisperBackend
+    from real_time_audio.whisper.backend import WhisperBackend
 
     return WhisperBackend.load(load_settings(transcription_model_id=str(checkpoint), device=device))
 

@@ -1,43 +1,61 @@
-"""The transcription engine: one Whisper model per process, fed by a bounded priority queue and
-drained by worker threads that batch jobs from many sessions into one model call.
+"""The transcription engine: one model per process, fed by a bounded priority queue and drained
+by worker threads that batch jobs from many sessions into one model call.
 
-torch and transformers are imported lazily, inside the loader, so importing this module (and
-forking gunicorn workers) never touches CUDA.
+This is the scheduler only, with the engine's own value types (requests, results, words, batch
+reports). The model is a `Backend`; the Whisper one lives in `real_time_audio.whisper.backend`,
+the only module that imports transformers. Nothing here imports torch, so importing this module
+(and forking gunicorn workers) never touches CUDA. Metrics observe the engine through `on_batch`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import logging
-import math
 import threading
 import time
+import unicodedata
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
-from real_time_audio.ops.metrics import BatchReport
-from real_time_audio.streaming.agreement import Word
-from real_time_audio.whisper.alignment import token_start_times
-from real_time_audio.whisper.source import ModelLoadError, ModelLocation, locate
-
-if TYPE_CHECKING:
-    from real_time_audio.config import Settings
 
 logger = logging.getLogger(__name__)
 
-MAX_TARGET_TOKENS = 448  # Whisper's decoder context
-TOKEN_ALLOWANCE = 8  # extra tokens on top of the per-second cap, for very short clips
-MAX_PROMPT_TOKENS = 200
-MAX_PREFIX_TOKENS = 160  # a longer prefix is dropped (the policy keeps it far shorter)
-WORD_START = "\u0120"  # how byte-level BPE marks a token that begins with a space
+
+@dataclass(slots=True, frozen=True)
+class Word:
+    """One word and where it lies in the audio (seconds; from the start of a request's audio in a
+    result, from the start of the session once the streaming policy has placed it)."""
+
+    text: str
+    start: float
+    end: float
+
+    @property
+    def key(self) -> str:
+        """The word as compared between hypotheses: case and punctuation do not count."""
+        folded = "".join(ch for ch in self.text.casefold() if not unicodedata.category(ch).startswith("P"))
+        return folded.strip() or self.text.strip()
+
+    def shifted(self, offset: float) -> Word:
+        return Word(self.text, round(self.start + offset, 3), round(self.end + offset, 3))
+
+
+@dataclass(slots=True, frozen=True)
+class BatchReport:
+    """What one worker did in one model call (handed to `TranscriptionEngine.on_batch`)."""
+
+    size: int
+    queue_waits: list[float]  # seconds each job waited before its batch started
+    seconds: float  # wall time of the model call
+    audio_seconds: float  # audio in the batch
+    kinds: list[str]  # "final" or "partial", per job
 
 
 class EngineError(RuntimeError):
@@ -98,339 +116,6 @@ class Backend(Protocol):
     languages: frozenset[str] | None  # None: any language the model detects
 
     def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# The Whisper backend
-
-
-def token_cap(duration_s: float, tokens_per_second: float) -> int:
-    """Most tokens a clip of this length may produce: proportional to its duration."""
-    return math.ceil(duration_s * tokens_per_second) + TOKEN_ALLOWANCE
-
-
-def resolve_device(setting: str) -> tuple[str, str]:
-    """Pick the device from the DEVICE setting; returns (device, reason for the log)."""
-    import torch
-
-    if setting == "cpu":
-        return "cpu", "DEVICE=cpu"
-    if not torch.cuda.is_available():
-        if setting == "auto":
-            return "cpu", "no CUDA device is available"
-        raise ModelLoadError(f"DEVICE={setting} but CUDA is not available to torch {torch.__version__}")
-    index = int(setting.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise ModelLoadError(f"DEVICE={setting} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    name = torch.cuda.get_device_name(index)
-    why = "CUDA is available" if setting == "auto" else f"DEVICE={setting}"
-    return f"cuda:{index}", f"{why} ({name})"
-
-
-class WhisperBackend:
-    """A Hugging Face Whisper model and its processor, run with batched `generate`.
-
-    Each row of a batch has its own decoder prompt (context text, language), left-padded to a
-    common length, so sessions with different contexts and languages still share one model call.
-    Every result carries word timings (cross-attention alignment), its average log-probability
-    and the no-speech probability, which the streaming policy's guards use.
-    """
-
-    def __init__(
-        self, model_id: str, device: str, dtype: Any, model: Any, processor: Any, tokens_per_second: float
-    ) -> None:
-        self.model_id = model_id
-        self.device = device
-        self.dtype = dtype
-        self.model = model
-        self.processor = processor
-        self.tokens_per_second = tokens_per_second
-        self.location: ModelLocation | None = None  # where `load` found the weights
-        tokenizer = processor.tokenizer
-        generation = model.generation_config
-        self.multilingual = bool(getattr(generation, "is_multilingual", False))
-        lang_to_id: dict[str, int] = getattr(generation, "lang_to_id", None) or {}
-        self._id_to_language = {token_id: token[2:-2] for token, token_id in lang_to_id.items()}
-        self._language_ids = sorted(self._id_to_language)
-        self._task_ids: dict[str, int] = getattr(generation, "task_to_id", None) or {}
-        self.languages: frozenset[str] | None = (
-            frozenset(self._id_to_language.values()) if self.multilingual else frozenset({"en"})
-        )
-        self._sot = generation.decoder_start_token_id
-        self._no_timestamps = generation.no_timestamps_token_id
-        self._startofprev = processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")
-        self._special_ids = frozenset(processor.tokenizer.all_special_ids) | set(
-            processor.tokenizer.added_tokens_decoder
-        )
-        self._pad = generation.pad_token_id if generation.pad_token_id is not None else generation.eos_token_id
-        self._eot = generation.eos_token_id if isinstance(generation.eos_token_id, int) else None
-        self._special_ids = frozenset(tokenizer.all_special_ids)
-        self._no_speech = next(
-            (
-                token_id
-                for name in ("<|nospeech|>", "<|nocaptions|>")
-                if (token_id := tokenizer.convert_tokens_to_ids(name)) not in (None, tokenizer.unk_token_id)
-            ),
-            None,
-        )
-        if not getattr(generation, "alignment_heads", None):
-            # No published alignment heads: use every head of the upper half of the decoder.
-            layers, heads = model.config.decoder_layers, model.config.decoder_attention_heads
-            generation.alignment_heads = [
-                [layer, head] for layer in range(layers // 2, layers) for head in range(heads)
-            ]
-        # Real checkpoints set max_length=448; we always pass max_new_tokens instead.
-        generation.max_length = None
-        self._decoder_returns_attention()
-
-    def _decoder_returns_attention(self) -> None:
-        """Run the decoder with eager attention, which returns the cross-attention weights that word
-        timing needs; the encoder, where nearly all the compute is, keeps its fast kernel."""
-        decoder = self.model.get_decoder()
-        if self.model.config._attn_implementation == "eager":
-            return
-        eager = copy.copy(self.model.config)
-        eager._attn_implementation = "eager"
-        for module in decoder.modules():
-            if getattr(module, "config", None) is self.model.config:
-                module.config = eager
-
-    @classmethod
-    def load(cls, settings: Settings) -> WhisperBackend:
-        """Load the model once, on the configured device, through `from_pretrained`."""
-        import torch
-        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
-        from transformers.utils import logging as transformers_logging
-
-        # We pass max_new_tokens and our own decoder prompts on purpose; transformers' advice
-        # about them would repeat on every call.
-        for name in ("transformers.generation.utils", "transformers.generation.configuration_utils"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a server's log is one line per event
-        device, reason = resolve_device(settings.device)
-        dtype_name = settings.torch_dtype
-        if dtype_name == "auto":
-            dtype_name = "float16" if device.startswith("cuda") else "float32"
-        dtype = getattr(torch, dtype_name)
-        logger.info("using device %s because %s; weights in %s", device, reason, dtype_name)
-
-        location = locate(settings)
-        options: dict[str, Any] = {"local_files_only": location.local_files_only}
-        source = location.source
-        started = time.perf_counter()
-        try:
-            processor = AutoProcessor.from_pretrained(source, **options)  # type: ignore[no-untyped-call]
-            model = AutoModelForSpeechSeq2Seq.from_pretrained(source, dtype=dtype, **options)
-        except (OSError, ValueError) as exc:
-            requested = location.requested
-            raise ModelLoadError(f"cannot load TRANSCRIPTION_MODEL_ID={requested!r} from {source}: {exc}") from exc
-        model = model.to(device).eval()
-        logger.info("loaded %s from %s in %.1f s", location.name, source, time.perf_counter() - started)
-        backend = cls(location.name, device, dtype, model, processor, settings.tokens_per_second)
-        backend.location = location
-        return backend
-
-    def _text_ids(self, text: str) -> list[int]:
-        """Token ids of `text` as plain text: a client's "<|endoftext|>" is spelled out, never the
-        special token (which would end or derail the decode of every row in the batch)."""
-        tokenizer = self.processor.tokenizer
-        ids: list[int] = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-        special = self._special_ids
-        return [i for i in ids if i not in special]
-
-    def _prompt_ids(self, prompt: str | None) -> list[int]:
-        """<|startofprev|> and the prompt's most recent MAX_PROMPT_TOKENS tokens (none without a prompt)."""
-        if not prompt or not prompt.strip():
-            return []
-        ids = self._text_ids(" " + prompt.strip())[-MAX_PROMPT_TOKENS:]
-        return [self._startofprev, *ids] if ids else []
-
-    def _prefix_ids(self, prefix: str | None) -> list[int]:
-        """The committed words the decoder must start with (none when absent or too long)."""
-        if not prefix or not prefix.strip():
-            return []
-        ids = self._text_ids(" " + prefix.strip())
-        return ids if len(ids) <= MAX_PREFIX_TOKENS else []
-
-    def _decoder_prompt(self, request: TranscriptionRequest, language: str | None) -> tuple[list[int], int]:
-        """The decoder's input ids, and how many of them at the end are the forced prefix."""
-        ids = [*self._prompt_ids(request.prompt), self._sot]
-        if self.multilingual:
-            if language is not None:
-                ids.append(self.model.generation_config.lang_to_id[f"<|{language}|>"])
-            ids.append(self._task_ids[request.task])
-        ids.append(self._no_timestamps)
-        prefix = self._prefix_ids(request.prefix)
-        return ids + prefix, len(prefix)
-
-    def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
-        """One batched feature extraction, encoder pass and `generate` for all requests (same task)."""
-        import torch
-
-        features = self.processor.feature_extractor(
-            [r.audio for r in requests],
-            sampling_rate=MODEL_SAMPLE_RATE,
-            return_tensors="pt",
-            return_attention_mask=True,
-        )
-        input_features = features.input_features.to(self.device, self.dtype)
-        attention_mask = features.attention_mask.to(self.device)
-        with torch.inference_mode():
-            encoded = self.model.get_encoder()(input_features)
-            # One decoder step on <|startoftranscript|> gives both the no-speech probability and,
-            # for rows without a language, the detected language.
-            start = torch.full((len(requests), 1), self._sot, device=self.device)
-            first = self.model(encoder_outputs=encoded, decoder_input_ids=start).logits[:, -1].float()
-            probabilities = first.softmax(dim=-1)
-            no_speech = (
-                probabilities[:, self._no_speech].tolist() if self._no_speech is not None else [None] * len(requests)
-            )
-            languages = [r.language for r in requests]
-            if self.multilingual and any(language is None for language in languages):
-                detected = first[:, self._language_ids].argmax(dim=-1).tolist()
-                languages = [
-                    language or self._id_to_language[self._language_ids[index]]
-                    for language, index in zip(languages, detected, strict=True)
-                ]
-            elif not self.multilingual:
-                languages = ["en"] * len(requests)
-            built = [self._decoder_prompt(r, lang) for r, lang in zip(requests, languages, strict=True)]
-            prompts = [ids for ids, _ in built]
-            prefixes = [count for _, count in built]
-            width = max(len(p) for p in prompts)
-            decoder_ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts], device=self.device)
-            caps = [token_cap(r.duration, self.tokens_per_second) for r in requests]
-            options: dict[str, Any] = {
-                "encoder_outputs": encoded,
-                "attention_mask": attention_mask,
-                "decoder_input_ids": decoder_ids,
-                "decoder_attention_mask": decoder_ids != self._pad,
-                "max_new_tokens": max(1, min(max(caps), MAX_TARGET_TOKENS - width - 1)),
-                "return_dict_in_generate": True,
-                "output_scores": True,
-                "output_attentions": True,  # cross-attention gives the word timings
-                # One generate call per window (no second pass over "unfinished" rows), so the
-                # returned sequences hold exactly one row per request, decoder prompt included.
-                "force_unique_generate_call": True,
-            }
-            if self.multilingual:
-                options["language"] = languages
-                options["task"] = requests[0].task
-            output = self.model.generate(**options)
-            sequences = output["sequences"]
-            if len(sequences) != len(requests):
-                raise EngineError(f"model returned {len(sequences)} results for {len(requests)} inputs")
-            steps = sequences.shape[1] - width
-            chosen = sequences[:, width:].unsqueeze(-1)
-            logprobs = torch.cat(
-                [
-                    output["scores"][step].float().log_softmax(dim=-1).gather(1, chosen[:, step])
-                    for step in range(steps)
-                ],
-                dim=1,
-            )
-            # The alignment heads' attention of the query that produced each generated token.
-            heads = self.model.generation_config.alignment_heads
-            attention = torch.stack(
-                [
-                    torch.stack([step[layer][:, head, -1] for layer, head in heads], dim=1)
-                    for step in output["cross_attentions"]
-                ],
-                dim=2,
-            )
-            attention_rows = attention.float().cpu().numpy()  # batch × heads × tokens × frames
-            # A forced prefix was read in the first step: the queries that "produced" its tokens sit
-            # just before the end of the decoder prompt. Word timing needs them too.
-            first_step = output["cross_attentions"][0]
-            prefix_rows = [
-                torch.stack([first_step[layer][row, head, -count - 1 : -1] for layer, head in heads], dim=0)
-                .float()
-                .cpu()
-                .numpy()
-                if count
-                else None
-                for row, count in enumerate(prefixes)
-            ]
-        generated = sequences[:, width:].tolist()
-        logprob_rows = logprobs.cpu().tolist()
-        frames = (features.attention_mask.sum(dim=-1) // 2).tolist()  # encoder frames of each clip
-        results = []
-        for row, tokens in enumerate(generated):
-            row_attention = attention_rows[row]
-            if prefix_rows[row] is not None:
-                row_attention = np.concatenate([prefix_rows[row], row_attention], axis=1)
-            results.append(
-                self._result(
-                    tokens,
-                    row_attention[..., : frames[row]],
-                    logprob_rows[row],
-                    caps[row],
-                    languages[row],
-                    no_speech[row],
-                    prefixes[row],
-                )
-            )
-        return results
-
-    def _result(
-        self,
-        tokens: list[int],
-        attention: NDArray[np.float32],
-        logprobs: list[float],
-        cap: int,
-        language: str | None,
-        no_speech: float | None,
-        prefix: int = 0,
-    ) -> TranscriptionResult:
-        """Cut at end-of-text and at the cap; group tokens into timed words; score the decode.
-
-        `attention` holds the `prefix` forced tokens' rows first, then the generated tokens' rows;
-        only the generated tokens become words, timed against the prefix's as well.
-        """
-        length = tokens.index(self._eot) if self._eot is not None and self._eot in tokens else len(tokens)
-        scored = logprobs[: min(length + 1, len(logprobs))]  # Whisper counts the end-of-text token too
-        avg_logprob = sum(scored) / max(1, len(scored))
-        truncated = length > cap
-        length = min(length, cap)
-        kept = [(prefix + i, t) for i, t in enumerate(tokens[:length]) if t not in self._special_ids]
-        aligned = min(prefix + len(scored), attention.shape[1])  # prefix, text tokens and end-of-text
-        times = token_start_times(attention[:, :aligned].astype(np.float64)).tolist() if kept else []
-        words = self._words(kept, times)
-        if prefix and kept and not self.processor.tokenizer.convert_ids_to_tokens(kept[0][1]).startswith(WORD_START):
-            words = words[1:]  # punctuation that would belong to a committed word, which can no longer change
-        text = self.processor.tokenizer.decode([t for _, t in kept]).strip()
-        return TranscriptionResult(
-            text=text,
-            language=language,
-            tokens=length,
-            truncated=truncated,
-            words=words,
-            avg_logprob=avg_logprob,
-            no_speech_prob=no_speech,
-            after_prefix=prefix > 0,
-        )
-
-    def _words(self, kept: list[tuple[int, int]], times: list[float]) -> list[Word]:
-        if not kept or not times:
-            return []
-        """Group byte-level BPE tokens into words (a leading space starts one) with their times."""
-        tokenizer = self.processor.tokenizer
-        pieces = tokenizer.convert_ids_to_tokens([t for _, t in kept])
-        groups: list[list[tuple[int, int]]] = []
-        for (index, token), piece in zip(kept, pieces, strict=True):
-            if not groups or piece.startswith(WORD_START):
-                groups.append([])
-            groups[-1].append((index, token))
-        words: list[Word] = []
-        for group in groups:
-            text = tokenizer.decode([t for _, t in group]).strip()
-            if not text:
-                continue
-            first, last = group[0][0], group[-1][0]
-            start = times[first] if first < len(times) else times[-1]
-            end = times[last + 1] if last + 1 < len(times) else times[-1]
-            words.append(Word(text, round(start, 3), round(max(start, end), 3)))
-        return words
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -583,17 +268,6 @@ class TranscriptionEngine:
         self._lock = threading.Lock()
         self.on_batch: Callable[[BatchReport], None] | None = None  # metrics; called by the workers
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TranscriptionEngine:
-        return cls(
-            lambda: WhisperBackend.load(settings),
-            batch_max_size=settings.batch_max_size,
-            batch_wait_ms=settings.batch_wait_ms,
-            queue_max_size=settings.queue_max_size,
-            workers=settings.inference_workers,
-            warmup=settings.warmup,
-        )
-
     @property
     def model_id(self) -> str:
         return self.backend.model_id if self.backend else ""
@@ -605,13 +279,12 @@ class TranscriptionEngine:
     @property
     def requested_model(self) -> str:
         """TRANSCRIPTION_MODEL_ID as configured (differs from `model_id` when the fallback serves)."""
-        location: ModelLocation | None = getattr(self.backend, "location", None)
-        return location.requested if location else self.model_id
+        return getattr(self.backend, "requested_model", None) or self.model_id
 
     @property
     def fallback_reason(self) -> str | None:
-        location: ModelLocation | None = getattr(self.backend, "location", None)
-        return location.fallback_reason if location else None
+        reason: str | None = getattr(self.backend, "fallback_reason", None)
+        return reason
 
     @property
     def dtype(self) -> str:

@@ -46,9 +46,9 @@ def transcribe_offline(
     engine) with no network in between; returns final transcriptions shaped like the server's."""
     from real_time_audio.audio.vad import SileroScorer
     from real_time_audio.batch import RecordingTranscription, transcribe_ready_blocking, transcription_message
-    from real_time_audio.service import TranscriptionEngine
+    from real_time_audio.whisper.backend import load_engine
 
-    engine = TranscriptionEngine.from_settings(settings)
+    engine = load_engine(settings)
     engine.start()
     try:
         scorer = SileroScorer.shared() if settings.vad != "off" else None

@@ -17,8 +17,7 @@ from fastapi import FastAPI
 from numpy.typing import NDArray
 
 from real_time_audio.config import Settings
-from real_time_audio.service import TranscriptionEngine, TranscriptionRequest, TranscriptionResult
-from real_time_audio.streaming.agreement import Word
+from real_time_audio.service import TranscriptionEngine, TranscriptionRequest, TranscriptionResult, Word
 
 RATE = 16000
 BASE_HZ = 300.0

@@ -22,10 +22,9 @@ from real_time_audio.service import (
     TranscriptionEngine,
     TranscriptionRequest,
     TranscriptionResult,
-    WhisperBackend,
     _Job,
-    token_cap,
 )
+from real_time_audio.whisper.backend import WhisperBackend, token_cap
 from tests.conftest import speech_like
 
 

@@ -13,8 +13,8 @@ import pytest
 from numpy.typing import NDArray
 
 from real_time_audio.audio.vad import SpeechEvent, VoiceActivityDetector
-from real_time_audio.service import TranscriptionRequest, TranscriptionResult
-from real_time_audio.streaming.agreement import LocalAgreement, Word
+from real_time_audio.service import TranscriptionRequest, TranscriptionResult, Word
+from real_time_audio.streaming.agreement import LocalAgreement
 from real_time_audio.streaming.policy import SegmentText, UtterancePolicy, Window
 from tests.burst_speech import RATE, BurstTranscriber, EnergyScorer, burst, speech_block
 

@@ -21,21 +21,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from real_time_audio.service import BatchReport
+
 RTF_WINDOW_S = 60.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-@dataclass(slots=True, frozen=True)
-class BatchReport:
-    """What one worker did in one model call."""
-
-    size: int
-    queue_waits: list[float]  # seconds each job waited before its batch started
-    seconds: float  # wall time of the model call
-    audio_seconds: float  # audio in the batch
-    kinds: list[str]  # "final" or "partial", per job
 
 
 @dataclass(slots=True, frozen=True)

@@ -8,9 +8,9 @@ later hypotheses are cut to what follows the last committed word, by time and by
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from real_time_audio.service import Word
 
 MATCH_TOLERANCE_S = 0.6  # two hypotheses agree on a word if its start moved less than this
 OVERLAP_TOLERANCE_S = 0.1  # a word starting up to this much before the committed end may still be new
@@ -28,24 +28,6 @@ MAX_HELD_WORDS = 6
 # An agreed word is committed only once this much audio after it has been heard: until then the
 # words that follow it (and its own punctuation) are still being decided.
 SETTLE_AGE_S = 2.5
-
-
-@dataclass(slots=True, frozen=True)
-class Word:
-    """One word and where it lies in the session's audio (seconds from the first sample)."""
-
-    text: str
-    start: float
-    end: float
-
-    @property
-    def key(self) -> str:
-        """The word as compared between hypotheses: case and punctuation do not count."""
-        folded = "".join(ch for ch in self.text.casefold() if not unicodedata.category(ch).startswith("P"))
-        return folded.strip() or self.text.strip()
-
-    def shifted(self, offset: float) -> Word:
-        return Word(self.text, round(self.start + offset, 3), round(self.end + offset, 3))
 
 
 def join_words(words: Sequence[Word]) -> str:

@@ -37,7 +37,8 @@ from numpy.typing import NDArray
 
 from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
 from real_time_audio.audio.vad import SpeechEvent
-from real_time_audio.streaming.agreement import LocalAgreement, Word, join_words
+from real_time_audio.service import Word
+from real_time_audio.streaming.agreement import LocalAgreement, join_words
 from real_time_audio.streaming.guards import GuardThresholds, loop_start, verdict
 
 if TYPE_CHECKING:

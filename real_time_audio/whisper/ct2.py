@@ -10,8 +10,8 @@ The layout inverted here is CTranslate2's Whisper spec: fused q|k|v self-attenti
 (`linear_0`), fused k|v cross-attention projections (`linear_1`), layer norms as gamma/beta, and
 a decoder output projection that released checkpoints alias to the token embeddings.
 
-This module needs numpy only for reading and mapping; torch, safetensors and transformers are
-imported by `write_transformers_folder`, which the model loader calls.
+This module needs numpy only: it reads and maps. Writing the transformers folder (and checking
+that transformers loads it) is `real_time_audio.whisper.backend.write_transformers_folder`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -495,7 +495,7 @@ def _check_vocabulary_file(source: Path, ids: dict[str, int], vocab_size: int) -
 # The whole folder
 
 
-def _generation_config(source_config: dict[str, Any], arch: Architecture, vocabulary: Vocabulary) -> dict[str, Any]:
+def generation_config(source_config: dict[str, Any], arch: Architecture, vocabulary: Vocabulary) -> dict[str, Any]:
     tokens = vocabulary.specials
     eot, sot = tokens["<|endoftext|>"], tokens["<|startoftranscript|>"]
     heads = source_config.get("alignment_heads") or [
@@ -542,96 +542,10 @@ def _is_multilingual(vocab_size: int, vocabulary: Vocabulary) -> bool:
     return len([t for t in languages if t != "<|en|>"]) > 0
 
 
-def _storage_dtype(model: Ct2Model) -> str:
+def storage_dtype(model: Ct2Model) -> str:
     """float16 when every stored weight is float16 (widening and narrowing back are exact), else float32."""
     stored = {str(v.dtype) for v in model.variables.values() if v.ndim >= 2}
     return "float16" if stored == {"float16"} else "float32"
-
-
-def write_transformers_folder(source: Path, out: Path) -> dict[str, Any]:
-    """Convert the CTranslate2 folder `source` into `out` and verify it; returns what was done.
-
-    `out` must be empty or absent. Every tensor written is read back and compared with the source,
-    and transformers must load the folder with no missing or unexpected weights.
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import (
-        GenerationConfig,
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-        WhisperTokenizer,
-    )
-
-    parts = model_bin_parts(source)
-    if not parts:
-        raise Ct2FormatError(f"{source} has no model.bin")
-    try:
-        source_config: dict[str, Any] = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise Ct2FormatError(f"config.json is missing or unreadable: {exc}") from None
-    model = read_model_bin(parts)
-    state, arch = to_state_dict(model)
-    storage = _storage_dtype(model)
-    del model
-    vocabulary = write_tokenizer(source, out, arch.vocab_size)
-    generation = _generation_config(source_config, arch, vocabulary)
-    tokenizer = WhisperTokenizer.from_pretrained(out)
-    if len(tokenizer) != arch.vocab_size:
-        raise Ct2FormatError(f"the tokenizer has {len(tokenizer)} tokens, the model {arch.vocab_size}")
-    extractor_options = {}
-    if (source / "preprocessor_config.json").is_file():  # newer folders (large-v3) carry one
-        saved = json.loads((source / "preprocessor_config.json").read_text(encoding="utf-8"))
-        keys = ("chunk_length", "hop_length", "n_fft", "sampling_rate", "n_samples", "padding_value")
-        extractor_options = {k: v for k, v in saved.items() if k in keys}
-    extractor = WhisperFeatureExtractor(feature_size=arch.num_mel_bins, **extractor_options)  # type: ignore[no-untyped-call]
-    processor = WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
-    processor.save_pretrained(out)
-    config = WhisperConfig(
-        **asdict(arch),  # the architecture's fields are WhisperConfig's own names
-        activation_function="gelu",
-        scale_embedding=False,
-        pad_token_id=generation["pad_token_id"],
-        bos_token_id=generation["bos_token_id"],
-        eos_token_id=generation["eos_token_id"],
-        decoder_start_token_id=generation["decoder_start_token_id"],
-        architectures=["WhisperForConditionalGeneration"],
-    )
-    config.dtype = storage
-    config.save_pretrained(out)
-    GenerationConfig(**generation).save_pretrained(out)  # type: ignore[no-untyped-call]
-    torch_dtype = getattr(torch, storage)
-    tensors = {name: torch.from_numpy(array).to(torch_dtype) for name, array in state.items()}
-    weights_file = out / "model.safetensors"
-    save_file(tensors, str(weights_file), metadata={"format": "pt"})
-    del tensors
-
-    written = load_file(str(weights_file))
-    if set(written) != set(state):
-        raise Ct2FormatError("the written weights do not hold the converted tensors")
-    for name, array in state.items():  # exact: float16 sources narrow back losslessly
-        if not np.array_equal(written[name].float().numpy(), array):
-            raise Ct2FormatError(f"verification failed: {name} differs from model.bin after writing")
-    del written
-    reloaded: Any = WhisperForConditionalGeneration.from_pretrained(out, output_loading_info=True)
-    loaded, info = reloaded
-    problems = {kind: names for kind, names in info.items() if names}
-    if problems:
-        raise Ct2FormatError(f"transformers does not load the converted folder cleanly: {problems}")
-    parameters = dict(loaded.named_parameters())
-    for name, array in state.items():
-        if name in parameters and not np.array_equal(parameters[name].detach().float().numpy(), array):
-            raise Ct2FormatError(f"verification failed: transformers loads {name} differently")
-    return {
-        "converter_version": CONVERTER_VERSION,
-        "binary_version": read_header_version(parts[0]),
-        "stored_as": storage,
-        "multilingual": generation["is_multilingual"],
-        "tensors": len(state),
-        "parameters": int(sum(array.size for array in state.values())),
-    }
 
 
 def read_header_version(first_part: Path) -> int:

@@ -30,7 +30,6 @@ from real_time_audio.whisper.ct2 import (
     Ct2FormatError,
     is_ct2_folder,
     model_bin_parts,
-    write_transformers_folder,
 )
 
 if TYPE_CHECKING:
@@ -255,6 +254,8 @@ def _convert_into(folder: Path, target: Path, cache_dir: Path, expected_sha256: 
     logger.info("converting the faster-whisper folder %s into %s (once; later starts reuse it)", folder, target)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
     try:
+        from real_time_audio.whisper.backend import write_transformers_folder  # it imports this module
+
         done: dict[str, Any] = write_transformers_folder(folder, work)
         files = {path.name: sha256_of(path) for path in sorted(work.iterdir()) if path.is_file()}
         manifest = {

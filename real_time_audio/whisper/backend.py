@@ -1,0 +1,482 @@
+"""The Whisper backend: a Hugging Face Whisper model run with batched `generate`, and the
+transformers side of converting a faster-whisper folder. This is the only module that imports
+transformers (lazily, so that importing it never touches CUDA).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
+from real_time_audio.service import EngineError, TranscriptionEngine, TranscriptionRequest, TranscriptionResult, Word
+from real_time_audio.whisper.alignment import token_start_times
+from real_time_audio.whisper.ct2 import (
+    CONVERTER_VERSION,
+    Ct2FormatError,
+    generation_config,
+    model_bin_parts,
+    read_header_version,
+    read_model_bin,
+    storage_dtype,
+    to_state_dict,
+    write_tokenizer,
+)
+from real_time_audio.whisper.source import ModelLoadError, ModelLocation, locate
+
+if TYPE_CHECKING:
+    from real_time_audio.config import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_TARGET_TOKENS = 448  # Whisper's decoder context
+TOKEN_ALLOWANCE = 8  # extra tokens on top of the per-second cap, for very short clips
+MAX_PROMPT_TOKENS = 200
+MAX_PREFIX_TOKENS = 160  # a longer prefix is dropped (the policy keeps it far shorter)
+WORD_START = "\u0120"  # how byte-level BPE marks a token that begins with a space
+
+
+def token_cap(duration_s: float, tokens_per_second: float) -> int:
+    """Most tokens a clip of this length may produce: proportional to its duration."""
+    return math.ceil(duration_s * tokens_per_second) + TOKEN_ALLOWANCE
+
+
+def resolve_device(setting: str) -> tuple[str, str]:
+    """Pick the device from the DEVICE setting; returns (device, reason for the log)."""
+    import torch
+
+    if setting == "cpu":
+        return "cpu", "DEVICE=cpu"
+    if not torch.cuda.is_available():
+        if setting == "auto":
+            return "cpu", "no CUDA device is available"
+        raise ModelLoadError(f"DEVICE={setting} but CUDA is not available to torch {torch.__version__}")
+    index = int(setting.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ModelLoadError(f"DEVICE={setting} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    name = torch.cuda.get_device_name(index)
+    why = "CUDA is available" if setting == "auto" else f"DEVICE={setting}"
+    return f"cuda:{index}", f"{why} ({name})"
+
+
+class WhisperBackend:
+    """A Hugging Face Whisper model and its processor, run with batched `generate`.
+
+    Each row of a batch has its own decoder prompt (context text, language), left-padded to a
+    common length, so sessions with different contexts and languages still share one model call.
+    Every result carries word timings (cross-attention alignment), its average log-probability
+    and the no-speech probability, which the streaming policy's guards use.
+    """
+
+    @property
+    def requested_model(self) -> str:
+        """TRANSCRIPTION_MODEL_ID as configured (differs from `model_id` when the fallback serves)."""
+        return self.location.requested if self.location else self.model_id
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.location.fallback_reason if self.location else None
+
+    def __init__(
+        self, model_id: str, device: str, dtype: Any, model: Any, processor: Any, tokens_per_second: float
+    ) -> None:
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.model = model
+        self.processor = processor
+        self.tokens_per_second = tokens_per_second
+        self.location: ModelLocation | None = None  # where `load` found the weights
+        tokenizer = processor.tokenizer
+        generation = model.generation_config
+        self.multilingual = bool(getattr(generation, "is_multilingual", False))
+        lang_to_id: dict[str, int] = getattr(generation, "lang_to_id", None) or {}
+        self._id_to_language = {token_id: token[2:-2] for token, token_id in lang_to_id.items()}
+        self._language_ids = sorted(self._id_to_language)
+        self._task_ids: dict[str, int] = getattr(generation, "task_to_id", None) or {}
+        self.languages: frozenset[str] | None = (
+            frozenset(self._id_to_language.values()) if self.multilingual else frozenset({"en"})
+        )
+        self._sot = generation.decoder_start_token_id
+        self._no_timestamps = generation.no_timestamps_token_id
+        self._startofprev = processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")
+        self._special_ids = frozenset(processor.tokenizer.all_special_ids) | set(
+            processor.tokenizer.added_tokens_decoder
+        )
+        self._pad = generation.pad_token_id if generation.pad_token_id is not None else generation.eos_token_id
+        self._eot = generation.eos_token_id if isinstance(generation.eos_token_id, int) else None
+        self._special_ids = frozenset(tokenizer.all_special_ids)
+        self._no_speech = next(
+            (
+                token_id
+                for name in ("<|nospeech|>", "<|nocaptions|>")
+                if (token_id := tokenizer.convert_tokens_to_ids(name)) not in (None, tokenizer.unk_token_id)
+            ),
+            None,
+        )
+        if not getattr(generation, "alignment_heads", None):
+            # No published alignment heads: use every head of the upper half of the decoder.
+            layers, heads = model.config.decoder_layers, model.config.decoder_attention_heads
+            generation.alignment_heads = [
+                [layer, head] for layer in range(layers // 2, layers) for head in range(heads)
+            ]
+        # Real checkpoints set max_length=448; we always pass max_new_tokens instead.
+        generation.max_length = None
+        self._decoder_returns_attention()
+
+    def _decoder_returns_attention(self) -> None:
+        """Run the decoder with eager attention, which returns the cross-attention weights that word
+        timing needs; the encoder, where nearly all the compute is, keeps its fast kernel."""
+        decoder = self.model.get_decoder()
+        if self.model.config._attn_implementation == "eager":
+            return
+        eager = copy.copy(self.model.config)
+        eager._attn_implementation = "eager"
+        for module in decoder.modules():
+            if getattr(module, "config", None) is self.model.config:
+                module.config = eager
+
+    @classmethod
+    def load(cls, settings: Settings) -> WhisperBackend:
+        """Load the model once, on the configured device, through `from_pretrained`."""
+        import torch
+        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+        from transformers.utils import logging as transformers_logging
+
+        # We pass max_new_tokens and our own decoder prompts on purpose; transformers' advice
+        # about them would repeat on every call.
+        for name in ("transformers.generation.utils", "transformers.generation.configuration_utils"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a server's log is one line per event
+        device, reason = resolve_device(settings.device)
+        dtype_name = settings.torch_dtype
+        if dtype_name == "auto":
+            dtype_name = "float16" if device.startswith("cuda") else "float32"
+        dtype = getattr(torch, dtype_name)
+        logger.info("using device %s because %s; weights in %s", device, reason, dtype_name)
+
+        location = locate(settings)
+        options: dict[str, Any] = {"local_files_only": location.local_files_only}
+        source = location.source
+        started = time.perf_counter()
+        try:
+            processor = AutoProcessor.from_pretrained(source, **options)  # type: ignore[no-untyped-call]
+            model = AutoModelForSpeechSeq2Seq.from_pretrained(source, dtype=dtype, **options)
+        except (OSError, ValueError) as exc:
+            requested = location.requested
+            raise ModelLoadError(f"cannot load TRANSCRIPTION_MODEL_ID={requested!r} from {source}: {exc}") from exc
+        model = model.to(device).eval()
+        logger.info("loaded %s from %s in %.1f s", location.name, source, time.perf_counter() - started)
+        backend = cls(location.name, device, dtype, model, processor, settings.tokens_per_second)
+        backend.location = location
+        return backend
+
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text: a client's "<|endoftext|>" is spelled out, never the
+        special token (which would end or derail the decode of every row in the batch)."""
+        tokenizer = self.processor.tokenizer
+        ids: list[int] = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        special = self._special_ids
+        return [i for i in ids if i not in special]
+
+    def _prompt_ids(self, prompt: str | None) -> list[int]:
+        """<|startofprev|> and the prompt's most recent MAX_PROMPT_TOKENS tokens (none without a prompt)."""
+        if not prompt or not prompt.strip():
+            return []
+        ids = self._text_ids(" " + prompt.strip())[-MAX_PROMPT_TOKENS:]
+        return [self._startofprev, *ids] if ids else []
+
+    def _prefix_ids(self, prefix: str | None) -> list[int]:
+        """The committed words the decoder must start with (none when absent or too long)."""
+        if not prefix or not prefix.strip():
+            return []
+        ids = self._text_ids(" " + prefix.strip())
+        return ids if len(ids) <= MAX_PREFIX_TOKENS else []
+
+    def _decoder_prompt(self, request: TranscriptionRequest, language: str | None) -> tuple[list[int], int]:
+        """The decoder's input ids, and how many of them at the end are the forced prefix."""
+        ids = [*self._prompt_ids(request.prompt), self._sot]
+        if self.multilingual:
+            if language is not None:
+                ids.append(self.model.generation_config.lang_to_id[f"<|{language}|>"])
+            ids.append(self._task_ids[request.task])
+        ids.append(self._no_timestamps)
+        prefix = self._prefix_ids(request.prefix)
+        return ids + prefix, len(prefix)
+
+    def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
+        """One batched feature extraction, encoder pass and `generate` for all requests (same task)."""
+        import torch
+
+        features = self.processor.feature_extractor(
+            [r.audio for r in requests],
+            sampling_rate=MODEL_SAMPLE_RATE,
+            return_tensors="pt",
+            return_attention_mask=True,
+        )
+        input_features = features.input_features.to(self.device, self.dtype)
+        attention_mask = features.attention_mask.to(self.device)
+        with torch.inference_mode():
+            encoded = self.model.get_encoder()(input_features)
+            # One decoder step on <|startoftranscript|> gives both the no-speech probability and,
+            # for rows without a language, the detected language.
+            start = torch.full((len(requests), 1), self._sot, device=self.device)
+            first = self.model(encoder_outputs=encoded, decoder_input_ids=start).logits[:, -1].float()
+            probabilities = first.softmax(dim=-1)
+            no_speech = (
+                probabilities[:, self._no_speech].tolist() if self._no_speech is not None else [None] * len(requests)
+            )
+            languages = [r.language for r in requests]
+            if self.multilingual and any(language is None for language in languages):
+                detected = first[:, self._language_ids].argmax(dim=-1).tolist()
+                languages = [
+                    language or self._id_to_language[self._language_ids[index]]
+                    for language, index in zip(languages, detected, strict=True)
+                ]
+            elif not self.multilingual:
+                languages = ["en"] * len(requests)
+            built = [self._decoder_prompt(r, lang) for r, lang in zip(requests, languages, strict=True)]
+            prompts = [ids for ids, _ in built]
+            prefixes = [count for _, count in built]
+            width = max(len(p) for p in prompts)
+            decoder_ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts], device=self.device)
+            caps = [token_cap(r.duration, self.tokens_per_second) for r in requests]
+            options: dict[str, Any] = {
+                "encoder_outputs": encoded,
+                "attention_mask": attention_mask,
+                "decoder_input_ids": decoder_ids,
+                "decoder_attention_mask": decoder_ids != self._pad,
+                "max_new_tokens": max(1, min(max(caps), MAX_TARGET_TOKENS - width - 1)),
+                "return_dict_in_generate": True,
+                "output_scores": True,
+                "output_attentions": True,  # cross-attention gives the word timings
+                # One generate call per window (no second pass over "unfinished" rows), so the
+                # returned sequences hold exactly one row per request, decoder prompt included.
+                "force_unique_generate_call": True,
+            }
+            if self.multilingual:
+                options["language"] = languages
+                options["task"] = requests[0].task
+            output = self.model.generate(**options)
+            sequences = output["sequences"]
+            if len(sequences) != len(requests):
+                raise EngineError(f"model returned {len(sequences)} results for {len(requests)} inputs")
+            steps = sequences.shape[1] - width
+            chosen = sequences[:, width:].unsqueeze(-1)
+            logprobs = torch.cat(
+                [
+                    output["scores"][step].float().log_softmax(dim=-1).gather(1, chosen[:, step])
+                    for step in range(steps)
+                ],
+                dim=1,
+            )
+            # The alignment heads' attention of the query that produced each generated token.
+            heads = self.model.generation_config.alignment_heads
+            attention = torch.stack(
+                [
+                    torch.stack([step[layer][:, head, -1] for layer, head in heads], dim=1)
+                    for step in output["cross_attentions"]
+                ],
+                dim=2,
+            )
+            attention_rows = attention.float().cpu().numpy()  # batch × heads × tokens × frames
+            # A forced prefix was read in the first step: the queries that "produced" its tokens sit
+            # just before the end of the decoder prompt. Word timing needs them too.
+            first_step = output["cross_attentions"][0]
+            prefix_rows = [
+                torch.stack([first_step[layer][row, head, -count - 1 : -1] for layer, head in heads], dim=0)
+                .float()
+                .cpu()
+                .numpy()
+                if count
+                else None
+                for row, count in enumerate(prefixes)
+            ]
+        generated = sequences[:, width:].tolist()
+        logprob_rows = logprobs.cpu().tolist()
+        frames = (features.attention_mask.sum(dim=-1) // 2).tolist()  # encoder frames of each clip
+        results = []
+        for row, tokens in enumerate(generated):
+            row_attention = attention_rows[row]
+            if prefix_rows[row] is not None:
+                row_attention = np.concatenate([prefix_rows[row], row_attention], axis=1)
+            results.append(
+                self._result(
+                    tokens,
+                    row_attention[..., : frames[row]],
+                    logprob_rows[row],
+                    caps[row],
+                    languages[row],
+                    no_speech[row],
+                    prefixes[row],
+                )
+            )
+        return results
+
+    def _result(
+        self,
+        tokens: list[int],
+        attention: NDArray[np.float32],
+        logprobs: list[float],
+        cap: int,
+        language: str | None,
+        no_speech: float | None,
+        prefix: int = 0,
+    ) -> TranscriptionResult:
+        """Cut at end-of-text and at the cap; group tokens into timed words; score the decode.
+
+        `attention` holds the `prefix` forced tokens' rows first, then the generated tokens' rows;
+        only the generated tokens become words, timed against the prefix's as well.
+        """
+        length = tokens.index(self._eot) if self._eot is not None and self._eot in tokens else len(tokens)
+        scored = logprobs[: min(length + 1, len(logprobs))]  # Whisper counts the end-of-text token too
+        avg_logprob = sum(scored) / max(1, len(scored))
+        truncated = length > cap
+        length = min(length, cap)
+        kept = [(prefix + i, t) for i, t in enumerate(tokens[:length]) if t not in self._special_ids]
+        aligned = min(prefix + len(scored), attention.shape[1])  # prefix, text tokens and end-of-text
+        times = token_start_times(attention[:, :aligned].astype(np.float64)).tolist() if kept else []
+        words = self._words(kept, times)
+        if prefix and kept and not self.processor.tokenizer.convert_ids_to_tokens(kept[0][1]).startswith(WORD_START):
+            words = words[1:]  # punctuation that would belong to a committed word, which can no longer change
+        text = self.processor.tokenizer.decode([t for _, t in kept]).strip()
+        return TranscriptionResult(
+            text=text,
+            language=language,
+            tokens=length,
+            truncated=truncated,
+            words=words,
+            avg_logprob=avg_logprob,
+            no_speech_prob=no_speech,
+            after_prefix=prefix > 0,
+        )
+
+    def _words(self, kept: list[tuple[int, int]], times: list[float]) -> list[Word]:
+        if not kept or not times:
+            return []
+        """Group byte-level BPE tokens into words (a leading space starts one) with their times."""
+        tokenizer = self.processor.tokenizer
+        pieces = tokenizer.convert_ids_to_tokens([t for _, t in kept])
+        groups: list[list[tuple[int, int]]] = []
+        for (index, token), piece in zip(kept, pieces, strict=True):
+            if not groups or piece.startswith(WORD_START):
+                groups.append([])
+            groups[-1].append((index, token))
+        words: list[Word] = []
+        for group in groups:
+            text = tokenizer.decode([t for _, t in group]).strip()
+            if not text:
+                continue
+            first, last = group[0][0], group[-1][0]
+            start = times[first] if first < len(times) else times[-1]
+            end = times[last + 1] if last + 1 < len(times) else times[-1]
+            words.append(Word(text, round(start, 3), round(max(start, end), 3)))
+        return words
+
+
+def load_engine(settings: Settings) -> TranscriptionEngine:
+    """The server's engine: the configured Whisper model behind the batching scheduler."""
+    return TranscriptionEngine(
+        lambda: WhisperBackend.load(settings),
+        batch_max_size=settings.batch_max_size,
+        batch_wait_ms=settings.batch_wait_ms,
+        queue_max_size=settings.queue_max_size,
+        workers=settings.inference_workers,
+        warmup=settings.warmup,
+    )
+
+
+def write_transformers_folder(source: Path, out: Path) -> dict[str, Any]:
+    """Convert the CTranslate2 folder `source` into `out` and verify it; returns what was done.
+
+    `out` must be empty or absent. Every tensor written is read back and compared with the source,
+    and transformers must load the folder with no missing or unexpected weights.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    parts = model_bin_parts(source)
+    if not parts:
+        raise Ct2FormatError(f"{source} has no model.bin")
+    try:
+        source_config: dict[str, Any] = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise Ct2FormatError(f"config.json is missing or unreadable: {exc}") from None
+    model = read_model_bin(parts)
+    state, arch = to_state_dict(model)
+    storage = storage_dtype(model)
+    del model
+    vocabulary = write_tokenizer(source, out, arch.vocab_size)
+    generation = generation_config(source_config, arch, vocabulary)
+    tokenizer = WhisperTokenizer.from_pretrained(out)
+    if len(tokenizer) != arch.vocab_size:
+        raise Ct2FormatError(f"the tokenizer has {len(tokenizer)} tokens, the model {arch.vocab_size}")
+    extractor_options = {}
+    if (source / "preprocessor_config.json").is_file():  # newer folders (large-v3) carry one
+        saved = json.loads((source / "preprocessor_config.json").read_text(encoding="utf-8"))
+        keys = ("chunk_length", "hop_length", "n_fft", "sampling_rate", "n_samples", "padding_value")
+        extractor_options = {k: v for k, v in saved.items() if k in keys}
+    extractor = WhisperFeatureExtractor(feature_size=arch.num_mel_bins, **extractor_options)  # type: ignore[no-untyped-call]
+    processor = WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
+    processor.save_pretrained(out)
+    config = WhisperConfig(
+        **asdict(arch),  # the architecture's fields are WhisperConfig's own names
+        activation_function="gelu",
+        scale_embedding=False,
+        pad_token_id=generation["pad_token_id"],
+        bos_token_id=generation["bos_token_id"],
+        eos_token_id=generation["eos_token_id"],
+        decoder_start_token_id=generation["decoder_start_token_id"],
+        architectures=["WhisperForConditionalGeneration"],
+    )
+    config.dtype = storage
+    config.save_pretrained(out)
+    GenerationConfig(**generation).save_pretrained(out)  # type: ignore[no-untyped-call]
+    torch_dtype = getattr(torch, storage)
+    tensors = {name: torch.from_numpy(array).to(torch_dtype) for name, array in state.items()}
+    weights_file = out / "model.safetensors"
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    del tensors
+
+    written = load_file(str(weights_file))
+    if set(written) != set(state):
+        raise Ct2FormatError("the written weights do not hold the converted tensors")
+    for name, array in state.items():  # exact: float16 sources narrow back losslessly
+        if not np.array_equal(written[name].float().numpy(), array):
+            raise Ct2FormatError(f"verification failed: {name} differs from model.bin after writing")
+    del written
+    reloaded: Any = WhisperForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    loaded, info = reloaded
+    problems = {kind: names for kind, names in info.items() if names}
+    if problems:
+        raise Ct2FormatError(f"transformers does not load the converted folder cleanly: {problems}")
+    parameters = dict(loaded.named_parameters())
+    for name, array in state.items():
+        if name in parameters and not np.array_equal(parameters[name].detach().float().numpy(), array):
+            raise Ct2FormatError(f"verification failed: transformers loads {name} differently")
+    return {
+        "converter_version": CONVERTER_VERSION,
+        "binary_version": read_header_version(parts[0]),
+        "stored_as": storage,
+        "multilingual": generation["is_multilingual"],
+        "tensors": len(state),
+        "parameters": int(sum(array.size for array in state.values())),
+    }
