@@ -1,9 +1,11 @@
-"""One `Session` per WebSocket connection: the receive loop, the transcribe loop, and the record.
+"""One `Session` per WebSocket connection: the transport around the session's pipeline.
 
-All per-session state lives on the Session object; the only shared things are the engine (which
-owns the model) and the storage folder. Two tasks run per connection: `_receive` reads frames,
-persists and decodes audio, and answers control messages; `_transcribe` asks the streaming policy
-for the next window, awaits the engine (at most one job per session at a time) and sends texts.
+The audio's way to text (record, decoding, voice detection, streaming policy, engine requests) is
+the `SessionPipeline`'s; this module owns what is particular to a live connection. Two tasks run
+per connection: `_receive` reads frames (with the idle and duration timers and back-pressure) and
+answers control messages; `_transcribe` runs the pipeline's windows through the engine, at most
+one job per session at a time, and sends what comes back. The only shared things are the engine
+(which owns the model) and the storage folder.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import errno
 import functools
 import logging
 import math
-import threading
 import time
 import uuid
 from collections import deque
@@ -27,10 +28,9 @@ import numpy as np
 from numpy.typing import NDArray
 from starlette.websockets import WebSocket, WebSocketState
 
-from real_time_audio.audio.containers import PIECE_SAMPLES, ContainerDecoder
-from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, AudioDecoder, BadAudioError, PcmDecoder
-from real_time_audio.audio.vad import FrameScorer, SpeechEvent, VoiceActivityDetector
-from real_time_audio.batch import transcription_message
+from real_time_audio.audio.containers import PIECE_SAMPLES
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, BadAudioError
+from real_time_audio.audio.vad import FrameScorer, SpeechEvent
 from real_time_audio.config import Settings
 from real_time_audio.messages import (
     ConfigUpdate,
@@ -57,15 +57,10 @@ from real_time_audio.messages import (
 from real_time_audio.ops.connection import ConnectionHooks
 from real_time_audio.ops.metrics import Metrics
 from real_time_audio.ops.security import owner_of
-from real_time_audio.service import (
-    EngineUnavailableError,
-    QueueFullError,
-    TranscriptionEngine,
-    TranscriptionRequest,
-    TranscriptionResult,
-)
+from real_time_audio.pipeline import Decoded, SessionPipeline, record_metadata, transcription_message
+from real_time_audio.service import EngineUnavailableError, QueueFullError, TranscriptionEngine, TranscriptionResult
 from real_time_audio.storage.recorder import SessionRecorder
-from real_time_audio.streaming.policy import SegmentText, UtterancePolicy, Window
+from real_time_audio.streaming.policy import SegmentText, Window
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -128,10 +123,9 @@ class Session:
         self.config = SessionConfig()
         self.log = logging.LoggerAdapter(logger, {"session_id": self.id})
         self._query = query or {}
+        self._vad_scorer = vad_scorer
+        self.pipeline: SessionPipeline | None = None  # made once the record exists
         self._recorder: SessionRecorder | None = None
-        self._decoder: AudioDecoder | None = None
-        self._policy = UtterancePolicy.from_settings(settings, self.config.interim_results)
-        self._vad = VoiceActivityDetector.from_settings(vad_scorer, settings) if vad_scorer is not None else None
         self._finalize: deque[_Finalize] = deque()
         self._wake = asyncio.Event()  # audio or a finalize request arrived
         self._progress = asyncio.Event()  # a final was produced, or the transcriber went idle
@@ -139,12 +133,7 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._ended = False
         self._audio_started = False
-        self._finals: list[str] = []
         self._status = "disconnected"
-        # Blocking work on the record and the decoder runs in pool threads; a thread may outlive a
-        # cancelled await, so this lock orders it against the final release, after which it is skipped.
-        self._io_lock = threading.Lock()
-        self._released = False
         self.metrics = metrics
         self.lag = 0.0  # of the last transcription sent
         self._draining = asyncio.Event()  # the server is shutting down: stop reading, finish, close 1001
@@ -156,7 +145,6 @@ class Session:
         # a session whose decoder is busy never holds a thread another session needs. Two, so that
         # the final release never waits behind a decode (it stops that decode instead).
         self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"session-{self.id[:8]}")
-        self._rejected: str | None = None  # a hostile stream ended the session: why
         self._client_gone = False  # the client left after END: finish the transcript without it
         self.before_close: Callable[[], None] | None = None  # called once, before the server closes
 
@@ -191,7 +179,10 @@ class Session:
 
     async def _serve(self) -> None:
         query_error = self._configure_from_query()
-        self._recorder = await self._io(SessionRecorder, self.settings.audio_storage_dir, self.id, self._metadata())
+        self._recorder = recorder = await self._io(
+            SessionRecorder, self.settings.audio_storage_dir, self.id, self._metadata()
+        )
+        self.pipeline = SessionPipeline(self.settings, recorder, self.config, self._vad_scorer, session_id=self.id)
         self.log.info("session %s started (%s)", self.id, self.ws.client)
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -202,8 +193,8 @@ class Session:
             )
             if query_error:
                 await self._send_error(query_error.code, query_error.message)
-            if self._recorder.failure is not None:
-                await self._storage_failure(self._recorder.failure)
+            if recorder.failure is not None:
+                await self._storage_failure(recorder.failure)
             receiver = asyncio.create_task(self._receive(), name=f"receive-{self.id}")
             transcriber = asyncio.create_task(self._transcribe(), name=f"transcribe-{self.id}")
             tasks = {receiver, transcriber}
@@ -236,7 +227,7 @@ class Session:
                 "session %s ended: %s, %d bytes",
                 self.id,
                 self._status,
-                self._recorder.bytes_received if self._recorder else 0,
+                recorder.bytes_received,
             )
 
     def _mark_released(self, _: object) -> None:
@@ -244,37 +235,25 @@ class Session:
             self._released_future.set_result(None)
 
     def _release(self) -> None:
-        decoder = self._decoder
-        if decoder is not None:
-            decoder.close()  # safe while the other thread decodes: that decode then returns at once
-        with self._io_lock:
-            self._released = True
-            if self._decoder is not None and self._decoder is not decoder:
-                self._decoder.close()
-            try:
-                self._close_recorder()
-            except OSError as exc:
-                self.log.error("session %s: the record could not be closed: %s", self.id, exc)
-
-    def _record(self, action: Callable[..., object], *args: Any, **kwargs: Any) -> OSError | None:
-        """Run one blocking action on the record unless the session has been released.
-
-        A failed write (a full disk) is returned, not raised: transcription goes on without it.
-        """
-        with self._io_lock:
-            if self._released:
-                return None
-            try:
-                action(*args, **kwargs)
-            except OSError as exc:
-                return exc
-            return None
+        if self.pipeline is None:
+            return
+        try:
+            self.pipeline.release(self._status)
+        except OSError as exc:
+            self.log.error("session %s: the record could not be closed: %s", self.id, exc)
 
     async def _persist(self, action: Callable[..., object], *args: Any) -> None:
-        """`_record` in a worker thread; a storage failure is reported to the client once."""
-        problem = await self._io(self._record, action, *args)
+        """One action on the record in a worker thread; a storage failure is reported to the client once."""
+        assert self.pipeline is not None
+        await self._report_storage(await self._io(self.pipeline.record, action, *args))
+
+    async def _report_storage(self, problem: OSError | None) -> None:
         if problem is not None:
             await self._storage_failure(problem)
+
+    async def _close_record(self) -> None:
+        assert self.pipeline is not None
+        await self._report_storage(await self._io(self.pipeline.close_record, self._status))
 
     async def _storage_failure(self, exc: OSError) -> None:
         self.log.error("session %s: writing the record failed: %s", self.id, exc)
@@ -307,7 +286,7 @@ class Session:
 
     async def _close_for_shutdown(self) -> None:
         self._status = "server_shutdown"
-        await self._persist(self._close_recorder)
+        await self._close_record()
         self.log.info("session %s closed for shutdown after its last finals", self.id)
         async with self._send_lock:
             if self.ws.application_state == WebSocketState.CONNECTED:
@@ -317,16 +296,12 @@ class Session:
     async def _close_rejected(self) -> None:
         """A hostile stream: its audio before the problem has been transcribed; close with 1007."""
         self._status = "bad_audio"
-        await self._persist(self._close_recorder)
-        self.log.warning("session %s closed: %s", self.id, self._rejected)
+        await self._close_record()
+        self.log.warning("session %s closed: %s", self.id, self.pipeline.rejected if self.pipeline else None)
         async with self._send_lock:
             if self.ws.application_state == WebSocketState.CONNECTED:
                 self._leaving()
                 await self.ws.close(CLOSE_BAD_AUDIO, "bad audio")
-
-    def _close_recorder(self) -> None:
-        if self._recorder is not None and not self._recorder.closed:
-            self._recorder.close(self._status, duration=round(self._duration(), 3), segments=len(self._finals))
 
     def _reads_recently_held(self) -> bool:
         """Whether back-pressure held this socket lately: the client's pongs may still sit behind
@@ -334,25 +309,8 @@ class Session:
         return self._holding_reads or asyncio.get_running_loop().time() - self._reads_held_at < PONG_GRACE_S
 
     def _metadata(self) -> dict[str, Any]:
-        metadata = {
-            "config": self.config.wire(),
-            "model": self.engine.model_id,
-            "device": self.engine.device,
-            "client": f"{self.ws.client.host}:{self.ws.client.port}" if self.ws.client else None,
-        }
-        owner = owner_of(self.settings, self.ws)
-        if owner is not None:  # with tokens: a digest of the one that opened the session
-            metadata["owner"] = owner
-        return metadata
-
-    def _duration(self) -> float:
-        """Seconds of audio received: from the byte count for PCM, from the decoded audio for containers."""
-        if self._recorder is None:
-            return 0.0
-        if self.config.encoding not in SAMPLE_WIDTH:
-            return self._policy.received / MODEL_SAMPLE_RATE
-        width = SAMPLE_WIDTH[self.config.encoding]
-        return self._recorder.bytes_received / (self.config.sample_rate * self.config.channels * width)
+        owner = owner_of(self.settings, self.ws)  # with tokens: a digest of the one that opened the session
+        return record_metadata(self.settings, self.engine, self.config, self.ws.client, owner)
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -375,10 +333,8 @@ class Session:
         if config.task == "translate" and languages == frozenset({"en"}):
             raise ProtocolError("bad_config", "task: this English-only model cannot translate")
         self.config = config
-        if self._decoder is not None:
-            self._decoder.close()
-        self._decoder = None  # made for the new format at the first audio frame
-        self._policy.interim_results = config.interim_results
+        if self.pipeline is not None:
+            self.pipeline.configure(config)
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -427,12 +383,12 @@ class Session:
                     raise ClientGone
                 if message.get("bytes") is not None:
                     await self._on_audio(message["bytes"])
-                    if self._rejected is not None:
+                    if self._rejected:
                         break  # a hostile stream: nothing more is read
                 elif message.get("text") is not None:
                     await self._on_text(message["text"])
             if not self._ended:
-                await self._request_finalize("reject" if self._rejected is not None else "drain")
+                await self._request_finalize("reject" if self._rejected else "drain")
         finally:
             draining.cancel()
             if pending is not None:
@@ -440,11 +396,13 @@ class Session:
 
     async def _on_quiet(self, idle: bool, end_deadline: float | None) -> None:
         """Nothing arrived for a while: keep the record current, and apply the idle and duration limits."""
-        assert self._recorder is not None
+        assert self.pipeline is not None
         if self._draining.is_set():
             return
-        if self._recorder.has_unflushed_audio and not self._storage_failed:
-            await self._persist(self._recorder.tick)
+        recorder = self._recorder
+        assert recorder is not None
+        if recorder.has_unflushed_audio and not self._storage_failed:
+            await self._persist(recorder.tick)
         if self._ended:
             return
         # A WebSocket ping counts as activity, like a keepalive message.
@@ -472,38 +430,45 @@ class Session:
         if self._ended:
             await self._send_error("bad_message", "audio after the end of stream is ignored")
             return
-        if self._decoder is None:
-            self._decoder = self._new_decoder()
+        pipeline = self.pipeline
+        assert pipeline is not None
         try:
-            self._decoder.check(frame)
+            pipeline.check(frame)
         except BadAudioError as exc:
             await self._send_error("bad_audio", str(exc))
             return
         self._audio_started = True  # the first accepted frame fixes the format
-        samples, events, problem, storage = await self._io(self._ingest, frame)
-        if storage is not None:
-            await self._storage_failure(storage)
-        await self._take_decoded(samples, events, problem)
+        decoded = await self._io(pipeline.receive, frame)
+        await self._report_storage(decoded.storage)
+        await self._take_decoded(decoded)
 
-    async def _take_decoded(self, samples: NDArray[np.float32], events: list[SpeechEvent], problem: str | None) -> None:
+    @property
+    def _rejected(self) -> bool:
+        """A hostile stream ended the session."""
+        return self.pipeline is not None and self.pipeline.rejected is not None
+
+    async def _take_decoded(self, decoded: Decoded) -> None:
         """Feed the policy the decoded audio, one bounded piece at a time, with back-pressure after
         each, until the decoder has nothing more for now. A fatal problem ends the session."""
+        assert self.pipeline is not None
         while True:
-            await self._feed(samples, events)
-            if problem:
-                await self._send_error("bad_audio", problem)
-                if self._rejected is not None:
+            await self._feed(decoded.samples, decoded.events)
+            if decoded.problem:
+                ending = "; the session ends: the audio before this point is transcribed and kept"
+                await self._send_error("bad_audio", decoded.problem + (ending if decoded.fatal else ""))
+                if self._rejected:
                     return
             await self._hold_reads()
-            if len(samples) < PIECE_SAMPLES or self._decoder is None:
+            if len(decoded.samples) < PIECE_SAMPLES:
                 return  # a piece short of full: the decoder has used everything it was given
-            samples, events, problem = await self._io(self._more)
+            decoded = await self._io(self.pipeline.more)
 
     async def _hold_reads(self) -> None:
         """Back-pressure: above the cap, stop reading (TCP then slows the client) while the transcriber
         works through the backlog; reading goes on if it is idle (waiting for more audio to decode)."""
+        assert self.pipeline is not None
         limit = self.settings.max_pending_audio_s * MODEL_SAMPLE_RATE
-        while self._policy.pending > limit and self._transcriber_busy and not self._draining.is_set():
+        while self.pipeline.policy.pending > limit and self._transcriber_busy and not self._draining.is_set():
             self._progress.clear()
             progress = asyncio.ensure_future(self._progress.wait())
             draining = asyncio.ensure_future(self._draining.wait())
@@ -520,82 +485,10 @@ class Session:
             if not done:  # take one more frame now and then, so that control frames keep flowing
                 break
 
-    def _new_decoder(self) -> AudioDecoder:
-        config = self.config
-        if config.encoding in SAMPLE_WIDTH:
-            return PcmDecoder(config.encoding, config.sample_rate, config.channels)
-        return ContainerDecoder(
-            config.encoding, max_sample_rate=self.settings.max_sample_rate, max_channels=self.settings.max_channels
-        )
-
-    def _ingest(self, frame: bytes) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None, OSError | None]:
-        """Persist, decode and run voice-activity detection on one frame (in a worker thread).
-
-        A container's problems show only while decoding, after the bytes were persisted; the audio
-        decoded before the problem still goes on, and the problem is returned for the client.
-        """
-        assert self._recorder is not None and self._decoder is not None
-        with self._io_lock:
-            if self._released:
-                return np.zeros(0, dtype=np.float32), [], None, None
-            storage = None
-            try:
-                self._recorder.write_audio(frame, self.config.encoding, self.config.sample_rate, self.config.channels)
-            except OSError as exc:  # a full disk must not stop the transcription
-                storage = exc
-            problem = None
-            try:
-                samples = self._decoder.decode(frame)
-            except BadAudioError as exc:
-                samples, problem = exc.salvaged, self._bad_audio(exc)
-            return samples, self._detect(samples), problem, storage
-
-    def _more(self) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None]:
-        """The decoder's next piece of audio (in a worker thread), with its voice activity."""
-        with self._io_lock:
-            if self._released or self._decoder is None:
-                return np.zeros(0, dtype=np.float32), [], None
-            problem = None
-            try:
-                samples = self._decoder.more()
-            except BadAudioError as exc:
-                samples, problem = exc.salvaged, self._bad_audio(exc)
-            return samples, self._detect(samples), problem
-
-    def _bad_audio(self, exc: BadAudioError) -> str:
-        """The message for a decoding problem; a fatal one (a hostile stream) ends the session."""
-        if exc.fatal and self._rejected is None:
-            self._rejected = str(exc)
-            return f"{exc}; the session ends: the audio before this point is transcribed and kept"
-        return str(exc)
-
-    def _detect(self, samples: NDArray[np.float32]) -> list[SpeechEvent]:
-        return self._vad.process(samples) if self._vad is not None and len(samples) else []
-
-    def _drain(self, end: bool) -> tuple[NDArray[np.float32], list[SpeechEvent], str | None]:
-        """The samples still inside the decoder (at the end of stream, its first piece: `_more`
-        gives the rest)."""
-        samples, problem = np.zeros(0, dtype=np.float32), None
-        with self._io_lock:
-            if self._released:
-                return samples, [], None
-            if self._decoder is not None:
-                try:
-                    samples = self._decoder.finish() if end else self._decoder.drain()
-                except BadAudioError as exc:
-                    samples, problem = exc.salvaged, self._bad_audio(exc)
-            return samples, self._detect(samples), problem
-
-    def _end_speech(self) -> list[SpeechEvent]:
-        """End of stream: open speech ends at the last sample."""
-        with self._io_lock:
-            if self._released or self._vad is None:
-                return []
-            return self._vad.finish(self._policy.received)
-
     async def _feed(self, samples: NDArray[np.float32], events: list[SpeechEvent]) -> None:
         """Hand audio to the policy and tell the client where speech starts and ends."""
-        self._policy.feed(samples, events)
+        assert self.pipeline is not None
+        self.pipeline.feed(samples, events)
         self._wake.set()
         if self.metrics is not None and len(samples):
             self.metrics.audio_received.inc(len(samples) / MODEL_SAMPLE_RATE)
@@ -623,9 +516,12 @@ class Session:
     async def _end_stream(self) -> None:
         """END from the client (or the session's time limit): finalize everything, then `completed`."""
         self._ended = True
-        if self._recorder is not None and self._recorder.bytes_received == 0:
+        assert self.pipeline is not None
+        recorder = self._recorder
+        assert recorder is not None
+        if recorder.bytes_received == 0:
             await self._persist(
-                self._recorder.write_audio, b"", self.config.encoding, self.config.sample_rate, self.config.channels
+                recorder.write_audio, b"", self.config.encoding, self.config.sample_rate, self.config.channels
             )
         await self._request_finalize("end")
 
@@ -643,27 +539,28 @@ class Session:
         await self._send(StatusConfigured(config=self.config.wire()))
 
     async def _request_finalize(self, kind: Literal["flush", "end", "drain", "reject"]) -> None:
+        pipeline = self.pipeline
+        assert pipeline is not None
         if kind != "reject":  # a rejected stream is not decoded any further
-            samples, events, problem = await self._io(self._drain, kind != "flush")
-            await self._take_decoded(samples, events, problem)
-            if kind != "flush":
-                await self._feed(np.zeros(0, dtype=np.float32), await self._io(self._end_speech))
-        else:
-            await self._feed(np.zeros(0, dtype=np.float32), await self._io(self._end_speech))
-        self._finalize.append(_Finalize(kind, self._policy.received))
+            await self._take_decoded(await self._io(pipeline.drain, kind != "flush"))
+        if kind != "flush":
+            await self._feed(np.zeros(0, dtype=np.float32), await self._io(pipeline.end_speech))
+        self._finalize.append(_Finalize(kind, pipeline.policy.received))
         self._wake.set()
 
     # -- transcribing ---------------------------------------------------------------------------
 
     async def _transcribe(self) -> None:
         """Run the policy: one job at a time; finals before flush/end acknowledgements."""
+        pipeline = self.pipeline
+        assert pipeline is not None
         while True:
             self._wake.clear()
             now = time.monotonic()
             marker = self._finalize[0] if self._finalize else None
-            for segment in self._policy.settle(now, marker.position if marker else None):
+            for segment in pipeline.settle(now, marker.position if marker else None):
                 await self._send_segment(segment)
-            window = self._policy.next_window(now, marker.position if marker else None)
+            window = pipeline.next_window(now, marker.position if marker else None)
             if window is not None:
                 self._transcriber_busy = True
                 await self._run_window(window)
@@ -681,7 +578,7 @@ class Session:
                     return
                 await self._complete()
                 return
-            waits = (self._policy.seconds_until_partial(now), self._policy.seconds_until_settle(now))
+            waits = (pipeline.policy.seconds_until_partial(now), pipeline.policy.seconds_until_settle(now))
             delays = [d for d in waits if d is not None]
             delay = min(delays) if delays else None
             if delay == 0:
@@ -693,16 +590,8 @@ class Session:
                 await asyncio.wait_for(self._wake.wait(), delay)
 
     async def _run_window(self, window: Window) -> None:
-        prompt = " ".join(p for p in (self.config.prompt, window.context) if p) or None
-        request = TranscriptionRequest(
-            audio=window.audio,
-            language=self.config.language,
-            task=self.config.task,
-            prompt=prompt,
-            prefix=window.prefix or None,
-            is_final=window.is_final,
-            session_id=self.id,
-        )
+        assert self.pipeline is not None
+        request = self.pipeline.request(window, self.config.prompt)
         result: TranscriptionResult | None = None
         try:
             result = await self.engine.transcribe(request)
@@ -719,7 +608,7 @@ class Session:
                 await self._send_error(
                     "internal", f"the audio at {span} could not be transcribed; it is kept in the recording"
                 )
-        for segment in self._policy.accept(window, result):
+        for segment in self.pipeline.accept(window, result):
             await self._send_segment(segment)
         if window.is_final:
             self._progress.set()
@@ -727,28 +616,28 @@ class Session:
     async def _send_segment(self, segment: SegmentText) -> None:
         message = transcription_message(segment)
         if segment.is_final:
-            self._finals.append(segment.text)
-            assert self._recorder is not None
-            await self._persist(self._recorder.append_final, message.model_dump(exclude={"type", "is_final", "lag"}))
+            assert self.pipeline is not None
+            await self._report_storage(await self._io(self.pipeline.keep_final, segment))
         self.lag = segment.lag
         if self.metrics is not None:
             self.metrics.sent(segment.is_final, segment.lag)
         await self._send(message)
 
     async def _complete(self) -> None:
-        assert self._recorder is not None
+        pipeline, recorder = self.pipeline, self._recorder
+        assert pipeline is not None and recorder is not None
         self._status = "completed"
-        await self._persist(self._close_recorder)
+        await self._close_record()
         await self._send(
             StatusCompleted(
                 session_id=self.id,
-                text=" ".join(t for t in self._finals if t),
-                duration=round(self._duration(), 3),
-                segments=len(self._finals),
+                text=" ".join(t for t in pipeline.finals if t),
+                duration=round(pipeline.duration, 3),
+                segments=len(pipeline.finals),
                 recording=Recording(
                     audio=f"/sessions/{self.id}/audio",  # where the API serves it; no server path
-                    bytes=self._recorder.bytes_received,
-                    sha256=self._recorder.sha256,
+                    bytes=recorder.bytes_received,
+                    sha256=recorder.sha256,
                 ),
             )
         )

@@ -45,14 +45,21 @@ def transcribe_offline(
     """Run audio through the server's own pipeline (voice activity, the streaming policy, the
     engine) with no network in between; returns final transcriptions shaped like the server's."""
     from real_time_audio.audio.vad import SileroScorer
-    from real_time_audio.batch import RecordingTranscription, transcribe_ready_blocking, transcription_message
+    from real_time_audio.messages import SessionConfig
+    from real_time_audio.pipeline import (
+        RecordingTranscription,
+        SessionPipeline,
+        transcribe_ready_blocking,
+        transcription_message,
+    )
     from real_time_audio.whisper.backend import load_engine
 
     engine = load_engine(settings)
     engine.start()
     try:
         scorer = SileroScorer.shared() if settings.vad != "off" else None
-        job = RecordingTranscription(settings, scorer, language=language, task=task, session_id="stt")
+        config = SessionConfig().model_copy(update={"language": language, "task": task, "interim_results": False})
+        job = RecordingTranscription(SessionPipeline(settings, None, config, scorer, session_id="stt"))
         step = int(CHUNK_S * MODEL_SAMPLE_RATE)
         for start in range(0, len(samples), step):
             job.add(samples[start : start + step])

@@ -250,12 +250,15 @@ def test_speech_gives_events_and_finals_inside_each_utterance(
     for (start, end), began, ended in zip(truth, events[::2], events[1::2], strict=True):
         assert start - 0.1 <= began["at"] <= start + 0.3
         assert end - 0.6 <= ended["at"] <= end + 0.1
+    pad = settings.vad_pad_ms / 1000  # the audio decoded around each utterance
     for (start, end), ended in zip(truth, events[1::2], strict=True):
-        inside = [m for m in finals(messages) if start - 0.3 <= m["start"] and m["end"] <= ended["at"] + 0.25]
+        inside = [
+            m for m in finals(messages) if start - pad - 0.1 <= m["start"] and m["end"] <= ended["at"] + pad + 0.05
+        ]
         assert inside, f"no final for the utterance at {start:.2f}-{end:.2f} s"
     assert_finals_within(messages, 0.0, len(audio) / 16000)
-    speech_and_padding = sum(end - start + 0.4 for start, end in truth)
-    assert max(decoded) / 16000 <= max(end - start for start, end in truth) + 0.5
+    speech_and_padding = sum(end - start + 2 * pad for start, end in truth)
+    assert max(decoded) / 16000 <= max(end - start for start, end in truth) + 2 * pad + 0.1
     assert sum(n for n in decoded) / 16000 < 10 * speech_and_padding  # never the silences
 
 

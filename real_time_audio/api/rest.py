@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +29,9 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from real_time_audio.api.transcripts import Cue, plain_text, render_cues
-from real_time_audio.audio.containers import PIECE_SAMPLES, ContainerDecoder
+from real_time_audio.audio.containers import PIECE_SAMPLES
 from real_time_audio.audio.formats import guess_encoding
-from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, SAMPLE_WIDTH, BadAudioError
-from real_time_audio.batch import FinalSegment, RecordingTranscription, transcribe_ready, transcription_message
+from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, SAMPLE_WIDTH
 from real_time_audio.config import Settings
 from real_time_audio.messages import SessionConfig, describe_validation_error
 from real_time_audio.ops.security import (
@@ -42,6 +40,13 @@ from real_time_audio.ops.security import (
     client_address,
     owner_of,
     require_access,
+)
+from real_time_audio.pipeline import (
+    FinalSegment,
+    RecordingTranscription,
+    SessionPipeline,
+    record_metadata,
+    transcribe_ready,
 )
 from real_time_audio.service import EngineUnavailableError, TranscriptionEngine
 from real_time_audio.storage.recorder import SessionRecorder
@@ -368,94 +373,76 @@ def _encoding(filename: str | None, head: bytes) -> str:
 
 
 class _Upload:
-    """The blocking side of one upload, run in worker threads: reading the spooled file, keeping its
-    bytes in the session record, decoding them. A lock orders it against the final release."""
+    """The blocking side of one upload, run on its own thread: reading the spooled file into the
+    session's pipeline (which keeps its bytes in the record and decodes them)."""
 
-    def __init__(
-        self, upload: UploadFile, encoding: str, settings: Settings, session_id: str, metadata: dict[str, Any]
-    ) -> None:
-        root = settings.audio_storage_dir
-        self.session_id = session_id
+    def __init__(self, upload: UploadFile, pipeline: SessionPipeline) -> None:
         self.source = upload.file
-        self.encoding = encoding
-        self.recorder = SessionRecorder(root, session_id, metadata)
-        self.decoder = ContainerDecoder(
-            encoding, max_sample_rate=settings.max_sample_rate, max_channels=settings.max_channels
-        )
+        self.pipeline = pipeline
+        self.session_id = pipeline.session_id
+        self.encoding = pipeline.config.encoding
         self.problem: str | None = None  # the first decoding problem
-        self.fatal = False  # the file is hostile (a decompression bomb, an impossible format): decoding stopped
         self.storage_error: OSError | None = None
-        self._lock = threading.Lock()
-        self._released = False
         self._more_waiting = False  # the last piece was full: the decoder may hold more
         self._read_all = False
 
+    @property
+    def fatal(self) -> bool:
+        """The file is hostile (a decompression bomb, an impossible format): decoding stopped."""
+        return self.pipeline.rejected is not None
+
     def next_piece(self) -> tuple[NDArray[np.float32], bool]:
-        """Persist and decode the file's next block (or take the decoder's next piece of audio);
+        """Keep and decode the file's next block (or take the decoder's next piece of audio);
         returns at most one piece of samples and whether more may follow."""
-        with self._lock:
-            if self._released or self.fatal:
-                return np.zeros(0, dtype=np.float32), False
-            if self._more_waiting:
-                samples = self._decode(self.decoder.more)
-            elif block := self.source.read(READ_BLOCK_BYTES):
-                self._store(self.recorder.write_audio, block, self.encoding, MODEL_SAMPLE_RATE, 1)
-                samples = self._decode(lambda: self.decoder.decode(block))
-            else:
-                self._read_all = True
-                samples = self._decode(self.decoder.finish)
-            self._more_waiting = len(samples) >= PIECE_SAMPLES and not self.fatal
-            return samples, not self.fatal and (self._more_waiting or not self._read_all)
+        if self.pipeline.released or self.fatal:
+            return np.zeros(0, dtype=np.float32), False
+        if self._more_waiting:
+            decoded = self.pipeline.more(detect=False)
+        elif block := self.source.read(READ_BLOCK_BYTES):
+            decoded = self.pipeline.receive(block, detect=False)
+        else:
+            self._read_all = True
+            decoded = self.pipeline.drain(end=True, detect=False)
+        self.problem = self.problem or decoded.problem  # the samples decoded before it are kept
+        self._storage(decoded.storage)
+        self._more_waiting = len(decoded.samples) >= PIECE_SAMPLES and not self.fatal
+        return decoded.samples, not self.fatal and (self._more_waiting or not self._read_all)
 
     def _copy_rest(self) -> None:
         """Keep the part of the file not read yet (decoding stopped early) in the record, as received."""
-        if self._released:
-            return
+        recorder = self.pipeline.recorder
+        assert recorder is not None
         try:
             while block := self.source.read(READ_BLOCK_BYTES):
-                self._store(self.recorder.write_audio, block, self.encoding, MODEL_SAMPLE_RATE, 1)
+                try:
+                    recorder.write_audio(block, self.encoding, MODEL_SAMPLE_RATE, 1)
+                except OSError as exc:
+                    self._storage(exc)
         except (OSError, ValueError) as exc:  # the spooled file is gone (closed on a cancelled request)
             logger.error("upload %s: the rest of the file could not be kept: %s", self.session_id, exc)
 
-    def _decode(self, step: Callable[[], NDArray[np.float32]]) -> NDArray[np.float32]:
-        """Samples decoded before a problem are kept, as in a live session; the first problem is noted."""
-        try:
-            return step()
-        except BadAudioError as exc:
-            self.problem = self.problem or str(exc)
-            self.fatal = self.fatal or exc.fatal
-            return exc.salvaged
-
     def append_finals(self, finals: list[FinalSegment]) -> None:
-        with self._lock:
-            if not self._released:
-                for final in finals:
-                    record = transcription_message(final.segment).model_dump(exclude={"type", "is_final", "lag"})
-                    self._store(self.recorder.append_final, record)
+        for final in finals:
+            self._storage(self.pipeline.keep_final(final.segment))
 
-    def _store(self, action: Callable[..., object], *args: Any) -> None:
+    def _storage(self, problem: OSError | None) -> None:
         """A failed write (a full disk) is logged once; the transcription goes on without it."""
-        try:
-            action(*args)
-        except OSError as exc:
-            if self.storage_error is None:
-                logger.error("upload %s: writing the record failed: %s", self.session_id, exc)
-            self.storage_error = exc
+        if problem is None:
+            return
+        if self.storage_error is None:
+            logger.error("upload %s: writing the record failed: %s", self.session_id, problem)
+        self.storage_error = problem
 
     def stop_decoding(self) -> None:
         """Safe while the upload's thread decodes: that decode returns at once, with nothing more."""
-        self.decoder.abort()
+        self.pipeline.stop_decoding()
 
-    def release(self, status: str, duration: float, segments: int) -> None:
+    def release(self, status: str) -> None:
         """Close the record. Whatever stopped the transcription, the whole file is kept first."""
-        with self._lock:
-            self._copy_rest()
-            self._released = True
-            self.decoder.close()
-            try:
-                self.recorder.close(status, duration=round(duration, 3), segments=segments)
-            except OSError as exc:
-                logger.error("upload %s: the record could not be closed: %s", self.session_id, exc)
+        try:
+            self.pipeline.release(status, before=self._copy_rest)
+        except OSError as exc:
+            logger.error("upload %s: the record could not be closed: %s", self.session_id, exc)
 
 
 def _peek(upload: UploadFile) -> tuple[int, bytes]:
@@ -497,36 +484,26 @@ async def _transcribe_with(
     config = options.config.model_copy(update={"encoding": encoding})
     session_id = uuid.uuid4().hex
     log = logging.LoggerAdapter(logger, {"session_id": session_id})
+    # With tokens, the record names a digest of the one that sent the file.
     metadata = {
         "source": "rest",
-        "config": config.wire(),
-        "model": engine.model_id,
-        "device": engine.device,
-        "client": f"{request.client.host}:{request.client.port}" if request.client else None,
+        **record_metadata(settings, engine, config, request.client, owner_of(settings, request)),
         "upload": {
             "filename": options.upload.filename,
             "content_type": options.upload.content_type,
             "response_format": options.response_format,
         },
     }
-    owner = owner_of(settings, request)
-    if owner is not None:  # with tokens: a digest of the one that sent the file
-        metadata["owner"] = owner
     try:
-        upload = await run(_Upload, options.upload, encoding, settings, session_id, metadata)
+        recorder = await run(SessionRecorder, settings.audio_storage_dir, session_id, metadata)
     except OSError as exc:
         log.error("upload %s: the record could not be created: %s", session_id, exc)
         raise ApiError(
             500, f"the upload could not be stored ({exc.strerror or exc})", code="storage_error", kind="server_error"
         ) from None
-    job = RecordingTranscription(
-        settings,
-        app.state.vad_scorer,
-        language=config.language,
-        task=config.task,
-        prompt=config.prompt,
-        session_id=session_id,
-    )
+    pipeline = SessionPipeline(settings, recorder, config, app.state.vad_scorer, session_id=session_id)
+    upload = _Upload(options.upload, pipeline)
+    job = RecordingTranscription(pipeline)
     metrics = getattr(app.state, "metrics", None)
     log.info("upload %s: %s, %d bytes, from %s", session_id, encoding, size, metadata["client"])
     status = "error"
@@ -608,9 +585,7 @@ async def _release(
                 log.exception("session-end hook %r failed for %s", hook, session_id)
 
     upload.stop_decoding()  # a decode still running in the upload's thread ends at once
-    released = asyncio.get_running_loop().run_in_executor(
-        threads, upload.release, status, job.duration, len(job.finals)
-    )
+    released = asyncio.get_running_loop().run_in_executor(threads, upload.release, status)
     released.add_done_callback(ended)
     metrics = getattr(app.state, "metrics", None)
     if metrics is not None:
