@@ -32,7 +32,8 @@ def test_fast_client_is_slowed_not_buffered(keepalive: str, make_settings: Calla
     def watch() -> None:
         while not stop.is_set():
             for session in list(app.state.sessions.values()):
-                peak[0] = max(peak[0], session._policy.pending)
+                if session.pipeline is not None:
+                    peak[0] = max(peak[0], session.pipeline.policy.pending)
             time.sleep(0.002)
 
     config = {"ws_ping_interval": 0.5, "ws_ping_timeout": 0.5} if keepalive == "tight" else {}
