@@ -133,7 +133,7 @@ def main() -> None:
     thread.start()
     while not server.started:
         time.sleep(0.1)
-    engine = app.state.engine
+    engine = app.state.server.engine
 
     model_by_minute: list[float] = []
     marks: list[tuple[float, float]] = []

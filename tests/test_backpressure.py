@@ -31,7 +31,7 @@ def test_fast_client_is_slowed_not_buffered(keepalive: str, make_settings: Calla
 
     def watch() -> None:
         while not stop.is_set():
-            for session in list(app.state.sessions.values()):
+            for session in list(app.state.server.sessions.values()):
                 if session.pipeline is not None:
                     peak[0] = max(peak[0], session.pipeline.policy.pending)
             time.sleep(0.002)

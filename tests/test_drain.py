@@ -101,7 +101,9 @@ def test_drain_sends_finals_then_1001(make_settings: Callable[..., Settings]) ->
             clients = [OpenSession(url, clip) for clip in clips]
             tasks = [asyncio.create_task(c.run()) for c in clients]
             await asyncio.gather(*(c.sent.wait() for c in clients))
-            draining = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(drain(app, 30), server.server_loop))
+            draining = asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(drain(app.state.server, 30), server.server_loop)
+            )
             await asyncio.sleep(0.05)
             async with websockets.connect(url) as late:
                 refusal = json.loads(await late.recv())

@@ -76,7 +76,7 @@ def test_bad_parameters_and_messages_are_reported(client: TestClient) -> None:
 
 
 def test_a_frame_over_the_limit_closes_with_1009(client: TestClient) -> None:
-    limit = client.app.state.settings.max_frame_bytes  # type: ignore[attr-defined]
+    limit = client.app.state.server.settings.max_frame_bytes  # type: ignore[attr-defined]
     with client.websocket_connect("/ws/echo?delay=0") as ws:
         ws.receive_json()
         ws.send_bytes(bytes(limit + 1))

@@ -57,7 +57,7 @@ def test_sessions_are_isolated_and_batched(make_settings: Callable[..., Settings
     options = {"frame_bytes": 8000, "flush_every": 4}
     with LiveServer(create_app(settings)) as server:
         alone = [run(stream_session(server.url, clip, **options)) for clip in clips]
-        engine = server.app.state.engine
+        engine = server.app.state.server.engine
         before = sum(n for size, n in engine.stats.batch_sizes.items() if size > 1)
 
         async def together() -> list[dict[str, Any]]:
@@ -101,7 +101,7 @@ def test_audio_arriving_during_a_job_is_coalesced(make_settings: Callable[..., S
     app = create_app(settings)
     clip = pcm16(speech_like(5, 3.0))
     with LiveServer(app) as server:
-        engine = server.app.state.engine
+        engine = server.app.state.server.engine
         spy = SlowRecordingBackend(engine.backend, delay_s=0.3)
         engine.backend = spy
         result = run(stream_session(server.url, clip, frame_bytes=1600, delay_s=0.01))  # 60 frames of 50 ms
@@ -137,7 +137,7 @@ def test_disconnects_at_random_moments_leave_nothing_behind(make_settings: Calla
         return session_id
 
     with LiveServer(app) as server:
-        engine = server.app.state.engine
+        engine = server.app.state.server.engine
         fd_before = len(os.listdir("/proc/self/fd"))
         threads_before = _non_pool_threads()
 
@@ -147,8 +147,8 @@ def test_disconnects_at_random_moments_leave_nothing_behind(make_settings: Calla
             return gone, await good
 
         gone, good = run(scenario())
-        deadline = asyncio.run(_wait_until(lambda: not server.app.state.sessions, seconds(15)))
-        assert deadline, f"sessions left: {list(server.app.state.sessions)}"
+        deadline = asyncio.run(_wait_until(lambda: not server.app.state.server.sessions, seconds(15)))
+        assert deadline, f"sessions left: {list(server.app.state.server.sessions)}"
         assert len(engine.queue) == 0
         assert len(os.listdir("/proc/self/fd")) <= fd_before
         assert _non_pool_threads() == threads_before
@@ -203,7 +203,7 @@ def test_ten_minutes_of_silence_or_low_noise_cost_no_inference(make_settings: Ca
     noise = np.random.default_rng(3).standard_normal(600 * 16000) * 0.005
     streams = [np.zeros(600 * 16000, dtype=np.float32), noise.astype(np.float32)]
     with TestClient(create_app(settings)) as client:
-        engine = client.app.state.engine  # type: ignore[attr-defined]
+        engine = client.app.state.server.engine  # type: ignore[attr-defined]
         for audio in streams:
             data = pcm16(audio)
             with client.websocket_connect("/ws/transcribe") as ws:
@@ -239,7 +239,7 @@ def test_speech_gives_events_and_finals_inside_each_utterance(
         position += len(sentence) + len(silence)
     audio = np.concatenate(pieces)
     with TestClient(create_app(settings)) as client:
-        decoded = record_decode_lengths(client.app.state.engine)  # type: ignore[attr-defined]
+        decoded = record_decode_lengths(client.app.state.server.engine)  # type: ignore[attr-defined]
         with client.websocket_connect("/ws/transcribe") as ws:
             ws.receive_json()
             send_paced(ws, pcm16(audio), 8192, pause_s=0.02)

@@ -155,7 +155,7 @@ def test_sweep_never_deletes_live_active_or_unuploaded_sessions(
     """Even far over both limits, only the finished, not-live, uploaded session goes."""
     caplog.set_level(logging.INFO, logger="real_time_audio")
     old = NOW - timedelta(days=30)
-    make_record(tmp_path, sid(1), ended=old)  # live: its id is in app.state.sessions
+    make_record(tmp_path, sid(1), ended=old)  # live: its id is in app.state.server.sessions
     make_record(tmp_path, sid(2), ended=old, status="active")  # a server crash left it "active"
     make_record(tmp_path, sid(3), ended=old)  # not yet uploaded
     make_record(tmp_path, sid(4), ended=old)  # uploaded
@@ -491,7 +491,7 @@ def test_session_without_audio_is_404(client: TestClient, settings: Settings) ->
 def test_audio_of_a_live_session_is_409(client: TestClient, settings: Settings) -> None:
     """A recording still growing is not served (its length would change mid-response); its record is."""
     make_record(settings.audio_storage_dir, sid(12), status="active", ended=None)
-    sessions = client.app.state.sessions  # type: ignore[attr-defined]
+    sessions = client.app.state.server.sessions  # type: ignore[attr-defined]
     sessions[sid(12)] = object()
     try:
         assert client.get(f"/sessions/{sid(12)}").json()["status"] == "active"

@@ -66,7 +66,7 @@ def test_metrics_describe_sessions_engine_and_errors(make_settings: Callable[...
             ws.send_bytes(clips[1])
             sent += end_session(ws)
         after = scrape(client)
-        engine = client.app.state.engine  # type: ignore[attr-defined]
+        engine = client.app.state.server.engine  # type: ignore[attr-defined]
         stats = engine.stats
 
     texts = [m for m in sent if m["type"] == "transcription"]

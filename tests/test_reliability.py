@@ -572,9 +572,9 @@ def test_fuzzed_sessions_get_only_protocol_answers_and_keep_exactly_the_accepted
         fuzz()
         elapsed = time.monotonic() - started
         deadline = time.monotonic() + seconds(10)
-        while server.app.state.sessions and time.monotonic() < deadline:
+        while server.app.state.server.sessions and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not server.app.state.sessions, "sessions were left open"
+        assert not server.app.state.server.sessions, "sessions were left open"
     assert not error_logs.records, [r.getMessage() for r in error_logs.records]
     report(f"fuzz_{encoding}", {**dict(sorted(cases.items())), "seconds": round(elapsed, 1)})
 
@@ -639,7 +639,7 @@ def test_fifty_concurrent_sessions_each_get_exactly_their_own_text_and_recording
         seeds = alone_texts.distinct_seeds(server.url, CONCURRENT_SESSIONS)
         reference = alone_texts.get(server.url, seeds)
         alone_s = time.monotonic() - started
-        engine = server.app.state.engine
+        engine = server.app.state.server.engine
         before = sum(engine.stats.batch_sizes.values())
 
         async def all_at_once() -> list[dict[str, Any]]:
@@ -704,7 +704,7 @@ def test_a_session_whose_audio_breaks_the_model_does_not_affect_its_batch_neighb
     with LiveServer(create_app(concurrency_settings(make_settings))) as server:
         healthy = alone_texts.distinct_seeds(server.url, 7)
         reference = alone_texts.get(server.url, healthy)
-        engine = server.app.state.engine
+        engine = server.app.state.server.engine
         doomed: set[str] = set()
         batches: list[list[str]] = []
         real = engine.backend.transcribe_batch

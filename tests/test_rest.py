@@ -190,13 +190,15 @@ def test_an_upload_is_kept_as_a_session_record(app_client: TestClient) -> None:
     session-end hooks get the id while the upload still counts toward the session limit."""
     app: Any = app_client.app
     ended: list[tuple[str, int]] = []
-    app.state.session_end_hooks.append(lambda session_id: ended.append((session_id, app.state.rest_active)))
+    app.state.server.session_end_hooks.append(
+        lambda session_id: ended.append((session_id, app.state.server.rest_active))
+    )
     data = encode(speech_like(seed=3, duration_s=3.0), 16000, "webm")
     response = post(app_client, data, "meeting.webm", {"response_format": "verbose_json"})
     assert response.status_code == 200
     session_id = response.headers["x-session-id"]
-    assert ended == [(session_id, 1)] and app.state.rest_active == 0
-    folder = record_of(app.state.settings, session_id)
+    assert ended == [(session_id, 1)] and app.state.server.rest_active == 0
+    folder = record_of(app.state.server.settings, session_id)
     assert (folder / "audio.webm").read_bytes() == data
     meta = json.loads((folder / "session.json").read_text())
     assert (meta["status"], meta["source"], meta["session_id"]) == ("completed", "rest", session_id)
@@ -409,7 +411,7 @@ def test_the_session_limit_is_429_with_retry_after(make_settings: Callable[..., 
             ws.send_text("END")
             receive_until(ws, is_status("completed"))
         deadline = time.monotonic() + seconds(10)
-        while client.app.state.sessions and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        while client.app.state.server.sessions and time.monotonic() < deadline:  # type: ignore[attr-defined]
             time.sleep(0.01)
         assert post(client, data).status_code == 200
 
@@ -417,7 +419,7 @@ def test_the_session_limit_is_429_with_retry_after(make_settings: Callable[..., 
 def test_503_while_draining_or_without_an_engine(client: TestClient) -> None:
     """A server shutting down, or whose engine is not running, refuses uploads with 503."""
     data = encode(speech_like(seed=1, duration_s=1.0), 16000, "wav")
-    state: Any = client.app.state  # type: ignore[attr-defined]
+    state: Any = client.app.state.server  # type: ignore[attr-defined]
     state.draining = True
     response = post(client, data)
     assert response.status_code == 503

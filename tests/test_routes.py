@@ -62,7 +62,7 @@ def test_health_and_ready(client: TestClient, checkpoint_dir: Path) -> None:
 
 def test_ready_is_503_when_the_engine_is_dead(client: TestClient) -> None:
     """A dead engine turns /ready to 503 with its reason, and new sessions are refused with 1011."""
-    engine = client.app.state.engine  # type: ignore[attr-defined]
+    engine = client.app.state.server.engine  # type: ignore[attr-defined]
     engine._die("device failure: test")
     response = client.get("/ready")
     assert response.status_code == 503
@@ -319,7 +319,7 @@ def test_partials_then_finals_with_segment_limit(make_settings: Callable[..., Se
     """Partials arrive while audio streams; no decode covers more than SEGMENT_MAX_S; finals tile in order."""
     settings = make_settings(segment_max_s=2, partial_interval_ms=100)
     with TestClient(create_app(settings)) as client, client.websocket_connect("/ws/transcribe") as ws:
-        lengths = record_decode_lengths(client.app.state.engine)  # type: ignore[attr-defined]
+        lengths = record_decode_lengths(client.app.state.server.engine)  # type: ignore[attr-defined]
         ws.receive_json()
         for chunk in frames(pcm16(speech_like(8, 5.0)), 6400):  # 0.2 s frames
             ws.send_bytes(chunk)
@@ -343,7 +343,7 @@ def test_partials_then_finals_with_segment_limit(make_settings: Callable[..., Se
 
 def test_a_failing_job_errors_only_its_session(client: TestClient) -> None:
     """If the model fails on one session's audio, that session gets `internal` and stays open."""
-    engine = client.app.state.engine  # type: ignore[attr-defined]
+    engine = client.app.state.server.engine  # type: ignore[attr-defined]
     real = engine.backend.transcribe_batch
 
     def flaky(requests: Any) -> Any:

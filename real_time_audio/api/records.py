@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
 
 from real_time_audio.ops.security import may_read, require_access
+from real_time_audio.state import ServerState, State
 from real_time_audio.storage.archive import CONTENT_TYPES
 from real_time_audio.storage.retention import SESSION_ID
 
@@ -31,11 +32,10 @@ def _not_found(message: str) -> HTTPException:
     return HTTPException(404, detail={"code": "not_found", "message": message})
 
 
-def _folder(request: Request, session_id: str) -> Path:
+def _folder(state: ServerState, session_id: str) -> Path:
     if not SESSION_ID.fullmatch(session_id):
         raise _not_found(f"{session_id!r} is not a session id (32 lowercase hexadecimal characters)")
-    root: Path = request.app.state.settings.audio_storage_dir
-    return root / session_id
+    return state.settings.audio_storage_dir / session_id
 
 
 def read_metadata(folder: Path) -> dict[str, Any] | None:
@@ -85,24 +85,24 @@ def audio_path(folder: Path, metadata: dict[str, Any]) -> Path | None:
 
 
 @router.get("/{session_id}")
-async def session_record(session_id: str, request: Request) -> dict[str, Any]:
+async def session_record(session_id: str, request: Request, state: State) -> dict[str, Any]:
     """The session's session.json, with `transcript`: its finals in order. Works while it is live too."""
-    folder = _folder(request, session_id)
+    folder = _folder(state, session_id)
     record = await asyncio.to_thread(read_record, folder)
-    if record is None or not may_read(request.app.state.settings, request, record):
+    if record is None or not may_read(state.settings, request, record):
         raise _not_found(f"no session {session_id}")
     record.pop("owner", None)
     return record
 
 
 @router.get("/{session_id}/audio", response_class=FileResponse)
-async def session_audio(session_id: str, request: Request) -> FileResponse:
+async def session_audio(session_id: str, request: Request, state: State) -> FileResponse:
     """The session's audio exactly as stored (WAV for PCM, else the client's container); Range works."""
-    folder = _folder(request, session_id)
+    folder = _folder(state, session_id)
     metadata = await asyncio.to_thread(read_metadata, folder)
-    if metadata is None or not may_read(request.app.state.settings, request, metadata):
+    if metadata is None or not may_read(state.settings, request, metadata):
         raise _not_found(f"no session {session_id}")
-    if session_id in request.app.state.sessions:
+    if session_id in state.sessions:
         # The file grows while we send it, which would break the declared length.
         raise HTTPException(
             409,

@@ -34,13 +34,7 @@ from real_time_audio.audio.formats import guess_encoding
 from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, SAMPLE_WIDTH
 from real_time_audio.config import Settings
 from real_time_audio.messages import SessionConfig, describe_validation_error
-from real_time_audio.ops.security import (
-    ConnectionCounter,
-    active_sessions,
-    client_address,
-    owner_of,
-    require_access,
-)
+from real_time_audio.ops.security import client_address, owner_of, require_access
 from real_time_audio.pipeline import (
     FinalSegment,
     RecordingTranscription,
@@ -49,6 +43,7 @@ from real_time_audio.pipeline import (
     transcribe_ready,
 )
 from real_time_audio.service import EngineUnavailableError, TranscriptionEngine
+from real_time_audio.state import Refusal, ServerState, State, server_state
 from real_time_audio.storage.recorder import SessionRecorder
 from real_time_audio.streaming.guards import compression_ratio
 
@@ -109,9 +104,7 @@ class _OpenAIErrors(APIRoute):
                     code=str(detail.get("code", "error")),
                     headers=dict(exc.headers or {}),
                 )
-            metrics = getattr(request.app.state, "metrics", None)
-            if metrics is not None:
-                metrics.error(error.code)
+            server_state(request).metrics.error(error.code)
             logger.info("POST %s refused (%d %s): %s", request.url.path, error.status, error.code, error.message)
             return error.response()
 
@@ -169,56 +162,47 @@ class _Options:
     openapi_extra=_FORM_SCHEMA,
     tags=["openai"],
 )
-async def create_transcription(request: Request) -> Response:
+async def create_transcription(request: Request, state: State) -> Response:
     """Transcribe an uploaded file (OpenAI-compatible); answers json, text, srt, vtt or verbose_json."""
-    app = request.app
-    settings: Settings = app.state.settings
-    _admit(request)
+    _admit(state)
     address = client_address(request)
-    connections: ConnectionCounter = app.state.connections
-    if connections.full(address):
-        raise ApiError(
-            429,
-            f"too many connections from {address}: the limit is {connections.limit} at a time",
-            code="server_busy",
-            kind="rate_limit_error",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
-    with connections.hold(address):
-        async with _read_form(request, settings) as form:
+    _refuse(state.refuse_new(address))  # connections from this address
+    with state.connections.hold(address):
+        async with _read_form(request, state.settings) as form:
             # The session slot is taken only now that the whole body is here: a slow upload holds
             # a connection (bounded by the upload deadlines), never a slot.
-            engine = _admit(request)
+            engine = _admit(state)
             options = _options(form, engine)
-            app.state.rest_active += 1
+            state.rest_active += 1
             try:
-                return await _transcribe(request, engine, options)
+                return await _transcribe(request, state, engine, options)
             finally:
-                app.state.rest_active -= 1
+                state.rest_active -= 1
 
 
-def _admit(request: Request) -> TranscriptionEngine:
+def _admit(state: ServerState) -> TranscriptionEngine:
     """The checks made before the body is read, and again once it has arrived: shutdown, engine, capacity."""
-    state = request.app.state
-    settings: Settings = state.settings
-    if state.draining:
-        raise ApiError(503, "the server is shutting down; try again shortly", code="shutting_down", kind="server_error")
-    engine: TranscriptionEngine | None = state.engine
-    if engine is None or not engine.ready:
-        reason = engine.dead_reason if engine is not None and engine.dead_reason else "the model is not loaded yet"
-        raise ApiError(
-            503, f"the transcription engine is not available: {reason}", code="engine_unavailable", kind="server_error"
+    _refuse(state.refuse_new() or state.refuse_engine() or state.refuse_capacity())
+    return state.serving_engine()
+
+
+def _refuse(refusal: Refusal | None) -> None:
+    """A refusal the OpenAI way: 503 while shutting down or without an engine, else 429 with Retry-After."""
+    if refusal is None:
+        return
+    if refusal.reason == "draining":
+        raise ApiError(503, refusal.message, code="shutting_down", kind="server_error")
+    if refusal.reason == "engine":
+        message = f"{refusal.message}: {refusal.detail}"
+        raise ApiError(503, message, code="engine_unavailable", kind="server_error")
+    message = refusal.message
+    if refusal.reason == "capacity":
+        message = (
+            f"the server is at its limit of {refusal.detail} concurrent sessions and transcriptions; "
+            f"try again in {RETRY_AFTER_S} s"
         )
-    if active_sessions(state) >= settings.max_sessions:
-        raise ApiError(
-            429,
-            f"the server is at its limit of {settings.max_sessions} concurrent sessions and transcriptions; "
-            f"try again in {RETRY_AFTER_S} s",
-            code="server_busy",
-            kind="rate_limit_error",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
-    return engine
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    raise ApiError(429, message, code="server_busy", kind="rate_limit_error", headers=retry)
 
 
 # -- the form -----------------------------------------------------------------------------------
@@ -455,21 +439,20 @@ def _peek(upload: UploadFile) -> tuple[int, bytes]:
     return size, head
 
 
-async def _transcribe(request: Request, engine: TranscriptionEngine, options: _Options) -> Response:
+async def _transcribe(request: Request, state: ServerState, engine: TranscriptionEngine, options: _Options) -> Response:
     # The upload's blocking work (reading the spooled file, the record, decoding, voice detection)
     # runs on its own thread, never on the pool other requests and sessions share.
     threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
     try:
-        return await _transcribe_with(request, engine, options, threads)
+        return await _transcribe_with(request, state, engine, options, threads)
     finally:
         threads.shutdown(wait=False)
 
 
 async def _transcribe_with(
-    request: Request, engine: TranscriptionEngine, options: _Options, threads: ThreadPoolExecutor
+    request: Request, state: ServerState, engine: TranscriptionEngine, options: _Options, threads: ThreadPoolExecutor
 ) -> Response:
-    app = request.app
-    settings: Settings = app.state.settings
+    settings = state.settings
     loop = asyncio.get_running_loop()
 
     def run(action: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
@@ -501,10 +484,10 @@ async def _transcribe_with(
         raise ApiError(
             500, f"the upload could not be stored ({exc.strerror or exc})", code="storage_error", kind="server_error"
         ) from None
-    pipeline = SessionPipeline(settings, recorder, config, app.state.vad_scorer, session_id=session_id)
+    pipeline = SessionPipeline(settings, recorder, config, state.vad_scorer, session_id=session_id)
     upload = _Upload(options.upload, pipeline)
     job = RecordingTranscription(pipeline)
-    metrics = getattr(app.state, "metrics", None)
+    metrics = state.metrics
     log.info("upload %s: %s, %d bytes, from %s", session_id, encoding, size, metadata["client"])
     status = "error"
     decoded = 0  # samples
@@ -522,8 +505,7 @@ async def _transcribe_with(
                     param="file",
                     headers={"X-Session-Id": session_id},
                 )
-            if metrics is not None:
-                metrics.audio_received.inc(len(samples) / MODEL_SAMPLE_RATE)
+            metrics.audio_received.inc(len(samples) / MODEL_SAMPLE_RATE)
             job.add(samples)
             if not more:
                 job.end()
@@ -567,29 +549,20 @@ async def _transcribe_with(
             headers={"X-Session-Id": session_id},
         ) from None
     finally:
-        await _release(app, upload, status, job, log, threads)
+        await _release(state, upload, status, job, log, threads)
     return _response(options, job, session_id)
 
 
 async def _release(
-    app: Any, upload: _Upload, status: str, job: RecordingTranscription, log: Any, threads: ThreadPoolExecutor
+    state: ServerState, upload: _Upload, status: str, job: RecordingTranscription, log: Any, threads: ThreadPoolExecutor
 ) -> None:
     """Close the record (even if this request is cancelled meanwhile), then tell the session-end hooks."""
     session_id = upload.session_id
 
-    def ended(_: object) -> None:
-        for hook in app.state.session_end_hooks:
-            try:
-                hook(session_id)
-            except Exception:
-                log.exception("session-end hook %r failed for %s", hook, session_id)
-
     upload.stop_decoding()  # a decode still running in the upload's thread ends at once
     released = asyncio.get_running_loop().run_in_executor(threads, upload.release, status)
-    released.add_done_callback(ended)
-    metrics = getattr(app.state, "metrics", None)
-    if metrics is not None:
-        metrics.sessions_ended.labels(status).inc()
+    released.add_done_callback(lambda _: state.session_ended(session_id))
+    state.metrics.sessions_ended.labels(status).inc()
     log.info("upload %s ended: %s, %.2f s of audio, %d segments", session_id, status, job.duration, len(job.finals))
     await asyncio.shield(released)
 

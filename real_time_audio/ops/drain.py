@@ -16,9 +16,10 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+if TYPE_CHECKING:
+    from real_time_audio.state import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +27,20 @@ DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 POLL_S = 0.05
 
 
-async def drain(app: FastAPI, timeout_s: float) -> int:
+async def drain(state: ServerState, timeout_s: float) -> int:
     """Finish every open session (finals, then close 1001) and wait for HTTP transcriptions.
 
     Returns the number of sessions that had to be closed before their finals were sent.
     """
-    app.state.draining = True
-    sessions = list(app.state.sessions.values())
-    logger.info("draining %d session(s) and %d request(s)", len(sessions), app.state.rest_active)
+    state.draining = True
+    sessions = list(state.sessions.values())
+    logger.info("draining %d session(s) and %d request(s)", len(sessions), state.rest_active)
     for session in sessions:
         session.drain()
     deadline = time.monotonic() + timeout_s
-    while (app.state.sessions or app.state.rest_active) and time.monotonic() < deadline:
+    while (state.sessions or state.rest_active) and time.monotonic() < deadline:
         await asyncio.sleep(POLL_S)
-    late = list(app.state.sessions.values())
+    late = list(state.sessions.values())
     for session in late:
         logger.warning("session %s did not finish within %.0f s; closing it", session.id, timeout_s)
         await session.stop_now()
@@ -47,7 +48,7 @@ async def drain(app: FastAPI, timeout_s: float) -> int:
     return len(late)
 
 
-def install_signal_handlers(app: FastAPI, timeout_s: float) -> bool:
+def install_signal_handlers(state: ServerState, timeout_s: float) -> bool:
     """Wrap the server's SIGTERM/SIGINT handlers with a drain. Only possible in the main thread
     (a server run from a test thread keeps its own handlers); returns whether it was installed."""
     if threading.current_thread() is not threading.main_thread():
@@ -65,8 +66,8 @@ def install_signal_handlers(app: FastAPI, timeout_s: float) -> bool:
             os.kill(os.getpid(), signum)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        app.state.draining = True
-        if started or not (app.state.sessions or app.state.rest_active):
+        state.draining = True
+        if started or not (state.sessions or state.rest_active):
             pass_on(signum, frame)  # nothing to wait for, or a second signal: stop now
             return
         logger.info("received %s: draining before shutdown", signal.Signals(signum).name)
@@ -74,7 +75,7 @@ def install_signal_handlers(app: FastAPI, timeout_s: float) -> bool:
 
     async def finish(signum: int, frame: FrameType | None) -> None:
         try:
-            await drain(app, timeout_s)
+            await drain(state, timeout_s)
         finally:
             pass_on(signum, frame)
 

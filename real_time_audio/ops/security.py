@@ -15,16 +15,15 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from fastapi import HTTPException, Request
 from pydantic import SecretStr
 from starlette.requests import HTTPConnection
 
 from real_time_audio.config import Settings
+from real_time_audio.state import State
 
 Refusal = Literal["unauthorized", "forbidden_origin"]
 
@@ -136,9 +135,9 @@ def check_access(settings: Settings, connection: HTTPConnection) -> tuple[Refusa
     return None
 
 
-async def require_access(request: Request) -> None:
+async def require_access(request: Request, state: State) -> None:
     """FastAPI dependency for the HTTP API: 401 without a valid token, 403 for a foreign origin."""
-    refusal = check_access(request.app.state.settings, request)
+    refusal = check_access(state.settings, request)
     if refusal is None:
         return
     code, message = refusal
@@ -147,56 +146,6 @@ async def require_access(request: Request) -> None:
     raise HTTPException(403, detail={"code": code, "message": message})
 
 
-def active_sessions(state: Any) -> int:
-    """What counts against MAX_SESSIONS: live transcriptions, uploads being transcribed, echo loops."""
-    return int(len(state.sessions) + state.rest_active + state.echo_active)
-
-
 def client_address(connection: HTTPConnection) -> str:
     """The peer's address (the proxy's, unless uvicorn/gunicorn trust its forwarded headers)."""
     return connection.client.host if connection.client else "unknown"
-
-
-class ConnectionCounter:
-    """Open WebSocket connections per client address, for MAX_CONNECTIONS_PER_CLIENT."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: Counter[str] = Counter()
-
-    def count(self, address: str) -> int:
-        return self._open[address]
-
-    def full(self, address: str) -> bool:
-        return self.limit > 0 and self._open[address] >= self.limit
-
-    @contextmanager
-    def hold(self, address: str) -> Iterator[None]:
-        slot = self.acquire(address)
-        try:
-            yield
-        finally:
-            slot.release()
-
-    def acquire(self, address: str) -> Slot:
-        """Count one more connection from `address` until the slot is released."""
-        self._open[address] += 1
-        return Slot(self, address)
-
-    def _release(self, address: str) -> None:
-        self._open[address] -= 1
-        if self._open[address] <= 0:
-            del self._open[address]
-
-
-class Slot:
-    """One counted connection; `release` may be called more than once."""
-
-    def __init__(self, counter: ConnectionCounter, address: str) -> None:
-        self._counter: ConnectionCounter | None = counter
-        self._address = address
-
-    def release(self) -> None:
-        counter, self._counter = self._counter, None
-        if counter is not None:
-            counter._release(self._address)
