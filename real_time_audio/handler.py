@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +58,7 @@ from real_time_audio.ops.metrics import Metrics
 from real_time_audio.ops.security import owner_of
 from real_time_audio.pipeline import Decoded, SessionPipeline, record_metadata, transcription_message
 from real_time_audio.service import EngineUnavailableError, QueueFullError, TranscriptionEngine, TranscriptionResult
+from real_time_audio.storage.layout import new_session_id
 from real_time_audio.storage.recorder import SessionRecorder
 from real_time_audio.streaming.policy import SegmentText, Window
 
@@ -119,7 +119,7 @@ class Session:
         self._release_started: asyncio.Future[None] | None = None
         self.engine = engine
         self.settings = settings
-        self.id = uuid.uuid4().hex
+        self.id = new_session_id()
         self.config = SessionConfig()
         self.log = logging.LoggerAdapter(logger, {"session_id": self.id})
         self._query = query or {}

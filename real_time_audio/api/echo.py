@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import uuid
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -34,6 +33,7 @@ from real_time_audio.messages import (
     query_config,
     to_json,
 )
+from real_time_audio.storage.layout import new_session_id
 
 CLOSE_NORMAL = 1000
 CLOSE_TOO_LARGE = 1009
@@ -51,7 +51,7 @@ class EchoSession:
     def __init__(self, websocket: WebSocket, settings: Settings) -> None:
         self.ws = websocket
         self.settings = settings
-        self.id = uuid.uuid4().hex
+        self.id = new_session_id()
         self.delay_s = settings.echo_delay_s
         self.config = SessionConfig()
         self._due: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()

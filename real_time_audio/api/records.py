@@ -9,7 +9,6 @@ same 404 as a session that does not exist.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,10 @@ from fastapi.responses import FileResponse
 
 from real_time_audio.ops.security import may_read, require_access
 from real_time_audio.state import ServerState, State
-from real_time_audio.storage.archive import CONTENT_TYPES
-from real_time_audio.storage.retention import SESSION_ID
+from real_time_audio.storage.layout import CONTENT_TYPES, audio_path, is_session_id, read_metadata, read_transcript
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/sessions", tags=["sessions"], dependencies=[Depends(require_access)])
-
-AUDIO_SUFFIXES = (".wav", ".webm", ".ogg", ".mp4", ".mp3", ".flac")
 
 
 def _not_found(message: str) -> HTTPException:
@@ -33,38 +29,9 @@ def _not_found(message: str) -> HTTPException:
 
 
 def _folder(state: ServerState, session_id: str) -> Path:
-    if not SESSION_ID.fullmatch(session_id):
+    if not is_session_id(session_id):
         raise _not_found(f"{session_id!r} is not a session id (32 lowercase hexadecimal characters)")
     return state.settings.audio_storage_dir / session_id
-
-
-def read_metadata(folder: Path) -> dict[str, Any] | None:
-    """session.json of the session in `folder`, or None when there is no such session."""
-    try:
-        metadata = json.loads((folder / "session.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except ValueError:
-        logger.warning("session %s: session.json is not valid JSON", folder.name)
-        return None
-    return metadata if isinstance(metadata, dict) else None
-
-
-def read_transcript(folder: Path) -> list[dict[str, Any]]:
-    """The finals in transcript.jsonl; a line cut short by a crash is skipped."""
-    try:
-        lines = (folder / "transcript.jsonl").read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    finals = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            finals.append(json.loads(line))
-        except ValueError:
-            logger.warning("session %s: transcript line %d is not JSON; skipped", folder.name, number)
-    return finals
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -72,16 +39,6 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     if metadata is None:
         return None
     return {**metadata, "transcript": read_transcript(folder)}
-
-
-def audio_path(folder: Path, metadata: dict[str, Any]) -> Path | None:
-    """The session's audio file, if it has one. Only the names the recorder writes are accepted."""
-    name = metadata.get("audio_file")
-    allowed = {f"audio{suffix}" for suffix in AUDIO_SUFFIXES}
-    if not isinstance(name, str) or name not in allowed:
-        return None
-    path = folder / name
-    return path if path.is_file() else None
 
 
 @router.get("/{session_id}")

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from real_time_audio.pipeline import (
 )
 from real_time_audio.service import EngineUnavailableError, TranscriptionEngine
 from real_time_audio.state import Refusal, ServerState, State, server_state
+from real_time_audio.storage.layout import new_session_id
 from real_time_audio.storage.recorder import SessionRecorder
 from real_time_audio.streaming.guards import compression_ratio
 
@@ -465,7 +465,7 @@ async def _transcribe_with(
         raise ApiError(400, "the uploaded file is empty", code="bad_audio", param="file")
     encoding = _encoding(options.upload.filename, head)
     config = options.config.model_copy(update={"encoding": encoding})
-    session_id = uuid.uuid4().hex
+    session_id = new_session_id()
     log = logging.LoggerAdapter(logger, {"session_id": session_id})
     # With tokens, the record names a digest of the one that sent the file.
     metadata = {

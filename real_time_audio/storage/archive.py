@@ -26,23 +26,13 @@ from types import ModuleType
 from typing import Any
 
 from real_time_audio.config import Settings
+from real_time_audio.storage.layout import CONTENT_TYPES, METADATA, UPLOADED
 from real_time_audio.storage.retention import scan_sessions
 
 logger = logging.getLogger(__name__)
 
-MARKER = "uploaded.json"
+MARKER = UPLOADED
 QUEUE_SIZE = 256
-# Content type of every file a session record may hold, by suffix (also used to serve the audio).
-CONTENT_TYPES = {
-    ".wav": "audio/wav",
-    ".webm": "audio/webm",
-    ".ogg": "audio/ogg",
-    ".mp4": "audio/mp4",
-    ".mp3": "audio/mpeg",
-    ".flac": "audio/flac",
-    ".json": "application/json",
-    ".jsonl": "application/x-ndjson",
-}
 
 
 class ArchiveUnavailableError(RuntimeError):
@@ -239,12 +229,12 @@ class SessionArchive:
     def upload(self, session_id: str) -> dict[str, Any]:
         """Upload every file of one finished session (session.json last), then write its marker. Blocks."""
         folder = self.root / session_id
-        metadata = json.loads((folder / "session.json").read_text(encoding="utf-8"))
+        metadata = json.loads((folder / METADATA).read_text(encoding="utf-8"))
         if metadata.get("status") == "active":
             raise SessionNotFinishedError(session_id)
         files = sorted(
             (p for p in folder.iterdir() if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")),
-            key=lambda p: (p.name == "session.json", p.name),  # session.json in the bucket means complete
+            key=lambda p: (p.name == METADATA, p.name),  # session.json in the bucket means complete
         )
         started = time.monotonic()
         objects: list[dict[str, Any]] = []

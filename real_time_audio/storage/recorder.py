@@ -1,10 +1,5 @@
-"""Per-session record on disk: the received audio, the finals, and the session's metadata.
-
-Layout under the storage folder, one folder per server-generated session id:
-    audio.wav          raw PCM exactly as received, behind a WAV header kept valid as it grows, or
-    audio.<container>  a container stream (webm, ogg, mp4, mp3, flac, wav) byte for byte as received
-    transcript.jsonl   one JSON line per final transcription
-    session.json       effective config, model, device, times, byte count, SHA-256, status
+"""Per-session record on disk: the received audio, the finals, and the session's metadata, laid
+out as `real_time_audio.storage.layout` says.
 
 All methods block; the session calls them through `asyncio.to_thread`.
 
@@ -29,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from real_time_audio.audio.pcm import SAMPLE_WIDTH
+from real_time_audio.storage.layout import METADATA, TRANSCRIPT, audio_name
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +66,7 @@ class SessionRecorder:
 
     def __init__(self, root: Path, session_id: str, metadata: dict[str, Any]) -> None:
         self.folder = root / session_id
-        self.audio_path = self.folder / "audio.wav"
+        self.audio_path = self.folder / audio_name("pcm_s16le")
         self.bytes_received = 0
         self.failure: OSError | None = None
         self._sha256 = hashlib.sha256()
@@ -94,7 +90,7 @@ class SessionRecorder:
         }
         try:
             self.folder.mkdir(parents=True, exist_ok=False)
-            self._transcript = (self.folder / "transcript.jsonl").open("a", encoding="utf-8")
+            self._transcript = (self.folder / TRANSCRIPT).open("a", encoding="utf-8")
             self._write_metadata()
         except OSError as exc:  # the session goes on; its owner reads `failure` and tells the client
             self._fail(exc)
@@ -117,7 +113,7 @@ class SessionRecorder:
             if encoding in SAMPLE_WIDTH:
                 self._audio_format = (encoding, sample_rate, channels)
             else:  # a container is kept as it came, under its own suffix
-                self.audio_path = self.folder / f"audio.{encoding}"
+                self.audio_path = self.folder / audio_name(encoding)
                 self._metadata["audio_file"] = self.audio_path.name
             if self.failure is None:
                 self._guarded(self._open_audio)
@@ -221,7 +217,7 @@ class SessionRecorder:
     def _write_metadata(self) -> None:
         self._metadata.update(bytes=self.bytes_received, sha256=self.sha256)
         content = json.dumps(self._metadata, indent=2, ensure_ascii=False).encode()
-        tmp, path = self.folder / "session.json.tmp", self.folder / "session.json"
+        tmp, path = self.folder / f"{METADATA}.tmp", self.folder / METADATA
         try:
             tmp.write_bytes(content)
             os.replace(tmp, path)
@@ -259,7 +255,7 @@ def recover_interrupted(root: Path) -> list[str]:
         return []
     host = socket.gethostname()
     recovered: list[str] = []
-    for meta_path in sorted(root.glob("*/session.json")):
+    for meta_path in sorted(root.glob(f"*/{METADATA}")):
         try:
             metadata = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -302,12 +298,12 @@ def _process_alive(pid: int) -> bool:
 def _repair(folder: Path, metadata: dict[str, Any]) -> None:
     config: dict[str, Any] = metadata["config"] if isinstance(metadata.get("config"), dict) else {}
     encoding = str(config.get("encoding", "pcm_s16le"))
-    audio_path: Path | None = folder / ("audio.wav" if encoding in SAMPLE_WIDTH else f"audio.{encoding}")
+    audio_path: Path | None = folder / audio_name(encoding)
     if audio_path is not None and not audio_path.exists():  # no audio yet, or a name we did not expect
         candidates = sorted(folder.glob("audio.*"))
         audio_path = candidates[0] if len(candidates) == 1 else None
-    written = [p for p in (audio_path, folder / "transcript.jsonl") if p is not None and p.exists()]
-    last_write = max((p.stat().st_mtime for p in written), default=(folder / "session.json").stat().st_mtime)
+    written = [p for p in (audio_path, folder / TRANSCRIPT) if p is not None and p.exists()]
+    last_write = max((p.stat().st_mtime for p in written), default=(folder / METADATA).stat().st_mtime)
 
     digest = hashlib.sha256()
     data_bytes = 0
@@ -326,15 +322,15 @@ def _repair(folder: Path, metadata: dict[str, Any]) -> None:
         audio_file=audio_path.name if audio_path is not None else metadata.get("audio_file"),
         bytes=data_bytes,
         sha256=digest.hexdigest(),
-        segments=_count_lines(folder / "transcript.jsonl"),
+        segments=_count_lines(folder / TRANSCRIPT),
         recovered_at=_now_iso(),
     )
     if encoding in SAMPLE_WIDTH:
         metadata["duration"] = round(seconds, 3)
     # A name of our own: sibling workers starting at the same moment may repair the same record.
-    tmp = folder / f"session.json.{os.getpid()}.tmp"
+    tmp = folder / f"{METADATA}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, folder / "session.json")
+    os.replace(tmp, folder / METADATA)
 
 
 def _repair_wav(path: Path, encoding: str, sample_rate: int, channels: int, update: Callable[[bytes], object]) -> int:

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Collection
@@ -22,10 +21,10 @@ from datetime import datetime
 from pathlib import Path
 
 from real_time_audio.config import Settings
+from real_time_audio.storage.layout import METADATA, is_session_id
 
 logger = logging.getLogger(__name__)
 
-SESSION_ID = re.compile(r"[0-9a-f]{32}")
 BYTES_PER_GB = 1_000_000_000
 
 
@@ -106,11 +105,11 @@ def scan_sessions(root: Path) -> list[StoredSession]:
     except FileNotFoundError:
         return found
     for entry in entries:
-        if not SESSION_ID.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+        if not is_session_id(entry.name) or not entry.is_dir(follow_symlinks=False):
             continue
         folder = Path(entry.path)
         try:
-            metadata = json.loads((folder / "session.json").read_text(encoding="utf-8"))
+            metadata = json.loads((folder / METADATA).read_text(encoding="utf-8"))
             if not isinstance(metadata, dict):
                 continue
             ended = _ended_at(metadata, folder)
