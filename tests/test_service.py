@@ -52,8 +52,10 @@ class RecordingBackend:
         self.batches: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # a worker is inside the model (held at the gate while it is closed)
 
     def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
+        self.entered.set()
         self.gate.wait()
         self.batches.append([r.session_id for r in requests])
         time.sleep(self.delay_s)
@@ -147,7 +149,7 @@ def test_cancelled_jobs_are_dropped_unrun() -> None:
     engine = engine_with(backend, batch_wait_ms=0)
     try:
         blocker = engine.submit(request(session="running"))
-        time.sleep(0.2)  # the worker is now blocked inside the model with `running`
+        assert backend.entered.wait(10)  # the worker is now blocked inside the model with `running`
         gone = engine.submit(request(session="gone"))
         stays = engine.submit(request(session="stays"))
         assert gone.cancel()
@@ -167,9 +169,10 @@ def test_awaiting_caller_cancellation_cancels_the_job() -> None:
 
     async def scenario() -> None:
         engine.submit(request(session="running"))
-        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(backend.entered.wait, 10)  # the worker holds `running`
         task = asyncio.create_task(engine.transcribe(request(session="abandoned")))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the task runs up to its await: the job is queued
+        assert len(engine.queue) == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -204,7 +207,7 @@ def test_a_row_that_fails_a_batch_fails_only_itself() -> None:
     engine = engine_with(backend, batch_wait_ms=0, queue_max_size=8)
     try:
         blocker = engine.submit(request(session="blocker"))
-        time.sleep(0.2)  # the worker holds `blocker`; the next three queue up and form one batch
+        assert backend.entered.wait(10)  # the worker holds `blocker`; the next three queue up and form one batch
         futures = {name: engine.submit(request(session=name)) for name in ("a", "bad", "c")}
         backend.gate.set()
         assert blocker.result(timeout=10).text == "blocker"
@@ -311,7 +314,7 @@ def test_crashed_worker_kills_the_engine() -> None:
     engine = engine_with(backend, batch_wait_ms=0, queue_max_size=8)
     try:
         running = engine.submit(request(session="running"))
-        time.sleep(0.2)
+        assert backend.entered.wait(10)
         waiting = engine.submit(request(session="waiting"))
 
         def broken(*_: object) -> None:
