@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
+from starlette import status
 from starlette.websockets import WebSocket, WebSocketState
 
 from real_time_audio.audio.containers import PIECE_SAMPLES
@@ -32,6 +33,7 @@ from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE, BadAudioError
 from real_time_audio.audio.vad import FrameScorer, SpeechEvent
 from real_time_audio.config import Settings
 from real_time_audio.messages import (
+    CLOSE_IDLE,
     ConfigUpdate,
     EndMessage,
     ErrorCode,
@@ -65,12 +67,6 @@ from real_time_audio.streaming.policy import SegmentText, Window
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_BAD_AUDIO = 1007
-CLOSE_TOO_LARGE = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_IDLE = 4408
 RECORDER_TICK_S = 1.0
 # Back-pressure never stops reading a socket for longer than this at a stretch (see _on_audio) ...
 BACKPRESSURE_MAX_STALL_S = 5.0
@@ -209,7 +205,7 @@ class Session:
         except Exception:
             self.log.exception("session %s failed", self.id)
             self._status = "error"
-            await self._close_with_error("internal", "internal server error", CLOSE_INTERNAL)
+            await self._close_with_error("internal", "internal server error", status.WS_1011_INTERNAL_ERROR)
         finally:
             for task in tasks:
                 task.cancel()
@@ -282,7 +278,7 @@ class Session:
             async with self._send_lock:
                 if self.ws.application_state == WebSocketState.CONNECTED:
                     self._leaving()
-                    await self.ws.close(CLOSE_GOING_AWAY, "server shutting down")
+                    await self.ws.close(status.WS_1001_GOING_AWAY, "server shutting down")
 
     async def _close_for_shutdown(self) -> None:
         self._status = "server_shutdown"
@@ -291,7 +287,7 @@ class Session:
         async with self._send_lock:
             if self.ws.application_state == WebSocketState.CONNECTED:
                 self._leaving()
-                await self.ws.close(CLOSE_GOING_AWAY, "server shutting down")
+                await self.ws.close(status.WS_1001_GOING_AWAY, "server shutting down")
 
     async def _close_rejected(self) -> None:
         """A hostile stream: its audio before the problem has been transcribed; close with 1007."""
@@ -301,7 +297,7 @@ class Session:
         async with self._send_lock:
             if self.ws.application_state == WebSocketState.CONNECTED:
                 self._leaving()
-                await self.ws.close(CLOSE_BAD_AUDIO, "bad audio")
+                await self.ws.close(status.WS_1007_INVALID_FRAME_PAYLOAD_DATA, "bad audio")
 
     def _reads_recently_held(self) -> bool:
         """Whether back-pressure held this socket lately: the client's pongs may still sit behind
@@ -424,7 +420,7 @@ class Session:
             await self._close_with_error(
                 "too_large",
                 f"binary frame of {len(frame)} bytes exceeds the limit of {self.settings.max_frame_bytes} bytes",
-                CLOSE_TOO_LARGE,
+                status.WS_1009_MESSAGE_TOO_BIG,
             )
             raise SessionClosed
         if self._ended:
@@ -599,7 +595,9 @@ class Session:
             self.log.debug("partial skipped: queue full")
         except EngineUnavailableError as exc:
             self._status = "engine_unavailable"
-            await self._close_with_error("internal", f"transcription engine unavailable: {exc}", CLOSE_INTERNAL)
+            await self._close_with_error(
+                "internal", f"transcription engine unavailable: {exc}", status.WS_1011_INTERNAL_ERROR
+            )
             raise SessionClosed from None
         except Exception as exc:
             span = f"{window.start / MODEL_SAMPLE_RATE:.2f}-{window.end / MODEL_SAMPLE_RATE:.2f} s"
@@ -643,7 +641,7 @@ class Session:
         )
         if not self._client_gone:
             self._leaving()
-            await self.ws.close(CLOSE_NORMAL)
+            await self.ws.close(status.WS_1000_NORMAL_CLOSURE)
 
     # -- sending --------------------------------------------------------------------------------
 

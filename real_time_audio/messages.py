@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+# The one close code of our own (RFC 6455 leaves 4000-4999 to applications): the session idled out.
+CLOSE_IDLE = 4408
 PROTOCOL_VERSION = 1
 PCM_ENCODINGS = ("pcm_s16le", "pcm_f32le")
 CONTAINER_ENCODINGS = ("webm", "ogg", "mp4", "wav", "mp3", "flac")

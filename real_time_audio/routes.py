@@ -9,18 +9,16 @@ from typing import Any
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette import status
 
 from real_time_audio.api.echo import EchoSession
-from real_time_audio.handler import CLOSE_INTERNAL, Session
+from real_time_audio.handler import Session
 from real_time_audio.messages import ErrorMessage, to_json
 from real_time_audio.ops.security import check_access, chosen_subprotocol, client_address
 from real_time_audio.state import Refusal, ServerState, State
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
-
-CLOSE_POLICY = 1008
-CLOSE_TRY_AGAIN_LATER = 1013
 
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -126,7 +124,7 @@ async def _admit(websocket: WebSocket, state: ServerState) -> bool:
     refusal = check_access(state.settings, websocket)
     if refusal is not None:
         code, message = refusal
-        await _refuse(websocket, state, code, message, CLOSE_POLICY)
+        await _refuse(websocket, state, code, message, status.WS_1008_POLICY_VIOLATION)
         return False
     return await _refused(websocket, state, state.refuse_new(client_address(websocket)))
 
@@ -137,11 +135,13 @@ async def _refused(websocket: WebSocket, state: ServerState, refusal: Refusal | 
     if refusal is None:
         return True
     if refusal.reason == "engine":
-        await _refuse(websocket, state, "internal", refusal.message, CLOSE_INTERNAL)
+        await _refuse(websocket, state, "internal", refusal.message, status.WS_1011_INTERNAL_ERROR)
     elif refusal.reason == "capacity":
-        await _refuse(websocket, state, "server_busy", f"{refusal.message}; try again later", CLOSE_TRY_AGAIN_LATER)
+        await _refuse(
+            websocket, state, "server_busy", f"{refusal.message}; try again later", status.WS_1013_TRY_AGAIN_LATER
+        )
     else:
-        await _refuse(websocket, state, "server_busy", refusal.message, CLOSE_TRY_AGAIN_LATER)
+        await _refuse(websocket, state, "server_busy", refusal.message, status.WS_1013_TRY_AGAIN_LATER)
     return False
 
 

@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import json
 
+from starlette import status
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from real_time_audio.config import Settings
 from real_time_audio.messages import (
+    CLOSE_IDLE,
     EndMessage,
     ErrorCode,
     ErrorMessage,
@@ -35,9 +37,6 @@ from real_time_audio.messages import (
 )
 from real_time_audio.storage.layout import new_session_id
 
-CLOSE_NORMAL = 1000
-CLOSE_TOO_LARGE = 1009
-CLOSE_IDLE = 4408
 MAX_DELAY_S = 10.0
 # Audio waiting to be sent back: ten seconds of 48 kHz stereo float32 (the largest raw format), and more.
 ECHO_BUFFER_BYTES = 8 << 20
@@ -99,7 +98,7 @@ class EchoSession:
                 receiver.result()
                 self._due.put_nowait(None)  # END: send what is waiting, then close
                 await sender
-                await self.ws.close(CLOSE_NORMAL)
+                await self.ws.close(status.WS_1000_NORMAL_CLOSURE)
             else:
                 sender.result()  # it only ends early by failing: the client stopped reading
         except (WebSocketDisconnect, ClientNotReading):
@@ -128,8 +127,8 @@ class EchoSession:
                         "too_large",
                         f"binary frame of {len(data)} bytes exceeds the limit of {self.settings.max_frame_bytes} bytes",
                     )
-                    await self.ws.close(CLOSE_TOO_LARGE)
-                    raise WebSocketDisconnect(CLOSE_TOO_LARGE)
+                    await self.ws.close(status.WS_1009_MESSAGE_TOO_BIG)
+                    raise WebSocketDisconnect(status.WS_1009_MESSAGE_TOO_BIG)
                 self._due.put_nowait((loop.time() + self.delay_s, data))
                 self._buffered += len(data)
                 if self._buffered > ECHO_BUFFER_BYTES:  # back-pressure: read on once the client has caught up
