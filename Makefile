@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev system-deps run dev test lint bench
+.PHONY: install install-dev system-deps run dev test test-fast lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ lint: install-dev
 
 test: install-dev system-deps lint  ## lint, type-check and run the whole test suite
 	$(BIN)/python -m pytest
+
+test-fast: install-dev  ## the unit tier only (no servers, sessions or browser): under a minute
+	$(BIN)/python -m pytest -m "not slow"
 
 $(VENV)/.bench: requirements-bench.txt requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements-bench.txt

@@ -21,6 +21,8 @@ from real_time_audio.config import Settings
 from tests.conftest import LiveServer, finals, pcm16, receive_until, seconds, speech_like
 from tests.test_routes import end_session, expect_close
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 TOKENS = "alpha-token-1,beta-token-2"
 
 

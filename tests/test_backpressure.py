@@ -14,6 +14,8 @@ from main import create_app
 from real_time_audio.config import Settings
 from tests.conftest import LiveServer, finals, pcm16, speech_like, stream_session
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 
 @pytest.mark.parametrize("keepalive", ["default", "tight"])
 def test_fast_client_is_slowed_not_buffered(keepalive: str, make_settings: Callable[..., Settings]) -> None:

@@ -16,6 +16,8 @@ from bench.load import ClientRecord, Received, analyse, audio_sent_by, sent_time
 from bench.report import headline, markdown, write_docs
 from bench.suite import encoder_flops, search_capacity, server_delta, verdict
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 
 def probe(limit: int) -> tuple[list[int], Any]:
     calls: list[int] = []

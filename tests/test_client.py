@@ -26,6 +26,8 @@ from rta_client.session import ClientOptions
 from tests.burst_speech import SpokenWord, burst_app, speech_block
 from tests.conftest import LiveServer, free_port, needs_espeak, pcm16, speech_like
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 FINALS = [
     {"segment_id": 2, "is_final": True, "text": "second part", "start": 3.5, "end": 4.25, "language": "en"},
     {"segment_id": 1, "is_final": True, "text": "first", "start": 0.0, "end": 1.5, "language": "en", "words": []},

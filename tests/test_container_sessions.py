@@ -18,6 +18,8 @@ from tests.burst_speech import burst_app, speech_block
 from tests.conftest import LiveServer, finals, is_status, receive_until
 from tests.test_containers import JUNK, random_slices
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 
 def run_session(client: TestClient, url: str, slices: list[bytes], config: dict[str, Any] | None = None) -> list[Any]:
     with client.websocket_connect(url) as ws:

@@ -23,6 +23,8 @@ from real_time_audio.config import Settings
 from tests.conftest import frames, pcm16, receive_until, speech_like
 from tests.test_routes import expect_close
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 SIZE = 512 * 1024
 
 

@@ -33,6 +33,8 @@ from tests.conftest import (
 )
 from tests.test_server_process import BIN, server_env, wait_ready
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 # No partials: a session's finals then depend only on the audio, so they can be compared exactly.
 QUERY = "?interim_results=false"
 

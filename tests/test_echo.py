@@ -8,6 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 
 def test_frames_come_back_unchanged_in_order_after_the_delay(client: TestClient) -> None:
     frames = [bytes([index]) * (100 + index) for index in range(20)]

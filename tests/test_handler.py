@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import websockets
 from fastapi.testclient import TestClient
 
@@ -36,6 +37,8 @@ from tests.conftest import (
     speech_like,
     stream_session,
 )
+
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
 
 N_SESSIONS = 6
 

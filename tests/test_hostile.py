@@ -32,6 +32,8 @@ from tests import hostile_media
 from tests.conftest import PROJECT_ROOT, finals, free_port, pcm16, seconds, speech_like, stop_process
 from tests.test_server_process import wait_ready
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 BIN = Path(sys.executable).parent
 TOKEN = "tok-alpha-5f1e"
 OTHER_TOKEN = "tok-beta-77c2"

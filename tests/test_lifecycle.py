@@ -28,6 +28,8 @@ from real_time_audio.storage.archive import ArchiveUnavailableError, SessionArch
 from real_time_audio.storage.retention import RetentionPolicy, StoredSession, scan_sessions, sweep, tree_size
 from tests.conftest import finals, frames, free_port, is_status, pcm16, receive_until, seconds, speech_like
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 DAY = 86400.0
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 

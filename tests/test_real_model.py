@@ -33,7 +33,7 @@ SENTENCES = (
     "we will meet at the station tomorrow morning",
     "the children are playing in the garden",
 )
-pytestmark = needs_espeak
+pytestmark = [pytest.mark.slow, needs_espeak]
 
 
 def plain(text: str) -> str:

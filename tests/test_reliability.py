@@ -54,6 +54,8 @@ from tests.conftest import (
 )
 from tests.test_server_process import BIN, server_env, wait_ready
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 # Written from PROTOCOL.md, not from the code: the only message types and error codes allowed.
 PROTOCOL_TYPES = {"status", "transcription", "speech_started", "speech_ended", "error"}
 PROTOCOL_STATUSES = {"connected", "configured", "flushed", "completed"}

@@ -22,6 +22,8 @@ from real_time_audio.storage.recorder import wav_header
 from rta_client.offline import transcribe_offline
 from tests.conftest import finals, frames, is_status, needs_espeak, pcm16, receive_until, seconds, speech_like
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 URL = "/v1/audio/transcriptions"
 # A live session that never gets to a partial decodes exactly the windows an upload does.
 NO_PARTIALS = {"partial_interval_ms": 3_600_000}
@@ -34,6 +36,7 @@ def post(
     fields: dict[str, Any] | None = None,
     **options: Any,
 ) -> httpx.Response:
+
     return client.post(URL, files={"file": (filename, data, "application/octet-stream")}, data=fields, **options)
 
 

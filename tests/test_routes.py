@@ -29,6 +29,8 @@ from tests.conftest import (
     speech_like,
 )
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 CONFIG_KEYS = {"encoding", "sample_rate", "channels", "chunk_samples", "language", "task", "interim_results"}
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT, finals, free_port, pcm16, seconds, speech_like, stop_process, stream_session
 
+pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
+
 BIN = Path(sys.executable).parent
 
 
