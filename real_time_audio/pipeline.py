@@ -396,16 +396,11 @@ class RecordingTranscription:
     def next_request(self) -> TranscriptionRequest | None:
         """The next window to decode, or None until more audio has been fed."""
         assert self._window is None, "one job at a time: accept the previous result first"
-        while True:
-            self._settle()
-            window = self.pipeline.next_window(0.0, self.policy.received if self._ended else None)
-            if window is None:
-                return None
-            if window.is_final:
-                break
-            # A recording is not shown while it is heard, so partials are of no use: the one the
-            # policy offers is declined as a busy server would decline it.
-            self.pipeline.accept(window, None)
+        self._settle()
+        # A recording is not shown while it is heard: without partials, only finals are due.
+        window = self.pipeline.next_window(0.0, self.policy.received if self._ended else None)
+        if window is None:
+            return None
         self._window = window
         return self.pipeline.request(window, self.pipeline.config.prompt)
 

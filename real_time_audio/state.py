@@ -163,9 +163,14 @@ class Slot:
 
 
 def server_state(connection: HTTPConnection) -> ServerState:
-    """The application's ServerState (for `Depends`)."""
+    """The application's ServerState."""
     state: ServerState = connection.app.state.server
     return state
 
 
-State = Annotated[ServerState, Depends(server_state)]
+async def _server_state(connection: HTTPConnection) -> ServerState:
+    # A coroutine, so that FastAPI resolves it on the event loop rather than in a worker thread.
+    return server_state(connection)
+
+
+State = Annotated[ServerState, Depends(_server_state)]

@@ -443,15 +443,23 @@ def test_committed_text_that_leaves_the_buffer_becomes_the_bounded_prompt() -> N
     assert len(window.context) <= 14
 
 
-def test_interim_results_off_sends_only_finals() -> None:
-    """Without interim results, agreement still commits finals but no partial is sent."""
-    policy = started_policy(interim_results=False)
-    for now in (1.0, 2.0):
-        window = policy.next_window(now=now)
-        assert window is not None
-        out = policy.accept(window, result(("a", 0.1, 0.4), ("b.", 0.5, 0.8)))
-        policy.feed(np.full(RATE, 0.1, dtype=np.float32))
-    assert [(o.is_final, o.text) for o in out] == [(True, "a b.")]
+def test_interim_results_off_decodes_nothing_until_the_utterance_ends() -> None:
+    """Without interim results there are no partial decodes at all: the open utterance waits (also
+    for the clock), and its one decode when it ends gives the final; a full buffer still gives one."""
+    policy = started_policy(interim_results=False, max_window_s=4.0, hold_s=0)
+    for now in (1.0, 2.0, 30.0):
+        assert policy.next_window(now=now) is None
+        assert policy.seconds_until_partial(now) is None
+    policy.feed(np.full(2 * RATE, 0.1, dtype=np.float32))  # 5 s: past the 4 s buffer
+    cap = policy.next_window(now=31.0)
+    assert cap is not None and (cap.kind, cap.start, cap.end) == ("cap", 0, 4 * RATE)
+    out = policy.accept(cap, result(("a", 0.1, 0.4), ("b.", 0.5, 0.8), ("c", 3.5, 3.9)))
+    assert [(o.is_final, o.text) for o in out] == [(True, "a b.")]  # "c" is too close to the cut
+    policy.feed(np.zeros(0, dtype=np.float32), [SpeechEvent("end", 5 * RATE)])
+    final = policy.next_window(now=32.0)
+    assert final is not None and final.kind == "final" and policy.stats.windows["partial"] == 0
+    out = policy.accept(final, result(("c", 0.5, 0.9), ("d.", 1.0, 1.4)))
+    assert [(o.is_final, o.text) for o in out] == [(True, "c d.")]
 
 
 def test_without_vad_everything_is_one_region() -> None:

@@ -10,7 +10,9 @@ How a session's audio becomes text:
   a speech end (plus `pad_s`); the audio between regions never reaches the model.
 - Inside a region the buffer from `decode_start` to the newest sample is re-decoded every
   `partial_interval_s`. Words that two consecutive decodes agree on are committed and sent as a
-  final (LocalAgreement-2); the rest is sent as the partial.
+  final (LocalAgreement-2); the rest is sent as the partial. A session without partials
+  (`interim_results` off) has none of these decodes: its utterances are decoded once they end, or
+  when they fill the buffer.
 - Once the buffer is longer than `trim_s`, its start moves up to the end of the last committed
   word; a decode never covers more than `max_window_s`. Committed text that leaves the buffer
   becomes the prompt (at most `context_chars` characters) for the next decodes.
@@ -236,7 +238,8 @@ class UtterancePolicy:
             if closing is not None:
                 return self._window(start, closing, "final")
             if (
-                now - self._last_partial_at >= self.partial_interval_s
+                self.interim_results
+                and now - self._last_partial_at >= self.partial_interval_s
                 and self.received > self._last_partial_end
                 and self.received - max(start, region.start) >= MIN_PARTIAL_S * MODEL_SAMPLE_RATE
             ):
@@ -248,7 +251,8 @@ class UtterancePolicy:
     def seconds_until_partial(self, now: float) -> float | None:
         """How long until a partial decode may be due (None: nothing new to decode)."""
         if (
-            not self._regions
+            not self.interim_results
+            or not self._regions
             or self._regions[0].end is not None
             or self.received <= self._last_partial_end
             or self.received - max(self._decode_start, self._regions[0].start) < MIN_PARTIAL_S * MODEL_SAMPLE_RATE
