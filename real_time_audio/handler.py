@@ -275,29 +275,27 @@ class Session:
             return
         self._status = "server_shutdown"
         with contextlib.suppress(RuntimeError, OSError):
-            async with self._send_lock:
-                if self.ws.application_state == WebSocketState.CONNECTED:
-                    self._leaving()
-                    await self.ws.close(status.WS_1001_GOING_AWAY, "server shutting down")
+            await self._close(status.WS_1001_GOING_AWAY, "server shutting down")
+
+    async def _close(self, code: int, reason: str | None = None) -> None:
+        """Close the connection (if it is still open), giving back the client's slots first."""
+        async with self._send_lock:
+            if self.ws.application_state == WebSocketState.CONNECTED:
+                self._leaving()
+                await self.ws.close(code, reason)
 
     async def _close_for_shutdown(self) -> None:
         self._status = "server_shutdown"
         await self._close_record()
         self.log.info("session %s closed for shutdown after its last finals", self.id)
-        async with self._send_lock:
-            if self.ws.application_state == WebSocketState.CONNECTED:
-                self._leaving()
-                await self.ws.close(status.WS_1001_GOING_AWAY, "server shutting down")
+        await self._close(status.WS_1001_GOING_AWAY, "server shutting down")
 
     async def _close_rejected(self) -> None:
         """A hostile stream: its audio before the problem has been transcribed; close with 1007."""
         self._status = "bad_audio"
         await self._close_record()
         self.log.warning("session %s closed: %s", self.id, self.pipeline.rejected if self.pipeline else None)
-        async with self._send_lock:
-            if self.ws.application_state == WebSocketState.CONNECTED:
-                self._leaving()
-                await self.ws.close(status.WS_1007_INVALID_FRAME_PAYLOAD_DATA, "bad audio")
+        await self._close(status.WS_1007_INVALID_FRAME_PAYLOAD_DATA, "bad audio")
 
     def _reads_recently_held(self) -> bool:
         """Whether back-pressure held this socket lately: the client's pongs may still sit behind
@@ -640,8 +638,7 @@ class Session:
             )
         )
         if not self._client_gone:
-            self._leaving()
-            await self.ws.close(status.WS_1000_NORMAL_CLOSURE)
+            await self._close(status.WS_1000_NORMAL_CLOSURE)
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -669,8 +666,6 @@ class Session:
     async def _close_with_error(self, code: ErrorCode, message: str, close_code: int) -> None:
         try:
             await self._send_error(code, message)
-            async with self._send_lock:
-                self._leaving()
-                await self.ws.close(close_code)
+            await self._close(close_code)
         except (ClientGone, RuntimeError, OSError):
             pass
