@@ -9,7 +9,7 @@
 FROM nvidia/cuda:13.0.3-base-ubuntu24.04
 
 # Ubuntu 24.04's Python is 3.12. No FFmpeg, libsndfile or PortAudio: the av and soundfile wheels bundle
-# theirs, and PortAudio is only used by the command-line client's microphone capture.
+# theirs, and the command-line client (rta_client, with sounddevice and PortAudio) is not in the image.
 # Not pinned: Ubuntu replaces package versions with each security update, so pins break rebuilds.
 # hadolint ignore=DL3008
 RUN apt-get update \
