@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     """Default delay before /ws/echo sends audio back (a client may ask for another with ?delay=)."""
     partial_interval_ms: int = Field(1000, ge=50)
     """Shortest time between two partial transcriptions of one session."""
+    partial_interval_max_ms: int = Field(4000, ge=50)
+    """Longest: when partials come back slowly (queue wait plus decode), a session's interval stretches to
+    twice that time, up to this (never below PARTIAL_INTERVAL_MS), so that a busy server spends itself on
+    finals rather than on partials."""
     segment_max_s: float = Field(30, ge=1, le=30)
     """Longest stretch of audio one decode covers; speech that runs on is committed and cut there."""
     buffer_trim_s: float = Field(15, ge=1, le=30)

@@ -587,10 +587,14 @@ class Session:
         assert self.pipeline is not None
         request = self.pipeline.request(window, self.config.prompt)
         result: TranscriptionResult | None = None
+        asked = time.monotonic()
         try:
             result = await self.engine.transcribe(request)
+            if not window.is_final:
+                self.pipeline.policy.partial_round_trip(time.monotonic() - asked)
         except QueueFullError:
             self.log.debug("partial skipped: queue full")
+            self.pipeline.policy.partial_round_trip(None)
         except EngineUnavailableError as exc:
             self._status = "engine_unavailable"
             await self._close_with_error(

@@ -499,3 +499,32 @@ def test_a_repeated_word_after_a_commit_is_kept_but_a_reheard_tail_is_not() -> N
         Word("on", 1.8, 2.0),
     ]
     assert agreement.finish([Word("on", 2.0, 2.1), Word("now", 2.2, 2.5)]) == [Word("now", 2.2, 2.5)]
+
+
+def test_the_partial_cadence_follows_the_round_trip_within_its_bounds() -> None:
+    """Twice the running round-trip estimate, never below the setting nor above the ceiling; a
+    refused partial backs off at once; a fast engine brings the interval back down."""
+    policy = UtterancePolicy(partial_interval_s=1.0, max_partial_interval_s=4.0)
+    policy.partial_round_trip(0.2)
+    assert policy.partial_interval_s == 1.0  # fast: the setting stands
+    policy.partial_round_trip(1.0)  # estimate 0.6 s
+    assert policy.partial_interval_s == pytest.approx(1.2)
+    policy.partial_round_trip(None)  # refused: counted as a round trip of the current interval
+    assert policy.partial_interval_s == pytest.approx(1.8)
+    for _ in range(10):
+        policy.partial_round_trip(5.0)
+    assert policy.partial_interval_s == 4.0
+    for _ in range(20):
+        policy.partial_round_trip(0.1)
+    assert policy.partial_interval_s == 1.0
+    started = started_policy(partial_interval_s=1.0, max_partial_interval_s=4.0)
+    started.partial_round_trip(1.5)
+    first = started.next_window(now=10.0)
+    assert first is not None and first.kind == "partial"
+    started.accept(first, result(("a", 0.1, 0.4)))
+    started.feed(np.full(RATE, 0.1, dtype=np.float32))
+    assert started.next_window(now=12.9) is None and started.seconds_until_partial(12.9) == pytest.approx(0.1)
+    assert started.next_window(now=13.0) is not None
+    slow = UtterancePolicy(partial_interval_s=3600.0, max_partial_interval_s=4.0)  # the ceiling is never below it
+    slow.partial_round_trip(0.5)
+    assert slow.partial_interval_s == 3600.0

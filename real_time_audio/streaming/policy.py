@@ -48,6 +48,10 @@ if TYPE_CHECKING:
     from real_time_audio.service import TranscriptionResult
 
 MIN_PARTIAL_S = 0.3  # too little new audio for a useful partial decode
+# A session's partials are spaced at least this many times their recent round trip (queue wait and
+# decode), so that under load each session asks for less and finals keep their pace.
+PARTIAL_COST_FACTOR = 2.0
+PARTIAL_COST_SMOOTHING = 0.5  # weight of the newest round trip in the running estimate
 CONTEXT_GAP_S = 3.0  # a pause longer than this ends the sentence: the previous utterance's audio is let go
 CAP_HOLD_BACK_S = 1.0  # when the buffer is full, words ending this close to its end wait
 MIN_CAP_PROGRESS_S = 1.0  # a full buffer always moves on at least this far
@@ -111,6 +115,7 @@ class UtterancePolicy:
         self,
         *,
         partial_interval_s: float = 1.0,
+        max_partial_interval_s: float | None = None,
         max_window_s: float = 30.0,
         trim_s: float = 15.0,
         pad_s: float = 0.4,
@@ -122,6 +127,9 @@ class UtterancePolicy:
         guards: GuardThresholds | None = None,
     ) -> None:
         self.partial_interval_s = partial_interval_s
+        self.base_partial_interval_s = partial_interval_s
+        self.max_partial_interval_s = max(partial_interval_s, max_partial_interval_s or partial_interval_s)
+        self.partial_cost_s = 0.0  # running estimate of a partial's round trip
         self.max_samples = int(max_window_s * MODEL_SAMPLE_RATE)
         self.trim_samples = int(min(trim_s, max_window_s) * MODEL_SAMPLE_RATE)
         self.pad = int(pad_s * MODEL_SAMPLE_RATE)
@@ -166,6 +174,7 @@ class UtterancePolicy:
     def from_settings(cls, settings: Settings, interim_results: bool = True) -> UtterancePolicy:
         return cls(
             partial_interval_s=settings.partial_interval_ms / 1000,
+            max_partial_interval_s=settings.partial_interval_max_ms / 1000,
             max_window_s=settings.segment_max_s,
             trim_s=settings.buffer_trim_s,
             pad_s=settings.vad_pad_ms / 1000,
@@ -247,6 +256,18 @@ class UtterancePolicy:
                 return self._window(start, self.received, "partial")
             return None
         return None
+
+    def partial_round_trip(self, seconds: float | None) -> None:
+        """How long the last partial took from request to result (None: the engine refused it as
+        too busy). The interval follows: twice the running estimate, within its bounds."""
+        if seconds is None:  # refused: as if it had taken the whole interval
+            seconds = max(self.partial_cost_s, self.partial_interval_s)
+        if self.partial_cost_s == 0.0:
+            self.partial_cost_s = seconds
+        else:
+            self.partial_cost_s += PARTIAL_COST_SMOOTHING * (seconds - self.partial_cost_s)
+        wanted = PARTIAL_COST_FACTOR * self.partial_cost_s
+        self.partial_interval_s = min(self.max_partial_interval_s, max(self.base_partial_interval_s, wanted))
 
     def seconds_until_partial(self, now: float) -> float | None:
         """How long until a partial decode may be due (None: nothing new to decode)."""
