@@ -58,6 +58,18 @@ def create_app(
             state.vad_scorer = await asyncio.to_thread(vad_factory)
         engine.on_batch = metrics.observe_batch
         await asyncio.to_thread(engine.start)
+        if settings.max_sessions == "auto":
+            interval_s = settings.partial_interval_ms / 1000
+            capacity = await asyncio.to_thread(engine.measure_capacity, interval_s, settings.queue_max_size)
+            logger.info(
+                "MAX_SESSIONS=auto: %d sessions (%d windows of %g s in %.2f s per model call, a decode per "
+                "session every %g s)",
+                capacity.sessions,
+                capacity.batch,
+                capacity.window_s,
+                capacity.call_seconds,
+                capacity.interval_s,
+            )
         configure_logging(settings.log_level, settings.log_format)  # the server's loggers exist by now
         install_signal_handlers(state, settings.drain_timeout_s)
         logger.info(
@@ -148,6 +160,7 @@ def live_state(state: ServerState) -> LiveState:
         ready=lambda: bool((e := engine()) and e.ready),
         draining=lambda: state.draining,
         model=lambda: (e.model_id, e.device, e.dtype, e.requested_model) if (e := engine()) else ("", "", "", ""),
+        max_sessions=lambda: state.session_limit,
     )
 
 

@@ -50,8 +50,9 @@ class Settings(BaseSettings):
     """Jobs that may wait for a worker; past it partial results are skipped (finals always queue)."""
     inference_workers: int = Field(1, ge=1, le=16)
     """Worker threads sharing the model; 1 is right for one GPU or a small CPU."""
-    max_sessions: int = Field(32, ge=1)
-    """Concurrent WebSocket sessions; one more is refused with close code 1013."""
+    max_sessions: Annotated[int, Field(ge=1)] | Literal["auto"] = 32
+    """Concurrent sessions (uploads and echo loops included); one more is refused with close code 1013.
+    `auto`: measured at start-up, from how fast this model runs on this device (docs/streaming.md)."""
     max_frame_bytes: int = Field(1024 * 1024, ge=1024, le=UVICORN_WS_MAX_SIZE)
     """Largest accepted WebSocket frame in bytes; a larger one closes the session with 1009."""
     idle_timeout_s: float = Field(60, gt=0)
@@ -193,7 +194,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_related(self) -> Settings:
-        if self.queue_max_size < self.max_sessions:
+        if self.max_sessions != "auto" and self.queue_max_size < self.max_sessions:
             # Each session has at most one job queued, so this makes partials the only thing skipped.
             raise ValueError(
                 f"QUEUE_MAX_SIZE ({self.queue_max_size}) must be at least MAX_SESSIONS ({self.max_sessions})"

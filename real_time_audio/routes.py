@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,10 @@ async def ready(state: State) -> JSONResponse:
         "model": engine.model_id,
         "device": engine.device,
         "sessions": len(state.sessions),
+        "max_sessions": state.session_limit,
     }
+    if engine.capacity is not None:  # MAX_SESSIONS=auto: what it was measured on
+        body["capacity"] = dataclasses.asdict(engine.capacity)
     if engine.fallback_reason is not None:  # say plainly that another model serves than the one configured
         body["requested_model"] = engine.requested_model
         body["fallback_reason"] = engine.fallback_reason

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 import unicodedata
@@ -56,6 +57,56 @@ class BatchReport:
     seconds: float  # wall time of the model call
     audio_seconds: float  # audio in the batch
     kinds: list[str]  # "final" or "partial", per job
+
+
+@dataclass(slots=True, frozen=True)
+class Capacity:
+    """How many live sessions this engine keeps up with (MAX_SESSIONS=auto), and what it was measured on."""
+
+    sessions: int
+    batch: int  # the batch size with the best throughput
+    call_seconds: float  # one model call of `batch` windows
+    window_s: float
+    interval_s: float  # PARTIAL_INTERVAL_MS: how often each session asks for a decode
+
+
+# MAX_SESSIONS=auto: each live session asks for one decode of its current utterance every partial
+# interval. Measured: model calls on windows of CAPACITY_WINDOW_S (a typical utterance buffer), each
+# made to write CAPACITY_TOKENS_PER_S tokens per second of audio (English speech writes 2 to 3), at
+# batch sizes 1, 2, 4 … up to BATCH_MAX_SIZE (stopping once a bigger batch gains under 10 % or one
+# call takes CAPACITY_MAX_CALL_S). With the best rate R in windows per second and the interval I:
+#     sessions = floor(CAPACITY_UTILISATION × R × I), at least 1 and at most QUEUE_MAX_SIZE.
+# The headroom (1 − CAPACITY_UTILISATION) is for finals, feature extraction, decoding the audio and
+# voice detection, which share the machine.
+CAPACITY_WINDOW_S = 8.0
+CAPACITY_TOKENS_PER_S = 3.0
+CAPACITY_UTILISATION = 0.7
+CAPACITY_MAX_CALL_S = 5.0
+CAPACITY_MIN_GAIN = 1.1
+
+
+def measure_capacity(
+    measure: Callable[[float, int, int], float], interval_s: float, max_batch: int, limit: int
+) -> Capacity:
+    """Apply the rule above; `measure(window_s, rows, tokens)` times one model call."""
+    tokens = round(CAPACITY_WINDOW_S * CAPACITY_TOKENS_PER_S)
+    best_batch, best_seconds, best_rate = 1, 0.0, 0.0
+    size = 1
+    while size <= max_batch:
+        seconds = max(measure(CAPACITY_WINDOW_S, size, tokens), 1e-6)
+        rate = size / seconds
+        if rate > best_rate:
+            gain = rate / best_rate if best_rate else math.inf
+            best_batch, best_seconds, best_rate = size, seconds, rate
+            if gain < CAPACITY_MIN_GAIN:
+                break
+        else:
+            break
+        if seconds >= CAPACITY_MAX_CALL_S or size == max_batch:
+            break
+        size = min(size * 2, max_batch)
+    sessions = max(1, min(limit, math.floor(CAPACITY_UTILISATION * best_rate * interval_s)))
+    return Capacity(sessions, best_batch, best_seconds, CAPACITY_WINDOW_S, interval_s)
 
 
 class EngineError(RuntimeError):
@@ -267,6 +318,7 @@ class TranscriptionEngine:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self.on_batch: Callable[[BatchReport], None] | None = None  # metrics; called by the workers
+        self.capacity: Capacity | None = None  # measured (MAX_SESSIONS=auto)
 
     @property
     def model_id(self) -> str:
@@ -311,6 +363,16 @@ class TranscriptionEngine:
             thread.start()
             self._threads.append(thread)
         self.ready = True
+
+    def measure_capacity(self, interval_s: float, limit: int) -> Capacity:
+        """How many live sessions this model keeps up with here (MAX_SESSIONS=auto). Blocking: call
+        from a thread, after `start` and before sessions arrive (it runs the model directly)."""
+        measure: Callable[[float, int, int], float] | None = getattr(self.backend, "measure", None)
+        if measure is None:
+            raise EngineError(f"MAX_SESSIONS=auto: the backend {self.model_id!r} cannot time itself")
+        capacity = measure_capacity(measure, interval_s, self.batch_max_size, limit)
+        self.capacity = capacity
+        return capacity
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new jobs, cancel the waiting ones, and join the workers."""

@@ -70,6 +70,15 @@ class ServerState:
     # -- admission ------------------------------------------------------------------------------
 
     @property
+    def session_limit(self) -> int:
+        """MAX_SESSIONS; with `auto`, what the engine measured (1 until it has)."""
+        limit = self.settings.max_sessions
+        if limit != "auto":
+            return limit
+        capacity = self.engine.capacity if self.engine is not None else None
+        return capacity.sessions if capacity is not None else 1
+
+    @property
     def active_sessions(self) -> int:
         """What counts against MAX_SESSIONS: live transcriptions, uploads being transcribed, echo loops."""
         return len(self.sessions) + self.rest_active + self.echo_active
@@ -93,9 +102,9 @@ class ServerState:
 
     def refuse_capacity(self) -> Refusal | None:
         """The server is at MAX_SESSIONS."""
-        if self.active_sessions < self.settings.max_sessions:
+        limit = self.session_limit
+        if self.active_sessions < limit:
             return None
-        limit = self.settings.max_sessions
         return Refusal("capacity", f"the server is at its limit of {limit} sessions", str(limit))
 
     def serving_engine(self) -> TranscriptionEngine:

@@ -197,7 +197,7 @@ def test_the_server_serves_a_faster_whisper_folder(checkpoint_dir: Path, tmp_pat
     )
     with TestClient(create_app(settings)) as client:
         ready = client.get("/ready").json()
-        assert ready == {"status": "ready", "model": str(folder), "device": "cpu", "sessions": 0}
+        assert ready == {"status": "ready", "model": str(folder), "device": "cpu", "sessions": 0, "max_sessions": 32}
         with client.websocket_connect("/ws/transcribe") as ws:
             connected = ws.receive_json()
             assert (connected["model"], connected["device"]) == (str(folder), "cpu")

@@ -59,7 +59,8 @@ def test_health_and_ready(client: TestClient, checkpoint_dir: Path) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "model": str(checkpoint_dir), "device": "cpu", "sessions": 0}
+    body = {"status": "ready", "model": str(checkpoint_dir), "device": "cpu", "sessions": 0, "max_sessions": 32}
+    assert ready.json() == body
 
 
 def test_ready_is_503_when_the_engine_is_dead(client: TestClient) -> None:

@@ -8,7 +8,7 @@ import functools
 import operator
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import pytest
 
 from real_time_audio.config import Settings
 from real_time_audio.service import (
+    Capacity,
     EngineUnavailableError,
     JobQueue,
     QueueFullError,
@@ -23,6 +24,7 @@ from real_time_audio.service import (
     TranscriptionRequest,
     TranscriptionResult,
     _Job,
+    measure_capacity,
 )
 from real_time_audio.whisper.backend import WhisperBackend, token_cap
 from tests.conftest import speech_like
@@ -328,3 +330,55 @@ def test_crashed_worker_kills_the_engine() -> None:
         assert not engine.ready and "crashed" in (engine.dead_reason or "")
     finally:
         engine.stop()
+
+
+def test_capacity_rule() -> None:
+    """MAX_SESSIONS=auto: batch sizes double while throughput gains at least 10 %; sessions are 70 %
+    of the best rate times the partial interval, within 1 and the limit."""
+    calls: list[tuple[float, int, int]] = []
+
+    def timed(cost: Callable[[int], float]) -> Callable[[float, int, int], float]:
+        def measure(window_s: float, rows: int, tokens: int) -> float:
+            calls.append((window_s, rows, tokens))
+            return cost(rows)
+
+        return measure
+
+    # 1/0.3, 2/0.4, 4/0.6, 8/1.0 windows per second: every step gains, batch 8 is best (8 per second).
+    capacity = measure_capacity(timed(lambda rows: 0.2 + 0.1 * rows), interval_s=1.0, max_batch=8, limit=64)
+    assert calls == [(8.0, 1, 24), (8.0, 2, 24), (8.0, 4, 24), (8.0, 8, 24)]
+    assert capacity == Capacity(sessions=5, batch=8, call_seconds=1.0, window_s=8.0, interval_s=1.0)
+    calls.clear()
+    # No gain past batch 2: the rate is 2/0.5 = 4 per second; a 2 s interval gives 5 sessions.
+    flat = measure_capacity(timed(lambda rows: 0.5 if rows <= 2 else 0.25 * rows), 2.0, max_batch=16, limit=64)
+    assert (flat.sessions, flat.batch, [rows for _, rows, _ in calls]) == (5, 2, [1, 2, 4])
+    calls.clear()
+    # A slow model: one call past CAPACITY_MAX_CALL_S ends the search; at least one session.
+    slow = measure_capacity(timed(lambda rows: 6.0 * rows), 1.0, max_batch=8, limit=64)
+    assert (slow.sessions, slow.batch, len(calls)) == (1, 1, 1)
+    assert measure_capacity(timed(lambda rows: 0.01), 1.0, max_batch=1, limit=3).sessions == 3  # the limit
+
+
+def test_max_sessions_auto_is_measured_shown_and_enforced(make_settings: Callable[..., Settings]) -> None:
+    """With MAX_SESSIONS=auto the limit comes from timing the model at start-up; /ready and /metrics
+    say it, and the session after it is refused with 1013."""
+    from fastapi.testclient import TestClient
+
+    from main import create_app
+
+    settings = make_settings(max_sessions="auto", queue_max_size=2)
+    with TestClient(create_app(settings)) as client:
+        state = client.app.state.server  # type: ignore[attr-defined]
+        capacity = state.engine.capacity
+        assert capacity is not None and 1 <= capacity.sessions <= 2 and state.session_limit == capacity.sessions
+        ready = client.get("/ready").json()
+        assert ready["max_sessions"] == capacity.sessions
+        assert ready["capacity"]["batch"] == capacity.batch and ready["capacity"]["window_s"] == 8.0
+        assert f"rta_max_sessions {float(capacity.sessions)}" in client.get("/metrics").text
+        opened = [client.websocket_connect("/ws/transcribe") for _ in range(capacity.sessions)]
+        for ws in opened:
+            assert ws.__enter__().receive_json()["status"] == "connected"
+        with client.websocket_connect("/ws/transcribe") as refused:
+            assert refused.receive_json()["code"] == "server_busy"
+        for ws in opened:
+            ws.__exit__(None, None, None)

@@ -42,6 +42,7 @@ class LiveState:
     ready: Callable[[], bool]
     draining: Callable[[], bool]
     model: Callable[[], tuple[str, str, str, str]]  # model id, device, dtype, the model id asked for
+    max_sessions: Callable[[], int]  # MAX_SESSIONS, or what was measured for `auto`
 
 
 class Metrics:
@@ -140,6 +141,11 @@ class _LiveCollector(Collector):
         yield _gauge("rta_active_sessions", "Open WebSocket transcription sessions.", state.sessions())
         yield _gauge("rta_active_rest_requests", "POST /v1/audio/transcriptions in progress.", state.rest_requests())
         yield _gauge("rta_active_echo_sessions", "Open /ws/echo loops.", state.echo_sessions())
+        yield _gauge(
+            "rta_max_sessions",
+            "Sessions this process takes at once (MAX_SESSIONS, or measured at start-up for auto).",
+            state.max_sessions(),
+        )
         yield _gauge("rta_threads", "Threads in this process.", threading.active_count())
         finals, partials = state.queue_depth()
         depth = GaugeMetricFamily("rta_queue_depth", "Jobs waiting for a worker, by kind.", labels=["kind"])

@@ -97,6 +97,7 @@ class WhisperBackend:
         self.processor = processor
         self.tokens_per_second = tokens_per_second
         self.location: ModelLocation | None = None  # where `load` found the weights
+        self._forced_tokens: int | None = None  # set only while `measure` runs
         tokenizer = processor.tokenizer
         generation = model.generation_config
         self.multilingual = bool(getattr(generation, "is_multilingual", False))
@@ -214,6 +215,21 @@ class WhisperBackend:
         prefix = self._prefix_ids(request.prefix)
         return ids + prefix, len(prefix)
 
+    def measure(self, window_s: float, rows: int, tokens: int) -> float:
+        """Wall seconds of one call like a live one: `rows` windows of `window_s` seconds, each made
+        to write `tokens` tokens (feature extraction, encoder, generation and word timing)."""
+        noise = np.random.default_rng(1).standard_normal(int(window_s * MODEL_SAMPLE_RATE)).astype(np.float32) * 0.05
+        requests = [
+            TranscriptionRequest(audio=noise, language=None if self.multilingual else "en") for _ in range(rows)
+        ]
+        self._forced_tokens = tokens
+        try:
+            started = time.perf_counter()
+            self.transcribe_batch(requests)
+            return time.perf_counter() - started
+        finally:
+            self._forced_tokens = None
+
     def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
         """One batched feature extraction, encoder pass and `generate` for all requests (same task)."""
         import torch
@@ -264,6 +280,9 @@ class WhisperBackend:
                 # returned sequences hold exactly one row per request, decoder prompt included.
                 "force_unique_generate_call": True,
             }
+            if self._forced_tokens:  # a capacity measurement: every row writes this many tokens
+                forced = min(self._forced_tokens, options["max_new_tokens"])
+                options["min_new_tokens"] = options["max_new_tokens"] = forced
             if self.multilingual:
                 options["language"] = languages
                 options["task"] = requests[0].task
