@@ -1,0 +1,224 @@
+"""Capacity on real weights: N live speakers at real-time pace against one server process.
+
+The server (a separate `uvicorn main:app` process) serves real Whisper weights from their
+faster-whisper folder (bench/real_models.py; tiny.en by default). Each client streams clips of the
+accuracy corpus (bench/corpus.py: real read and spontaneous English with reference transcripts) in
+a rotation that starts at a different clip per client, separated by 1-3 s pauses, as 100 ms PCM
+frames sent when their audio would exist, then `END`. For each number of clients it reports:
+
+- final latency p50 / p95 (as bench/load.py measures it: a final against the moment the last audio
+  frame of its utterance was sent, or the audio it was decoded from when it came mid-utterance);
+- behind: clients whose largest `lag` exceeded BEHIND_LAG_S (the server had fallen that far
+  behind their audio), and utterances that got no final;
+- CPU-s per audio-s: CPU time of the server process during the run (user + system, all threads)
+  over the seconds of audio streamed by all clients together;
+- WER: each client's joined finals against the references of the clips it spoke, through
+  Whisper's English normalizer, over all clients.
+
+    python bench/capacity.py                          # tiny.en, 1 2 4 8 clients, 60 s each
+    python bench/capacity.py --clients 1 4 --seconds 90 --tag before
+    python bench/capacity.py --env PARTIAL_INTERVAL_MAX_MS=1000 --tag fixed-cadence
+    python bench/capacity.py --update-docs            # rewrite the capacity block of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.accuracy import edit_alignment, english_normalizer  # noqa: E402
+from bench.common import ServerProcess, machine  # noqa: E402
+from bench.corpus import RATE, Clip, load_corpus  # noqa: E402
+from bench.load import ClientRecord, Received, analyse, summarise  # noqa: E402
+from bench.real_models import faster_whisper_folder  # noqa: E402
+
+FRAME_S = 0.1
+BEHIND_LAG_S = 5.0
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- capacity:begin -->", "<!-- capacity:end -->"
+
+
+def client_speech(clips: list[Clip], client: int, seconds: float) -> tuple[np.ndarray, list[tuple[float, float]], str]:
+    """Clips in rotation from clip `client`, 1-3 s pauses between them, until `seconds` of audio;
+    returns the audio, each clip's (start, end) and the joined reference text."""
+    rng = np.random.default_rng(2000 + client)
+    pieces: list[np.ndarray] = []
+    spans: list[tuple[float, float]] = []
+    texts: list[str] = []
+    position, index = 0, client
+    while position < seconds * RATE:
+        pause = np.zeros(int(rng.uniform(1.0, 3.0) * RATE), dtype=np.float32)
+        clip = clips[index % len(clips)]
+        index += 1
+        pieces += [pause, clip.audio]
+        spans.append(((position + len(pause)) / RATE, (position + len(pause) + len(clip.audio)) / RATE))
+        texts.append(clip.text)
+        position += len(pause) + len(clip.audio)
+    pieces.append(np.zeros(2 * RATE, dtype=np.float32))
+    return np.concatenate(pieces), spans, " ".join(texts)
+
+
+async def speak(url: str, client: int, audio: np.ndarray, spans: list[tuple[float, float]]) -> tuple[ClientRecord, str]:
+    """One live speaker; returns what load.py records and the joined finals."""
+    import websockets
+
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    step = int(FRAME_S * RATE) * 2
+    record = ClientRecord(client=client, audio_s=round(len(audio) / RATE, 2), utterances=len(spans))
+    frame_ends: list[float] = []
+    frame_walls: list[float] = []
+    received: list[Received] = []
+    async with websockets.connect(url, max_size=None, ping_timeout=None, open_timeout=120) as ws:
+        hello = json.loads(await ws.recv())
+        if hello.get("type") == "error":
+            record.errors.append(f"{hello.get('code')}: {hello.get('message')}")
+
+        async def reader() -> None:
+            async for raw in ws:
+                if isinstance(raw, str):
+                    received.append(Received(time.monotonic(), json.loads(raw)))
+
+        task = asyncio.create_task(reader())
+        started = time.monotonic()
+        for offset in range(0, len(pcm), step):
+            audio_end = min(offset + step, len(pcm)) / 2 / RATE
+            delay = started + audio_end - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(pcm[offset : offset + step])
+            frame_ends.append(audio_end)
+            frame_walls.append(time.monotonic())
+        await ws.send("END")
+        await asyncio.wait_for(task, 600)
+        record.close_code = ws.close_code
+    for r in received:
+        if r.message.get("type") == "error":
+            record.errors.append(f"{r.message.get('code')}: {r.message.get('message')}")
+        elif r.message.get("status") == "completed":
+            record.completed = True
+    analyse(record, spans, frame_ends, frame_walls, received)
+    finals = sorted(
+        (r.message["segment_id"], r.message["text"])
+        for r in received
+        if r.message.get("type") == "transcription" and r.message["is_final"]
+    )
+    return record, " ".join(text for _, text in finals)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(server: ServerProcess, clips: list[Clip], clients: int, seconds: float, normalizer: Any) -> dict[str, Any]:
+    speech = [client_speech(clips, client, seconds) for client in range(clients)]
+    before = cpu_seconds(server.pid)
+
+    async def everyone() -> list[tuple[ClientRecord, str]]:
+        return await asyncio.gather(*(speak(server.url, c, audio, spans) for c, (audio, spans, _) in enumerate(speech)))
+
+    results = asyncio.run(everyone())
+    server.wait_idle()
+    cpu = cpu_seconds(server.pid) - before
+    records = [record for record, _ in results]
+    errors = words = 0
+    for (_, _, reference), (_, heard) in zip(speech, results, strict=True):
+        ref, hyp = normalizer(reference).split(), normalizer(heard).split()
+        errors += edit_alignment(ref, hyp)[0]
+        words += len(ref)
+    summary = summarise(records)
+    audio_s = sum(r.audio_s for r in records)
+    summary.update(
+        behind=sum(1 for r in records if r.lags and max(r.lags) > BEHIND_LAG_S),
+        cpu_s_per_audio_s=round(cpu / audio_s, 3),
+        wer=round(100 * errors / max(1, words), 2),
+        reference_words=words,
+    )
+    return summary
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        "| clients | final p50 / p95 | behind | missed | CPU-s per audio-s | WER |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in report["runs"]:
+        latency = (
+            f"{s['final_latency_p50_s']:.2f} / {s['final_latency_p95_s']:.2f} s" if s["final_latency_p50_s"] else "–"
+        )
+        lines.append(
+            f"| {s['clients']} | {latency} | {s['behind']} | {s['missed_utterances']} | "
+            f"{s['cpu_s_per_audio_s']:.2f} | {s['wer']:.2f} % |"
+        )
+    return "\n".join(lines)
+
+
+def update_docs(report: dict[str, Any]) -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items()) or "defaults"
+    block = (
+        f"{BEGIN}\n{report['model']} on {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"{report['seconds']:.0f} s per client; server settings: {settings}; {report['date']}; "
+        f"command `{report['command']}`.\n\n{table(report)}\n{END}"
+    )
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text += f"\n{block}\n"
+    DOCS.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny.en", choices=["tiny.en", "base"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--seconds", type=float, default=60.0, help="audio each client streams")
+    parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE", help="server settings for this run")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--update-docs", action="store_true")
+    args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
+    clips = load_corpus()
+    normalizer = english_normalizer()
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python bench/capacity.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "model": args.model,
+        "seconds": args.seconds,
+        "settings": env,
+        "runs": [],
+    }
+    with ServerProcess(faster_whisper_folder(args.model), "cpu", env={"WARMUP": "true", **env}) as server:
+        for clients in args.clients:
+            summary = run(server, clips, clients, args.seconds, normalizer)
+            print(json.dumps({k: v for k, v in summary.items() if k != "errors"}), flush=True)
+            report["runs"].append(summary)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"capacity-{args.model}{'-' + args.tag if args.tag else ''}.json"
+    out.write_text(json.dumps(report, indent=1, default=asdict), encoding="utf-8")
+    print(table(report))
+    print(f"wrote {out}")
+    if args.update_docs:
+        update_docs(report)
+        print(f"updated {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
