@@ -51,8 +51,7 @@ class Settings(BaseSettings):
     inference_workers: int = Field(1, ge=1, le=16)
     """Worker threads sharing the model; 1 is right for one GPU or a small CPU."""
     max_sessions: Annotated[int, Field(ge=1)] | Literal["auto"] = 32
-    """Concurrent sessions (uploads and echo loops included); one more is refused with close code 1013.
-    `auto`: measured at start-up, from how fast this model runs on this device (docs/streaming.md)."""
+    """Concurrent sessions (uploads and echo loops too); the next gets 1013. `auto`: measured at start-up."""
     max_frame_bytes: int = Field(1024 * 1024, ge=1024, le=UVICORN_WS_MAX_SIZE)
     """Largest accepted WebSocket frame in bytes; a larger one closes the session with 1009."""
     idle_timeout_s: float = Field(60, gt=0)
@@ -62,9 +61,7 @@ class Settings(BaseSettings):
     partial_interval_ms: int = Field(1000, ge=50)
     """Shortest time between two partial transcriptions of one session."""
     partial_interval_max_ms: int = Field(4000, ge=50)
-    """Longest: when partials come back slowly (queue wait plus decode), a session's interval stretches to
-    twice that time, up to this (never below PARTIAL_INTERVAL_MS), so that a busy server spends itself on
-    finals rather than on partials."""
+    """Longest a busy session's partial interval stretches (to twice their round trip; at least PARTIAL_INTERVAL_MS)."""
     segment_max_s: float = Field(30, ge=1, le=30)
     """Longest stretch of audio one decode covers; speech that runs on is committed and cut there."""
     buffer_trim_s: float = Field(15, ge=1, le=30)

@@ -28,6 +28,7 @@ NAMES = [
     "MAX_FRAME_BYTES",
     "IDLE_TIMEOUT_S",
     "PARTIAL_INTERVAL_MS",
+    "PARTIAL_INTERVAL_MAX_MS",
 ]
 
 
@@ -62,6 +63,11 @@ def test_environment_overrides_dotenv(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("MAX_SESSIONS", "9")
     settings = load_settings()
     assert (settings.batch_max_size, settings.max_sessions, settings.device) == (4, 9, "cuda:1")
+    monkeypatch.setenv("MAX_SESSIONS", "auto")
+    assert load_settings().max_sessions == "auto"
+    monkeypatch.setenv("MAX_SESSIONS", "0")
+    with pytest.raises(SettingsError, match="MAX_SESSIONS"):
+        load_settings()
 
 
 @pytest.mark.parametrize(
