@@ -145,6 +145,10 @@ def run(server: ServerProcess, clips: list[Clip], clients: int, seconds: float, 
     summary = summarise(records)
     audio_s = sum(r.audio_s for r in records)
     summary.update(
+        per_client=[
+            {"client": r.client, "final_latency_s": r.final_latency_s, "utterance_end_s": r.final_audio_s}
+            for r in records
+        ],
         behind=sum(1 for r in records if r.lags and max(r.lags) > BEHIND_LAG_S),
         cpu_s_per_audio_s=round(cpu / audio_s, 3),
         wer=round(100 * errors / max(1, words), 2),
@@ -208,7 +212,7 @@ def main() -> None:
     with ServerProcess(faster_whisper_folder(args.model), "cpu", env={"WARMUP": "true", **env}) as server:
         for clients in args.clients:
             summary = run(server, clips, clients, args.seconds, normalizer)
-            print(json.dumps({k: v for k, v in summary.items() if k != "errors"}), flush=True)
+            print(json.dumps({k: v for k, v in summary.items() if k not in ("errors", "per_client")}), flush=True)
             report["runs"].append(summary)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"capacity-{args.model}{'-' + args.tag if args.tag else ''}.json"
