@@ -57,7 +57,8 @@ $(VENV)/.bench: requirements-bench.txt requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements-bench.txt
 	touch $@
 
-bench: $(VENV)/.bench  ## the benchmark suite (capacity, batching, stability, efficiency), accuracy (needs ../shared), attacks
+bench: $(VENV)/.bench  ## the benchmark suite (capacity, batching, stability, efficiency), accuracy and capacity on real weights (need ../shared), attacks
 	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 	$(BIN)/python bench/accuracy.py $(ACCURACY_ARGS)
+	$(BIN)/python bench/capacity.py $(CAPACITY_ARGS)
 	$(BIN)/python bench/hostile.py
