@@ -43,10 +43,9 @@ if str(ROOT) not in sys.path:
 from bench.accuracy import edit_alignment, english_normalizer  # noqa: E402
 from bench.common import ServerProcess, machine  # noqa: E402
 from bench.corpus import RATE, Clip, load_corpus  # noqa: E402
-from bench.load import ClientRecord, Received, analyse, summarise  # noqa: E402
+from bench.load import ClientRecord, Received, stream_client, summarise  # noqa: E402
 from bench.real_models import faster_whisper_folder  # noqa: E402
 
-FRAME_S = 0.1
 BEHIND_LAG_S = 5.0
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -74,44 +73,9 @@ def client_speech(clips: list[Clip], client: int, seconds: float) -> tuple[np.nd
 
 
 async def speak(url: str, client: int, audio: np.ndarray, spans: list[tuple[float, float]]) -> tuple[ClientRecord, str]:
-    """One live speaker; returns what load.py records and the joined finals."""
-    import websockets
-
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-    step = int(FRAME_S * RATE) * 2
-    record = ClientRecord(client=client, audio_s=round(len(audio) / RATE, 2), utterances=len(spans))
-    frame_ends: list[float] = []
-    frame_walls: list[float] = []
+    """One live speaker (bench/load.py's client); returns its record and its joined finals."""
     received: list[Received] = []
-    async with websockets.connect(url, max_size=None, ping_timeout=None, open_timeout=120) as ws:
-        hello = json.loads(await ws.recv())
-        if hello.get("type") == "error":
-            record.errors.append(f"{hello.get('code')}: {hello.get('message')}")
-
-        async def reader() -> None:
-            async for raw in ws:
-                if isinstance(raw, str):
-                    received.append(Received(time.monotonic(), json.loads(raw)))
-
-        task = asyncio.create_task(reader())
-        started = time.monotonic()
-        for offset in range(0, len(pcm), step):
-            audio_end = min(offset + step, len(pcm)) / 2 / RATE
-            delay = started + audio_end - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await ws.send(pcm[offset : offset + step])
-            frame_ends.append(audio_end)
-            frame_walls.append(time.monotonic())
-        await ws.send("END")
-        await asyncio.wait_for(task, 600)
-        record.close_code = ws.close_code
-    for r in received:
-        if r.message.get("type") == "error":
-            record.errors.append(f"{r.message.get('code')}: {r.message.get('message')}")
-        elif r.message.get("status") == "completed":
-            record.completed = True
-    analyse(record, spans, frame_ends, frame_walls, received)
+    record = await stream_client(url, client, 0.0, time.monotonic(), speech=(audio, spans), received=received)
     finals = sorted(
         (r.message["segment_id"], r.message["text"])
         for r in received

@@ -131,17 +131,25 @@ def analyse(
             record.final_audio_s.append(end)
 
 
-async def stream_client(url: str, client: int, seconds: float, start_at: float) -> ClientRecord:
-    """One live speaker: stream at real-time pace from `start_at` (monotonic), then END."""
+async def stream_client(
+    url: str,
+    client: int,
+    seconds: float,
+    start_at: float,
+    speech: tuple[np.ndarray, list[tuple[float, float]]] | None = None,
+    received: list[Received] | None = None,
+) -> ClientRecord:
+    """One live speaker: stream at real-time pace from `start_at` (monotonic), then END. `speech`:
+    the audio and its utterances (default: `client_audio`); `received` collects every message."""
     import websockets
 
-    audio, utterances = client_audio(client, seconds)
+    audio, utterances = speech if speech is not None else client_audio(client, seconds)
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
     record = ClientRecord(client=client, audio_s=round(len(audio) / RATE, 2), utterances=len(utterances))
     step = int(FRAME_S * RATE) * 2
     frame_ends: list[float] = []
     frame_walls: list[float] = []
-    received: list[Received] = []
+    received = received if received is not None else []
     try:
         async with websockets.connect(url, max_size=None, ping_timeout=None, open_timeout=120) as ws:
             hello = json.loads(await asyncio.wait_for(ws.recv(), 120))
