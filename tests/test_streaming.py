@@ -284,6 +284,18 @@ def test_speech_resuming_within_the_hold_decodes_the_held_words_again_with_what_
     assert [(o.is_final, o.text, o.segment_id) for o in policy.settle(now=0.0)] == [(True, "how are you?", 1)]
 
 
+def test_finals_due_are_not_lost_when_a_partial_is_skipped() -> None:
+    """Held words released by a long pause go out with the next answer, even a skipped partial's."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    policy.feed(np.zeros(4 * RATE, dtype=np.float32))  # past CONTEXT_GAP_S: the held words are due
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(6.2 * RATE))])
+    window = policy.next_window(now=10.0)
+    assert window is not None and window.kind == "partial"
+    out = policy.accept(window, None)  # the engine was too busy for this partial
+    assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "hello there.", 0)]
+
+
 def test_finalizing_with_speech_queued_after_held_words_decodes_them_together() -> None:
     """END arrives while the next utterance is still undecoded: the held words are not cut off
     as they stand but decoded once more with it, then everything is final."""

@@ -329,7 +329,7 @@ class UtterancePolicy:
                 out += self._take_due()
         if window.kind == "partial":
             if result is None:
-                return []
+                return out  # finals already due still go out
             self._last_partial_end = window.end
             self.transcribed = max(self.transcribed, window.end)
             heard_until = window.end / MODEL_SAMPLE_RATE
