@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import ServerProcess, machine  # noqa: E402
+from bench.common import ServerProcess, machine, replace_docs_block  # noqa: E402
 from bench.corpus import SHARED, Clip, load_corpus  # noqa: E402
 from bench.real_models import faster_whisper_folder, transformers_folder  # noqa: E402
 
@@ -270,19 +270,13 @@ def table(report: dict[str, Any]) -> str:
 
 
 def update_docs(report: dict[str, Any]) -> None:
-    text = DOCS.read_text(encoding="utf-8")
     corpus = report["corpus"]
-    block = (
-        f"{BEGIN}\n"
+    body = (
         f"Corpus: {corpus['clips']} clips, {corpus['minutes']:.1f} min, {corpus['words']} reference words. "
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
-        f"{report['date']}; command `{report['command']}`.\n\n{table(report)}\n{END}"
+        f"{report['date']}; command `{report['command']}`.\n\n{table(report)}"
     )
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text += f"\n{block}\n"
-    DOCS.write_text(text, encoding="utf-8")
+    replace_docs_block(DOCS, BEGIN, END, body)
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import asdict
@@ -41,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import edit_alignment, english_normalizer  # noqa: E402
-from bench.common import ServerProcess, machine  # noqa: E402
+from bench.common import ServerProcess, machine, replace_docs_block  # noqa: E402
 from bench.corpus import RATE, Clip, load_corpus  # noqa: E402
 from bench.load import ClientRecord, Received, stream_client, summarise  # noqa: E402
 from bench.real_models import faster_whisper_folder  # noqa: E402
@@ -138,18 +137,13 @@ def table(report: dict[str, Any]) -> str:
 
 
 def update_docs(report: dict[str, Any]) -> None:
-    text = DOCS.read_text(encoding="utf-8")
     settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items()) or "defaults"
-    block = (
-        f"{BEGIN}\n{report['model']} on {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+    body = (
+        f"{report['model']} on {report['machine']['cpu']}, {report['machine']['cores']} cores, "
         f"{report['seconds']:.0f} s per client; server settings: {settings}; {report['date']}; "
-        f"command `{report['command']}`.\n\n{table(report)}\n{END}"
+        f"command `{report['command']}`.\n\n{table(report)}"
     )
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text += f"\n{block}\n"
-    DOCS.write_text(text, encoding="utf-8")
+    replace_docs_block(DOCS, BEGIN, END, body)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,16 @@ from pathlib import Path
 from types import TracebackType
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def replace_docs_block(docs: Path, begin: str, end: str, body: str) -> None:
+    """Put `body` between the `begin` and `end` markers of a docs page (the block is added at the
+    end of the page the first time)."""
+    block = f"{begin}\n{body}\n{end}"
+    text = docs.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + f"\n\n{block}\n"
+    docs.write_text(text, encoding="utf-8")
 
 
 def free_port() -> int:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
+
+from bench.common import replace_docs_block
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -226,10 +227,5 @@ def _save(figure: Any, path: Path) -> str:
 
 def write_docs(docs: Path, tag: str, summary: str) -> None:
     """Replace this tag's block in the benchmarks page (or add it at the end)."""
-    begin, end = f"<!-- suite:{tag}:begin -->", f"<!-- suite:{tag}:end -->"
-    block = f"{begin}\n{summary}{end}"
-    text = docs.read_text()
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + f"\n\n{block}\n"
-    docs.write_text(text)
+    replace_docs_block(docs, f"<!-- suite:{tag}:begin -->", f"<!-- suite:{tag}:end -->", summary.rstrip("\n"))
     print(f"updated {docs}")
