@@ -58,6 +58,7 @@ from real_time_audio.messages import (
 from real_time_audio.ops.connection import ConnectionHooks
 from real_time_audio.ops.metrics import Metrics
 from real_time_audio.ops.security import owner_of
+from real_time_audio.ops.tasks import stop_tasks
 from real_time_audio.pipeline import Decoded, SessionPipeline, record_metadata, transcription_message
 from real_time_audio.service import EngineUnavailableError, QueueFullError, TranscriptionEngine, TranscriptionResult
 from real_time_audio.storage.layout import new_session_id
@@ -208,7 +209,7 @@ class Session:
             await self._close_with_error("internal", "internal server error", status.WS_1011_INTERNAL_ERROR)
         finally:
             for task in tasks:
-                task.cancel()
+                task.cancel()  # at once, before any await; stop_tasks below waits for them
             # Submitted at once, so the record is closed and the decoder stopped even if this task
             # is cancelled again while it waits.
             released = asyncio.get_running_loop().run_in_executor(self._threads, self._release)
@@ -217,7 +218,7 @@ class Session:
             self._threads.shutdown(wait=False)  # its threads end once the work queued is done
             if self.metrics is not None:  # before any await: this task may be cancelled while it waits
                 self.metrics.sessions_ended.labels(self._status).inc()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
             await asyncio.shield(released)
             self.log.info(
                 "session %s ended: %s, %d bytes",

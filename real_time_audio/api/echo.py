@@ -15,7 +15,6 @@ IDLE_TIMEOUT_S is disconnected.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 from starlette import status
@@ -35,6 +34,7 @@ from real_time_audio.messages import (
     query_config,
     to_json,
 )
+from real_time_audio.ops.tasks import stop_tasks
 from real_time_audio.storage.layout import new_session_id
 
 MAX_DELAY_S = 10.0
@@ -104,10 +104,7 @@ class EchoSession:
         except (WebSocketDisconnect, ClientNotReading):
             pass  # returning drops the connection
         finally:
-            for task in (sender, receiver):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await stop_tasks((sender, receiver))
 
     async def _receive(self) -> None:
         loop = asyncio.get_running_loop()
