@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
-from real_time_audio.service import EngineError, TranscriptionEngine, TranscriptionRequest, TranscriptionResult, Word
+from real_time_audio.service import TranscriptionEngine, TranscriptionRequest, TranscriptionResult, Word
 from real_time_audio.whisper.alignment import token_start_times
 from real_time_audio.whisper.ct2 import (
     CONVERTER_VERSION,
@@ -32,6 +32,13 @@ from real_time_audio.whisper.ct2 import (
     to_state_dict,
     write_tokenizer,
 )
+from real_time_audio.whisper.decoding import (
+    FRAMES_PER_SECOND,
+    MEL_FRAMES_PER_FRAME,
+    encode_sized,
+    greedy_decode,
+    sized_window_s,
+)
 from real_time_audio.whisper.source import ModelLoadError, ModelLocation, locate
 
 if TYPE_CHECKING:
@@ -43,6 +50,7 @@ MAX_TARGET_TOKENS = 448  # Whisper's decoder context
 TOKEN_ALLOWANCE = 8  # extra tokens on top of the per-second cap, for very short clips
 MAX_PROMPT_TOKENS = 200
 MAX_PREFIX_TOKENS = 160  # a longer prefix is dropped (the policy keeps it far shorter)
+WINDOW_BUCKET_S = 1.0  # sized encoder windows come in whole seconds
 WORD_START = "\u0120"  # how byte-level BPE marks a token that begins with a space
 
 
@@ -88,7 +96,15 @@ class WhisperBackend:
         return self.location.fallback_reason if self.location else None
 
     def __init__(
-        self, model_id: str, device: str, dtype: Any, model: Any, processor: Any, tokens_per_second: float
+        self,
+        model_id: str,
+        device: str,
+        dtype: Any,
+        model: Any,
+        processor: Any,
+        tokens_per_second: float,
+        encoder_window: str = "full",
+        encoder_pad_s: float = 5.0,
     ) -> None:
         self.model_id = model_id
         self.device = device
@@ -96,6 +112,9 @@ class WhisperBackend:
         self.model = model
         self.processor = processor
         self.tokens_per_second = tokens_per_second
+        self.encoder_window = encoder_window
+        self.encoder_pad_s = encoder_pad_s
+        self._silence: Any = None  # the encoder's output for a silent window (sized windows)
         self.location: ModelLocation | None = None  # where `load` found the weights
         self._forced_tokens: int | None = None  # set only while `measure` runs
         tokenizer = processor.tokenizer
@@ -111,9 +130,6 @@ class WhisperBackend:
         self._sot = generation.decoder_start_token_id
         self._no_timestamps = generation.no_timestamps_token_id
         self._startofprev = processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")
-        self._special_ids = frozenset(processor.tokenizer.all_special_ids) | set(
-            processor.tokenizer.added_tokens_decoder
-        )
         self._pad = generation.pad_token_id if generation.pad_token_id is not None else generation.eos_token_id
         self._eot = generation.eos_token_id if isinstance(generation.eos_token_id, int) else None
         self._special_ids = frozenset(tokenizer.all_special_ids)
@@ -178,7 +194,16 @@ class WhisperBackend:
             raise ModelLoadError(f"cannot load TRANSCRIPTION_MODEL_ID={requested!r} from {source}: {exc}") from exc
         model = model.to(device).eval()
         logger.info("loaded %s from %s in %.1f s", location.name, source, time.perf_counter() - started)
-        backend = cls(location.name, device, dtype, model, processor, settings.tokens_per_second)
+        backend = cls(
+            location.name,
+            device,
+            dtype,
+            model,
+            processor,
+            settings.tokens_per_second,
+            settings.encoder_window,
+            settings.encoder_pad_s,
+        )
         backend.location = location
         return backend
 
@@ -231,7 +256,7 @@ class WhisperBackend:
             self._forced_tokens = None
 
     def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
-        """One batched feature extraction, encoder pass and `generate` for all requests (same task)."""
+        """One batched feature extraction, encoder pass and greedy decode for all requests (same task)."""
         import torch
 
         features = self.processor.feature_extractor(
@@ -241,13 +266,20 @@ class WhisperBackend:
             return_attention_mask=True,
         )
         input_features = features.input_features.to(self.device, self.dtype)
-        attention_mask = features.attention_mask.to(self.device)
+        sized = self.encoder_window == "sized"
+        if sized:  # the longest clip plus the pad; the rest of the 30 s is the silence encoding
+            window_s = sized_window_s(max(r.duration for r in requests), self.encoder_pad_s, WINDOW_BUCKET_S)
+            input_features = input_features[..., : round(window_s * FRAMES_PER_SECOND * MEL_FRAMES_PER_FRAME)]
         with torch.inference_mode():
-            encoded = self.model.get_encoder()(input_features)
+            encoder = self.model.get_encoder()
+            if sized:
+                encoded = encode_sized(encoder, input_features, self._silence_encoding())
+            else:
+                encoded = encoder(input_features).last_hidden_state
             # One decoder step on <|startoftranscript|> gives both the no-speech probability and,
             # for rows without a language, the detected language.
             start = torch.full((len(requests), 1), self._sot, device=self.device)
-            first = self.model(encoder_outputs=encoded, decoder_input_ids=start).logits[:, -1].float()
+            first = self.model(encoder_outputs=(encoded,), decoder_input_ids=start).logits[:, -1].float()
             probabilities = first.softmax(dim=-1)
             no_speech = (
                 probabilities[:, self._no_speech].tolist() if self._no_speech is not None else [None] * len(requests)
@@ -265,82 +297,43 @@ class WhisperBackend:
             prompts = [ids for ids, _ in built]
             prefixes = [count for _, count in built]
             width = max(len(p) for p in prompts)
-            decoder_ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts], device=self.device)
             caps = [token_cap(r.duration, self.tokens_per_second) for r in requests]
-            options: dict[str, Any] = {
-                "encoder_outputs": encoded,
-                "attention_mask": attention_mask,
-                "decoder_input_ids": decoder_ids,
-                "decoder_attention_mask": decoder_ids != self._pad,
-                "max_new_tokens": max(1, min(max(caps), MAX_TARGET_TOKENS - width - 1)),
-                "return_dict_in_generate": True,
-                "output_scores": True,
-                "output_attentions": True,  # cross-attention gives the word timings
-                # One generate call per window (no second pass over "unfinished" rows), so the
-                # returned sequences hold exactly one row per request, decoder prompt included.
-                "force_unique_generate_call": True,
-            }
-            if self._forced_tokens:  # a capacity measurement: every row writes this many tokens
-                forced = min(self._forced_tokens, options["max_new_tokens"])
-                options["min_new_tokens"] = options["max_new_tokens"] = forced
-            if self.multilingual:
-                options["language"] = languages
-                options["task"] = requests[0].task
-            output = self.model.generate(**options)
-            sequences = output["sequences"]
-            if len(sequences) != len(requests):
-                raise EngineError(f"model returned {len(sequences)} results for {len(requests)} inputs")
-            steps = sequences.shape[1] - width
-            chosen = sequences[:, width:].unsqueeze(-1)
-            logprobs = torch.cat(
-                [
-                    output["scores"][step].float().log_softmax(dim=-1).gather(1, chosen[:, step])
-                    for step in range(steps)
-                ],
-                dim=1,
+            generation = self.model.generation_config
+            decoded = greedy_decode(
+                self.model,
+                encoded,
+                prompts,
+                prefixes,
+                max(1, min(max(caps), MAX_TARGET_TOKENS - width - 1)),
+                pad=self._pad,
+                eot=self._eot if self._eot is not None else self._pad,
+                suppress=list(generation.suppress_tokens or []),
+                begin_suppress=list(generation.begin_suppress_tokens or []),
+                heads=generation.alignment_heads,
+                forced_tokens=self._forced_tokens,
             )
-            # The alignment heads' attention of the query that produced each generated token.
-            heads = self.model.generation_config.alignment_heads
-            attention = torch.stack(
-                [
-                    torch.stack([step[layer][:, head, -1] for layer, head in heads], dim=1)
-                    for step in output["cross_attentions"]
-                ],
-                dim=2,
+        frames = (features.attention_mask.sum(dim=-1) // MEL_FRAMES_PER_FRAME).tolist()  # encoder frames of each clip
+        return [
+            self._result(
+                row.tokens,
+                row.attention[..., : frames[index]],
+                row.logprobs,
+                caps[index],
+                languages[index],
+                no_speech[index],
+                prefixes[index],
             )
-            attention_rows = attention.float().cpu().numpy()  # batch × heads × tokens × frames
-            # A forced prefix was read in the first step: the queries that "produced" its tokens sit
-            # just before the end of the decoder prompt. Word timing needs them too.
-            first_step = output["cross_attentions"][0]
-            prefix_rows = [
-                torch.stack([first_step[layer][row, head, -count - 1 : -1] for layer, head in heads], dim=0)
-                .float()
-                .cpu()
-                .numpy()
-                if count
-                else None
-                for row, count in enumerate(prefixes)
-            ]
-        generated = sequences[:, width:].tolist()
-        logprob_rows = logprobs.cpu().tolist()
-        frames = (features.attention_mask.sum(dim=-1) // 2).tolist()  # encoder frames of each clip
-        results = []
-        for row, tokens in enumerate(generated):
-            row_attention = attention_rows[row]
-            if prefix_rows[row] is not None:
-                row_attention = np.concatenate([prefix_rows[row], row_attention], axis=1)
-            results.append(
-                self._result(
-                    tokens,
-                    row_attention[..., : frames[row]],
-                    logprob_rows[row],
-                    caps[row],
-                    languages[row],
-                    no_speech[row],
-                    prefixes[row],
-                )
-            )
-        return results
+            for index, row in enumerate(decoded)
+        ]
+
+    def _silence_encoding(self) -> Any:
+        """The encoder's output for 30 s of silence (frames × width), computed on first use."""
+        if self._silence is None:
+            features = self.processor.feature_extractor(
+                [np.zeros(MODEL_SAMPLE_RATE, dtype=np.float32)], sampling_rate=MODEL_SAMPLE_RATE, return_tensors="pt"
+            ).input_features.to(self.device, self.dtype)
+            self._silence = self.model.get_encoder()(features).last_hidden_state[0]
+        return self._silence
 
     def _result(
         self,

@@ -1,0 +1,124 @@
+"""The encoder on sized windows and the step-by-step greedy decoder, against transformers' own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from transformers.modeling_outputs import BaseModelOutput
+
+from real_time_audio.config import Settings
+from real_time_audio.service import TranscriptionRequest
+from real_time_audio.whisper.backend import WhisperBackend
+from real_time_audio.whisper.decoding import encode_sized, greedy_decode, sized_window_s
+from tests.conftest import speech_like
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint_dir: Path) -> WhisperBackend:
+    return WhisperBackend.load(Settings(transcription_model_id=str(checkpoint_dir), warmup=False))
+
+
+def features(backend: WhisperBackend, clips: list[np.ndarray]) -> torch.Tensor:
+    extracted = backend.processor.feature_extractor(clips, sampling_rate=16000, return_tensors="pt")
+    return extracted.input_features
+
+
+@pytest.mark.parametrize(
+    ("longest", "pad", "bucket", "window"),
+    [(0.2, 5, 1, 6), (3.0, 5, 1, 8), (3.01, 5, 1, 9), (3.5, 5, 2, 10), (24.5, 5, 1, 30), (40, 5, 1, 30)],
+)
+def test_sized_window_is_the_audio_plus_the_pad_in_whole_buckets(
+    longest: float, pad: float, bucket: float, window: float
+) -> None:
+    assert sized_window_s(longest, pad, bucket) == window
+
+
+def test_a_full_length_sized_encoding_is_the_encoder_output(backend: WhisperBackend) -> None:
+    """On a whole 30 s window, the sized forward pass is transformers' encoder, to float rounding."""
+    mel = features(backend, [speech_like(5, 4.0), speech_like(6, 2.0)])
+    encoder = backend.model.get_encoder()
+    with torch.inference_mode():
+        expected = encoder(mel).last_hidden_state
+        silence = torch.zeros_like(expected[0])
+        got = encode_sized(encoder, mel, silence)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_short_encoding_is_continued_by_the_silence_encoding(backend: WhisperBackend) -> None:
+    mel = features(backend, [speech_like(5, 4.0)])
+    encoder = backend.model.get_encoder()
+    with torch.inference_mode():
+        silence = torch.randn(1500, backend.model.config.d_model)
+        got = encode_sized(encoder, mel[..., :800], silence)
+        with pytest.raises(ValueError, match="more than the encoder's window"):
+            encode_sized(encoder, torch.cat([mel, mel], dim=-1), silence)
+    assert got.shape == (1, 1500, backend.model.config.d_model)
+    torch.testing.assert_close(got[0, 400:], silence[400:])
+    assert not torch.allclose(got[0, :400], silence[:400])
+
+
+def test_greedy_decode_writes_what_generate_writes(backend: WhisperBackend) -> None:
+    """Rows with prompts of different lengths (left-padded into one call) get the tokens that
+    transformers' generate gives each of them alone."""
+    model = backend.model
+    generation = model.generation_config
+    clips = [speech_like(21, 2.0), speech_like(22, 3.0), speech_like(23, 1.0)]
+    sot, no_timestamps = generation.decoder_start_token_id, generation.no_timestamps_token_id
+    english = generation.lang_to_id["<|en|>"]
+    transcribe = generation.task_to_id["transcribe"]
+    prev = backend.processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")
+    prompts = [
+        [sot, english, transcribe, no_timestamps],
+        [prev, 300, 301, 302, 303, sot, english, transcribe, no_timestamps],
+        [prev, 400, sot, english, transcribe, no_timestamps],
+    ]
+    mel = features(backend, clips)
+    with torch.inference_mode():
+        encoded = model.get_encoder()(mel).last_hidden_state
+        ours = greedy_decode(
+            model,
+            encoded,
+            prompts,
+            [0, 0, 0],
+            12,
+            pad=generation.pad_token_id,
+            eot=generation.eos_token_id,
+            suppress=list(generation.suppress_tokens or []),
+            begin_suppress=list(generation.begin_suppress_tokens or []),
+            heads=generation.alignment_heads,
+        )
+        for row, prompt in enumerate(prompts):
+            theirs = model.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoded[row : row + 1]),
+                decoder_input_ids=torch.tensor([prompt]),
+                max_new_tokens=12,
+                force_unique_generate_call=True,
+            )
+            generated = theirs[0, len(prompt) :].tolist()
+            eot = generation.eos_token_id
+            expected = generated[: generated.index(eot) + 1] if eot in generated else generated
+            assert ours[row].tokens == expected
+            assert len(ours[row].logprobs) == len(expected)
+            heads = len(generation.alignment_heads)
+            assert ours[row].attention.shape == (heads, len(expected), 1500)
+
+
+def test_sized_windows_serve_the_same_request_shape(checkpoint_dir: Path) -> None:
+    """ENCODER_WINDOW=sized decodes through the silence-continued encoding: results keep their form
+    (timed words inside the clip), and a whole-window clip gives exactly the full-window text."""
+    sized = WhisperBackend.load(
+        Settings(transcription_model_id=str(checkpoint_dir), warmup=False, encoder_window="sized")
+    )
+    full = WhisperBackend.load(Settings(transcription_model_id=str(checkpoint_dir), warmup=False))
+    long_clip = speech_like(8, 26.0)  # 26 s + 5 s of pad: the whole 30 s window
+    assert [r.text for r in sized.transcribe_batch([TranscriptionRequest(audio=long_clip)])] == [
+        r.text for r in full.transcribe_batch([TranscriptionRequest(audio=long_clip)])
+    ]
+    result = sized.transcribe_batch([TranscriptionRequest(audio=speech_like(9, 2.0))])[0]
+    assert result.words and " ".join(w.text for w in result.words) == result.text
+    assert all(0.0 <= w.start <= w.end <= 2.0 for w in result.words)
