@@ -13,7 +13,14 @@ from transformers.modeling_outputs import BaseModelOutput
 from real_time_audio.config import Settings
 from real_time_audio.service import TranscriptionRequest
 from real_time_audio.whisper.backend import WhisperBackend
-from real_time_audio.whisper.decoding import encode_sized, greedy_decode, sized_window_s
+from real_time_audio.whisper.decoding import (
+    Silence,
+    cross_attention,
+    encode_sized,
+    first_step,
+    greedy_decode,
+    sized_window_s,
+)
 from tests.conftest import speech_like
 
 
@@ -43,23 +50,33 @@ def test_a_full_length_sized_encoding_is_the_encoder_output(backend: WhisperBack
     encoder = backend.model.get_encoder()
     with torch.inference_mode():
         expected = encoder(mel).last_hidden_state
-        silence = torch.zeros_like(expected[0])
-        got = encode_sized(encoder, mel, silence)
+        got = encode_sized(encoder, mel)
+        with pytest.raises(ValueError, match="more than the encoder's window"):
+            encode_sized(encoder, torch.cat([mel, mel], dim=-1))
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_a_short_encoding_is_continued_by_the_silence_encoding(backend: WhisperBackend) -> None:
-    mel = features(backend, [speech_like(5, 4.0)])
-    encoder = backend.model.get_encoder()
+def test_the_cross_attention_of_a_short_encoding_continues_with_silence(backend: WhisperBackend) -> None:
+    """Keys and values are the decoder's own projections of the encoded frames, then the silence's;
+    the first step reads them as transformers' model does from the same encoding."""
+    model = backend.model
+    mel = features(backend, [speech_like(5, 4.0), speech_like(7, 1.0)])
     with torch.inference_mode():
-        silence = torch.randn(1500, backend.model.config.d_model)
-        got = encode_sized(encoder, mel[..., :800], silence)
-        with pytest.raises(ValueError, match="more than the encoder's window"):
-            encode_sized(encoder, torch.cat([mel, mel], dim=-1), silence)
-    assert got.shape == (1, 1500, backend.model.config.d_model)
-    torch.testing.assert_close(got[0, 400:], silence[400:])
-    assert not torch.allclose(got[0, :400], silence[:400])
+        silence = Silence.of(model, features(backend, [np.zeros(16000, np.float32)]))
+        encoded = encode_sized(model.get_encoder(), mel[..., :800])  # 8 s: 400 frames
+        states = cross_attention(model, encoded, silence)
+        layer = model.get_decoder().layers[1].encoder_attn
+        keys, values = states[1]
+        assert keys.shape == values.shape == (2, layer.num_heads, 1500, layer.head_dim)
+        own = layer.k_proj(encoded).view(2, 400, layer.num_heads, layer.head_dim).transpose(1, 2)
+        torch.testing.assert_close(keys[:, :, :400], own)
+        torch.testing.assert_close(keys[1, :, 400:], silence.keys[1][:, 400:])
+        torch.testing.assert_close(values[0, :, 400:], silence.values[1][:, 400:])
+        full = model.get_encoder()(mel).last_hidden_state
+        sot = model.generation_config.decoder_start_token_id
+        expected = model(encoder_outputs=(full,), decoder_input_ids=torch.full((2, 1), sot)).logits[:, -1]
+        torch.testing.assert_close(first_step(model, cross_attention(model, full), sot), expected)
 
 
 def test_greedy_decode_writes_what_generate_writes(backend: WhisperBackend) -> None:
@@ -82,7 +99,7 @@ def test_greedy_decode_writes_what_generate_writes(backend: WhisperBackend) -> N
         encoded = model.get_encoder()(mel).last_hidden_state
         ours = greedy_decode(
             model,
-            encoded,
+            cross_attention(model, encoded),
             prompts,
             [0, 0, 0],
             12,
@@ -122,3 +139,31 @@ def test_sized_windows_serve_the_same_request_shape(checkpoint_dir: Path) -> Non
     result = sized.transcribe_batch([TranscriptionRequest(audio=speech_like(9, 2.0))])[0]
     assert result.words and " ".join(w.text for w in result.words) == result.text
     assert all(0.0 <= w.start <= w.end <= 2.0 for w in result.words)
+
+
+def test_rows_heard_in_different_windows_share_a_batch(
+    checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENCODER_WINDOW=partials: partial rows are encoded sized and final rows whole, in one batch
+    whose rows each get what they get alone."""
+    backend = WhisperBackend.load(
+        Settings(transcription_model_id=str(checkpoint_dir), warmup=False, encoder_window="partials")
+    )
+    requests = [
+        TranscriptionRequest(audio=speech_like(31, 2.0), is_final=False),
+        TranscriptionRequest(audio=speech_like(32, 3.0), is_final=True),
+        TranscriptionRequest(audio=speech_like(33, 9.0), is_final=False),
+    ]
+    alone = [backend.transcribe_batch([r])[0].text for r in requests]
+    windows: list[tuple[int, float]] = []
+    encode = backend._cross_attention
+
+    def spy(features: torch.Tensor, window_s: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        windows.append((len(features), window_s))
+        return encode(features, window_s)
+
+    monkeypatch.setattr(backend, "_cross_attention", spy)
+    together = [r.text for r in backend.transcribe_batch(requests)]
+    assert together == alone
+    assert len(set(alone)) == 3
+    assert windows == [(1, 7.0), (1, 14.0), (1, 30.0)]

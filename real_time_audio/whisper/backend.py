@@ -6,6 +6,7 @@ transformers (lazily, so that importing it never touches CUDA).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -34,9 +35,14 @@ from real_time_audio.whisper.ct2 import (
 )
 from real_time_audio.whisper.decoding import (
     FRAMES_PER_SECOND,
+    FULL_WINDOW_S,
     MEL_FRAMES_PER_FRAME,
+    Silence,
+    cross_attention,
     encode_sized,
+    first_step,
     greedy_decode,
+    join_rows,
     sized_window_s,
 )
 from real_time_audio.whisper.source import ModelLoadError, ModelLocation, locate
@@ -114,7 +120,7 @@ class WhisperBackend:
         self.tokens_per_second = tokens_per_second
         self.encoder_window = encoder_window
         self.encoder_pad_s = encoder_pad_s
-        self._silence: Any = None  # the encoder's output for a silent window (sized windows)
+        self._silence: Silence | None = None  # the tail of every sized window
         self.location: ModelLocation | None = None  # where `load` found the weights
         self._forced_tokens: int | None = None  # set only while `measure` runs
         tokenizer = processor.tokenizer
@@ -266,20 +272,23 @@ class WhisperBackend:
             return_attention_mask=True,
         )
         input_features = features.input_features.to(self.device, self.dtype)
-        sized = self.encoder_window == "sized"
-        if sized:  # the longest clip plus the pad; the rest of the 30 s is the silence encoding
-            window_s = sized_window_s(max(r.duration for r in requests), self.encoder_pad_s, WINDOW_BUCKET_S)
-            input_features = input_features[..., : round(window_s * FRAMES_PER_SECOND * MEL_FRAMES_PER_FRAME)]
+        windows = [self._window_s(r) for r in requests]
         with torch.inference_mode():
-            encoder = self.model.get_encoder()
-            if sized:
-                encoded = encode_sized(encoder, input_features, self._silence_encoding())
-            else:
-                encoded = encoder(input_features).last_hidden_state
+            # Rows are encoded in groups of one window length, then joined back in their order.
+            order = sorted(range(len(requests)), key=lambda i: windows[i])
+            groups: list[list[tuple[Any, Any]]] = []
+            placed: list[int] = []
+            for window_s, members in itertools.groupby(order, key=lambda i: windows[i]):
+                rows = list(members)
+                placed += rows
+                groups.append(self._cross_attention(input_features[rows], window_s))
+            cross = join_rows(groups)
+            if placed != list(range(len(requests))):
+                back = torch.tensor([placed.index(i) for i in range(len(requests))], device=self.device)
+                cross = [(k.index_select(0, back), v.index_select(0, back)) for k, v in cross]
             # One decoder step on <|startoftranscript|> gives both the no-speech probability and,
             # for rows without a language, the detected language.
-            start = torch.full((len(requests), 1), self._sot, device=self.device)
-            first = self.model(encoder_outputs=(encoded,), decoder_input_ids=start).logits[:, -1].float()
+            first = first_step(self.model, cross, self._sot)
             probabilities = first.softmax(dim=-1)
             no_speech = (
                 probabilities[:, self._no_speech].tolist() if self._no_speech is not None else [None] * len(requests)
@@ -301,7 +310,7 @@ class WhisperBackend:
             generation = self.model.generation_config
             decoded = greedy_decode(
                 self.model,
-                encoded,
+                cross,
                 prompts,
                 prefixes,
                 max(1, min(max(caps), MAX_TARGET_TOKENS - width - 1)),
@@ -326,13 +335,26 @@ class WhisperBackend:
             for index, row in enumerate(decoded)
         ]
 
-    def _silence_encoding(self) -> Any:
-        """The encoder's output for 30 s of silence (frames × width), computed on first use."""
+    def _window_s(self, request: TranscriptionRequest) -> float:
+        """The encoder window a request is heard in: 30 s, or sized to its audio."""
+        sized = self.encoder_window == "sized" or (self.encoder_window == "partials" and not request.is_final)
+        return sized_window_s(request.duration, self.encoder_pad_s, WINDOW_BUCKET_S) if sized else FULL_WINDOW_S
+
+    def _cross_attention(self, features: Any, window_s: float) -> list[tuple[Any, Any]]:
+        """Encode rows of mel features in a window of `window_s` seconds; their cross-attention states."""
+        if window_s >= FULL_WINDOW_S:
+            return cross_attention(self.model, self.model.get_encoder()(features).last_hidden_state)
+        frames = round(window_s * FRAMES_PER_SECOND * MEL_FRAMES_PER_FRAME)
+        encoded = encode_sized(self.model.get_encoder(), features[..., :frames])
+        return cross_attention(self.model, encoded, self._silence_encoding())
+
+    def _silence_encoding(self) -> Silence:
+        """What the decoder reads past a sized window's end (computed on first use)."""
         if self._silence is None:
             features = self.processor.feature_extractor(
                 [np.zeros(MODEL_SAMPLE_RATE, dtype=np.float32)], sampling_rate=MODEL_SAMPLE_RATE, return_tensors="pt"
             ).input_features.to(self.device, self.dtype)
-            self._silence = self.model.get_encoder()(features).last_hidden_state[0]
+            self._silence = Silence.of(self.model, features)
         return self._silence
 
     def _result(

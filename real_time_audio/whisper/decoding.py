@@ -3,12 +3,17 @@
 **Sized windows.** Whisper hears 30 s windows, and a live window usually holds a few seconds of
 speech followed by padding. The encoder's work grows with the window, so most of it goes into the
 padding. `encode_sized` runs the encoder's own modules (convolutions, positional embeddings cut
-to the input, layers, final norm) only on the audio plus some seconds of padding, and fills the
-rest of the 30 s with the encoder's output for a silent window, computed once. The decoder then
-sees a full-length encoding whose tail is what padding looks like to it. (Cutting the encoding
-short instead makes the decoder lose track of where the audio ends: it repeats itself.) The
-padding that is computed lets the audio's last frames see silence after them as they would in a
-full window; docs/benchmarks.md has what this does to accuracy.
+to the input, layers, final norm) only on the audio plus some seconds of padding; the decoder's
+cross-attention then reads the rest of the 30 s from `Silence`: the keys and values of the
+encoder's output for a silent window, computed once. So the decoder still sees a full-length
+encoding whose tail is what padding looks like to it. (Cutting the encoding short instead makes
+the decoder lose track of where the audio ends: it repeats itself.) The padding that is computed
+lets the audio's last frames see silence after them as they would in a full window;
+docs/benchmarks.md has what this does to accuracy.
+
+**Cross-attention once.** `cross_attention` computes each decoder layer's cross-attention keys
+and values once per batch (only for the frames that were encoded); the first decoder step, which
+reads the no-speech probability and the language, and every step of the decode share them.
 
 **A lean step.** `greedy_decode` calls the decoder with its key/value cache once per token for the
 whole batch and keeps only what the server uses: each chosen token, its log-probability after
@@ -38,25 +43,92 @@ def sized_window_s(longest_s: float, pad_s: float, bucket_s: float) -> float:
     return min(FULL_WINDOW_S, max(bucket_s, math.ceil(wanted / bucket_s - 1e-9) * bucket_s))
 
 
-def encode_sized(encoder: Any, features: Any, silence: Any) -> Any:
-    """The encoder's output for mel `features` of any length up to 30 s, continued to the full 30 s
-    by `silence` (the encoder's output for a silent window: frames × width)."""
+def encode_sized(encoder: Any, features: Any) -> Any:
+    """The encoder's output for mel `features` of any length up to its 30 s window."""
     import torch
 
-    frames = features.shape[-1] // MEL_FRAMES_PER_FRAME
-    total = encoder.embed_positions.num_embeddings
-    if frames > total:
+    if features.shape[-1] // MEL_FRAMES_PER_FRAME > encoder.embed_positions.num_embeddings:
         raise ValueError(f"{features.shape[-1]} mel frames is more than the encoder's window")
     hidden = torch.nn.functional.gelu(encoder.conv1(features))
     hidden = torch.nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
     hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
     for layer in encoder.layers:
         hidden = layer(hidden, None)
-    hidden = encoder.layer_norm(hidden)
-    if frames == total:
-        return hidden
-    tail = silence[frames:].to(hidden.dtype).expand(hidden.shape[0], -1, -1)
-    return torch.cat([hidden, tail], dim=1)
+    return encoder.layer_norm(hidden)
+
+
+@dataclass(frozen=True, slots=True)
+class Silence:
+    """Each decoder layer's cross-attention keys and values (heads × frames × head size) for the
+    encoder's output on a silent 30 s window: the tail every sized window continues with."""
+
+    keys: list[Any]
+    values: list[Any]
+
+    @classmethod
+    def of(cls, model: Any, features: Any) -> Silence:
+        """From the mel features of a silent clip (one row, padded to 30 s)."""
+        hidden = model.get_encoder()(features).last_hidden_state
+        states = cross_attention(model, hidden)
+        return cls([k[0] for k, _ in states], [v[0] for _, v in states])
+
+
+def cross_attention(model: Any, encoded: Any, silence: Silence | None = None) -> list[tuple[Any, Any]]:
+    """Each decoder layer's cross-attention keys and values (rows × heads × frames × head size)
+    for `encoded`; when it is shorter than the full window, `silence` gives the rest."""
+    import torch
+
+    rows, frames = encoded.shape[:2]
+    states: list[tuple[Any, Any]] = []
+    for index, layer in enumerate(model.get_decoder().layers):
+        attention = layer.encoder_attn
+        shape = (rows, frames, attention.num_heads, attention.head_dim)
+        keys = attention.k_proj(encoded).view(shape).transpose(1, 2)
+        values = attention.v_proj(encoded).view(shape).transpose(1, 2)
+        if silence is not None and frames < silence.keys[index].shape[1]:
+            tail = (rows, -1, -1, -1)
+            keys = torch.cat([keys, silence.keys[index][None, :, frames:].expand(tail)], dim=2)
+            values = torch.cat([values, silence.values[index][None, :, frames:].expand(tail)], dim=2)
+        states.append((keys.contiguous(), values.contiguous()))
+    return states
+
+
+def join_rows(groups: list[list[tuple[Any, Any]]]) -> list[tuple[Any, Any]]:
+    """The cross-attention states of several groups of rows (each full-length), as one batch."""
+    import torch
+
+    if len(groups) == 1:
+        return groups[0]
+    return [(torch.cat([g[i][0] for g in groups]), torch.cat([g[i][1] for g in groups])) for i in range(len(groups[0]))]
+
+
+def _encoder_marker(model: Any, cross: list[tuple[Any, Any]]) -> Any:
+    """What the decoder is given as the encoder's output: with its cross-attention cache filled it
+    reads keys and values from there and only needs to be told that there is an encoder."""
+    keys = cross[0][0]
+    return keys.new_zeros((keys.shape[0], 1, model.config.d_model))
+
+
+def new_cache(cross: list[tuple[Any, Any]]) -> Any:
+    """A decoder cache whose cross-attention part is already filled (the decoder then reuses it)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    filled = DynamicCache()
+    for index, (keys, values) in enumerate(cross):
+        filled.update(keys, values, index)
+    return EncoderDecoderCache(DynamicCache(), filled)
+
+
+def first_step(model: Any, cross: list[tuple[Any, Any]], token: int) -> Any:
+    """The decoder's logits (rows × vocabulary) after `token` alone (start of transcript)."""
+    import torch
+
+    marker = _encoder_marker(model, cross)
+    ids = torch.full((marker.shape[0], 1), token, device=marker.device)
+    out = model.get_decoder()(
+        input_ids=ids, encoder_hidden_states=marker, past_key_values=new_cache(cross), use_cache=True
+    )
+    return model.proj_out(out.last_hidden_state[:, -1]).float()
 
 
 @dataclass(slots=True)
@@ -72,7 +144,7 @@ class Decoded:
 
 def greedy_decode(
     model: Any,
-    encoded: Any,
+    cross: list[tuple[Any, Any]],
     prompts: list[list[int]],
     prefixes: list[int],
     max_new_tokens: int,
@@ -93,6 +165,7 @@ def greedy_decode(
     """
     import torch
 
+    encoded = _encoder_marker(model, cross)
     device = encoded.device
     rows = len(prompts)
     width = max(len(p) for p in prompts)
@@ -112,7 +185,7 @@ def greedy_decode(
     steps: list[Any] = []
     prefix_attention: Any = None
     finished = [False] * rows
-    cache = None
+    cache = new_cache(cross)
     decoder = model.get_decoder()
     for step in range(max_new_tokens):
         out = decoder(
@@ -125,10 +198,10 @@ def greedy_decode(
             output_attentions=True,
         )
         cache = out.past_key_values
-        cross = {layer: out.cross_attentions[layer] for layer in layers}
+        weights = {layer: out.cross_attentions[layer] for layer in layers}
         if step == 0 and any(prefixes):
-            prefix_attention = torch.stack([cross[layer][:, head] for layer, head in heads], dim=1)
-        steps.append(torch.stack([cross[layer][:, head, -1] for layer, head in heads], dim=1))
+            prefix_attention = torch.stack([weights[layer][:, head] for layer, head in heads], dim=1)
+        steps.append(torch.stack([weights[layer][:, head, -1] for layer, head in heads], dim=1))
         logits = model.proj_out(out.last_hidden_state[:, -1]).float()
         logits = logits.masked_fill(first_rows if step == 0 else blocked, -math.inf)
         if forced_tokens is not None:
