@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from transformers.modeling_outputs import BaseModelOutput
 
 from real_time_audio.config import Settings
@@ -141,9 +140,7 @@ def test_sized_windows_serve_the_same_request_shape(checkpoint_dir: Path) -> Non
     assert all(0.0 <= w.start <= w.end <= 2.0 for w in result.words)
 
 
-def test_rows_heard_in_different_windows_share_a_batch(
-    checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_rows_heard_in_different_windows_share_a_batch(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENCODER_WINDOW=partials: partial rows are encoded sized and final rows whole, in one batch
     whose rows each get what they get alone."""
     backend = WhisperBackend.load(
@@ -167,3 +164,58 @@ def test_rows_heard_in_different_windows_share_a_batch(
     assert together == alone
     assert len(set(alone)) == 3
     assert windows == [(1, 7.0), (1, 14.0), (1, 30.0)]
+
+
+def test_a_draft_changes_the_number_of_steps_never_the_tokens(
+    backend: WhisperBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows with a right draft, a half-right one, a wrong one and none (one with a forced prefix)
+    get exactly the tokens, scores and attention rows of the decode without drafts; alone, the
+    right draft needs at most two decoder calls instead of one per token."""
+    model = backend.model
+    generation = model.generation_config
+    sot, no_timestamps = generation.decoder_start_token_id, generation.no_timestamps_token_id
+    english = generation.lang_to_id["<|en|>"]
+    transcribe = generation.task_to_id["transcribe"]
+    prev = backend.processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")
+    prompts = [
+        [sot, english, transcribe, no_timestamps],
+        [prev, 300, 301, 302, sot, english, transcribe, no_timestamps],
+        [sot, english, transcribe, no_timestamps, 500, 501],  # two forced prefix tokens
+        [prev, 400, sot, english, transcribe, no_timestamps],
+    ]
+    prefixes = [0, 0, 2, 0]
+    mel = features(backend, [speech_like(41, 2.0), speech_like(42, 3.0), speech_like(43, 1.5), speech_like(44, 2.5)])
+    options = {
+        "pad": generation.pad_token_id,
+        "eot": generation.eos_token_id,
+        "suppress": list(generation.suppress_tokens or []),
+        "begin_suppress": list(generation.begin_suppress_tokens or []),
+        "heads": generation.alignment_heads,
+    }
+    calls = []
+    decoder = model.get_decoder()
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    with torch.inference_mode():
+        cross = cross_attention(model, model.get_encoder()(mel).last_hidden_state)
+        plain = greedy_decode(model, cross, prompts, prefixes, 10, **options)
+        plain_calls = len(calls)
+        right = [t for t in plain[0].tokens if t != generation.eos_token_id]
+        half = [*plain[1].tokens[:3], 7, 8, 9]
+        drafts = [right, half, [11, 12, 13], []]
+        calls.clear()
+        drafted = greedy_decode(model, cross, prompts, prefixes, 10, drafts=drafts, **options)
+        drafted_calls = len(calls)
+        calls.clear()
+        alone = greedy_decode(
+            model, cross[:1] and [(k[:1], v[:1]) for k, v in cross], prompts[:1], [0], 10, drafts=[right], **options
+        )
+    assert len(plain[0].tokens) > 3  # the test means something: row 0 writes several tokens
+    for a, b in zip(plain, drafted, strict=True):
+        assert b.tokens == a.tokens
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
+        np.testing.assert_allclose(b.attention, a.attention, atol=1e-4)
+    assert drafted_calls == plain_calls  # the batch goes on as long as its longest row
+    assert alone[0].tokens == plain[0].tokens
+    assert len(calls) == (1 if len(right) + 1 >= 10 else 2)  # the draft and its next token, then the end

@@ -154,40 +154,47 @@ def greedy_decode(
     suppress: list[int],
     begin_suppress: list[int],
     heads: list[list[int]],
+    drafts: list[list[int]] | None = None,
     forced_tokens: int | None = None,
 ) -> list[Decoded]:
     """Greedy decoding of every row at once, one decoder call per step, until every row has
-    written end-of-text or `max_new_tokens` are written.
+    written end-of-text or `max_new_tokens` tokens.
 
     `prompts`: each row's decoder prompt (left-padded here to one width), ending with its forced
-    prefix, the last `prefixes[row]` tokens. `forced_tokens`: every row writes exactly that many
-    tokens (a capacity measurement).
+    prefix, the last `prefixes[row]` tokens. `drafts`: per row, the tokens it is expected to write
+    (what the previous decode of the same speech wrote), or none. The first call reads the prompt
+    and the draft together; a row keeps the draft's tokens as far as each is the one greedy
+    decoding would choose, adds the token chosen where they part, and goes on one step at a time
+    from there. A good draft saves most steps; any draft gives the tokens greedy decoding gives.
+    `forced_tokens`: every row writes exactly that many tokens (a capacity measurement; drafts
+    are then ignored).
     """
     import torch
 
     encoded = _encoder_marker(model, cross)
     device = encoded.device
     rows = len(prompts)
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    if drafts is None or forced_tokens is not None:
+        drafts = [[] for _ in range(rows)]
+    drafts = [d[: max(0, max_new_tokens - 1)] for d in drafts]
+    inputs = [p + d for p, d in zip(prompts, drafts, strict=True)]
+    width = max(len(i) for i in inputs)
+    ids = torch.tensor([[pad] * (width - len(i)) + i for i in inputs], device=device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in inputs], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     vocabulary = model.proj_out.out_features
     blocked = torch.zeros(vocabulary, dtype=torch.bool, device=device)
     blocked[[t for t in suppress if t < vocabulary]] = True
     blocked_first = blocked.clone()
     blocked_first[[t for t in begin_suppress if t < vocabulary]] = True
-    # A row with a forced prefix is past its beginning: only the plain suppressions apply to it.
-    first_rows = torch.stack([blocked if count else blocked_first for count in prefixes])
-    layers = sorted({layer for layer, _ in heads})
     tokens: list[list[int]] = [[] for _ in range(rows)]
     logprobs: list[list[float]] = [[] for _ in range(rows)]
-    steps: list[Any] = []
-    prefix_attention: Any = None
+    attention: list[list[Any]] = [[] for _ in range(rows)]  # per row: heads × frames per token
     finished = [False] * rows
     cache = new_cache(cross)
     decoder = model.get_decoder()
-    for step in range(max_new_tokens):
+    step = 0
+    while True:
         out = decoder(
             input_ids=ids,
             attention_mask=mask,
@@ -198,37 +205,74 @@ def greedy_decode(
             output_attentions=True,
         )
         cache = out.past_key_values
-        weights = {layer: out.cross_attentions[layer] for layer in layers}
-        if step == 0 and any(prefixes):
-            prefix_attention = torch.stack([weights[layer][:, head] for layer, head in heads], dim=1)
-        steps.append(torch.stack([weights[layer][:, head, -1] for layer, head in heads], dim=1))
-        logits = model.proj_out(out.last_hidden_state[:, -1]).float()
-        logits = logits.masked_fill(first_rows if step == 0 else blocked, -math.inf)
+        weights = torch.stack([out.cross_attentions[layer][:, head] for layer, head in heads], dim=1)
+        if step == 0:
+            # Rows × columns of the first call: column `start + len(prompt) - 1 + g` predicts the
+            # row's generated token g, and the forced prefix's tokens were predicted just before.
+            starts = [width - len(i) for i in inputs]
+            ends = [start + len(p) - 1 for start, p in zip(starts, prompts, strict=True)]
+            for row, count in enumerate(prefixes):
+                if count:
+                    attention[row] += list(weights[row, :, ends[row] - count : ends[row]].float().unbind(1))
+            columns = [list(range(end, end + len(d) + 1)) for end, d in zip(ends, drafts, strict=True)]
+            hidden = out.last_hidden_state
+        else:
+            columns = [[0] for _ in range(rows)]
+            hidden = out.last_hidden_state[:, -1:]
+        depth = max(len(c) for c in columns)
+        picked_columns = torch.tensor([c + [c[-1]] * (depth - len(c)) for c in columns], device=device)
+        states = hidden.gather(1, picked_columns[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = model.proj_out(states).float()  # rows × depth × vocabulary
+        if step == 0:  # the first generated token: the begin suppressions, unless a prefix began the row
+            first = torch.stack([blocked if count else blocked_first for count in prefixes])
+            later = blocked.expand(rows, -1)
+            logits = logits.masked_fill(torch.stack([first, *[later] * (depth - 1)], dim=1), -math.inf)
+        else:
+            logits = logits.masked_fill(blocked, -math.inf)
         if forced_tokens is not None:
-            logits[:, eot] = -math.inf
+            logits[..., eot] = -math.inf
         scores = logits.log_softmax(dim=-1)
         chosen = scores.argmax(dim=-1)
-        picked = scores.gather(1, chosen[:, None])[:, 0].tolist()
+        chosen_scores = scores.gather(2, chosen[..., None])[..., 0].tolist()
         chosen_ids = chosen.tolist()
+        next_ids = [eot] * rows
+        next_positions = [0] * rows
         for row in range(rows):
             if finished[row]:
-                chosen_ids[row] = eot  # a finished row only pads
                 continue
-            tokens[row].append(chosen_ids[row])
-            logprobs[row].append(picked[row])
-            finished[row] = chosen_ids[row] == eot
-        if (step + 1 >= forced_tokens) if forced_tokens is not None else all(finished):
+            draft = drafts[row] if step == 0 else []
+            for g in range(len(columns[row])):  # the draft's tokens while greedy agrees, then greedy's own
+                token = chosen_ids[row][g]
+                tokens[row].append(token)
+                logprobs[row].append(chosen_scores[row][g])
+                attention[row].append(weights[row, :, columns[row][g]].float())
+                if token == eot or len(tokens[row]) >= max_new_tokens:
+                    finished[row] = True
+                    break
+                if g >= len(draft) or token != draft[g]:
+                    break
+            if step == 0 and drafts[row]:
+                # The draft tokens after the last one kept stay in the cache, hidden from later steps.
+                kept = len(tokens[row]) - 1
+                end = starts[row] + len(inputs[row])
+                mask[row, end - len(drafts[row]) + kept : end] = 0
+            next_ids[row] = tokens[row][-1]
+            next_positions[row] = len(prompts[row]) + len(tokens[row]) - 1
+        if forced_tokens is not None and all(len(t) >= forced_tokens for t in tokens):
             break
-        ids = torch.tensor(chosen_ids, device=device)[:, None]
+        if forced_tokens is None and all(finished):
+            break
+        step += 1
+        ids = torch.tensor(next_ids, device=device)[:, None]
         mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
-        positions = positions[:, -1:] + 1
-    stacked = torch.stack(steps, dim=2).float().cpu().numpy()  # rows × heads × steps × frames
-    results = []
-    for row in range(rows):
-        attention = stacked[row, :, : len(tokens[row])]
-        count = prefixes[row]
-        if count:  # the queries that "produced" the forced prefix sit just before the prompt's end
-            before = prefix_attention[row, :, -count - 1 : -1].float().cpu().numpy()
-            attention = np.concatenate([before, attention], axis=1)
-        results.append(Decoded(tokens[row], logprobs[row], attention))
-    return results
+        positions = torch.tensor(next_positions, device=device)[:, None]
+    return [
+        Decoded(
+            tokens[row],
+            logprobs[row],
+            torch.stack(attention[row], dim=1).cpu().numpy()
+            if attention[row]
+            else np.zeros((len(heads), 0, 0), np.float32),
+        )
+        for row in range(rows)
+    ]

@@ -1,0 +1,143 @@
+"""What hearing a decode in a sized encoder window (ENCODER_WINDOW=sized) changes, on real weights.
+
+The server's own backend (`WhisperBackend.transcribe_batch`) decodes the same audio with the
+encoder on full 30 s windows and on sized windows (the audio plus each pad given, the rest read
+as the encoding of silence), and reports for each pad, against the full windows:
+
+- whole clips (every corpus clip of at most 29 s, as an utterance that ended): WER against the
+  references, and how many texts are identical to the full-window text;
+- cut windows (the first 2, 3.5, 5, 7 and 10 s of the longer clips, as the partial decodes of an
+  utterance still being spoken see it): the share of words that differ from the full-window
+  text, and how many texts are identical;
+- the wall time of each pass, and of the encoder alone on one 30 s window and one 7 s window.
+
+    python bench/encoder_window.py                         # tiny.en, pads 5 and 10 s
+    python bench/encoder_window.py --model base --pads 3 5 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.accuracy import edit_alignment, english_normalizer  # noqa: E402
+from bench.common import machine  # noqa: E402
+from bench.corpus import load_corpus  # noqa: E402
+from bench.real_models import faster_whisper_folder  # noqa: E402
+
+RATE = 16000
+CUTS_S = (2.0, 3.5, 5.0, 7.0, 10.0)
+RESULTS = ROOT / "bench" / "results"
+
+
+def word_errors(reference: str, hypothesis: str, normalizer: Any) -> tuple[int, int]:
+    words = normalizer(reference).split()
+    return edit_alignment(words, normalizer(hypothesis).split())[0], len(words)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny.en", choices=["tiny.en", "base"])
+    parser.add_argument("--pads", nargs="+", type=float, default=[5.0, 10.0])
+    args = parser.parse_args()
+
+    import torch
+
+    from real_time_audio.config import load_settings
+    from real_time_audio.service import TranscriptionRequest
+    from real_time_audio.whisper.backend import WhisperBackend
+    from real_time_audio.whisper.decoding import encode_sized
+
+    clips = [c for c in load_corpus() if len(c.audio) <= 29 * RATE]
+    cuts = [c.audio[: int(s * RATE)] for c in clips for s in CUTS_S if len(c.audio) > s * RATE * 1.3]
+    normalizer = english_normalizer()
+    settings = load_settings(transcription_model_id=str(faster_whisper_folder(args.model)), device="cpu", warmup=False)
+    backend = WhisperBackend.load(settings)
+
+    def decode(window: str, pad: float, audio: list[np.ndarray]) -> tuple[list[str], float]:
+        backend.encoder_window, backend.encoder_pad_s = window, pad
+        started = time.perf_counter()
+        texts = [backend.transcribe_batch([TranscriptionRequest(audio=a, language="en")])[0].text for a in audio]
+        return texts, time.perf_counter() - started
+
+    encoder = backend.model.get_encoder()
+    mel = backend.processor.feature_extractor(
+        [clips[0].audio[: 5 * RATE]], sampling_rate=RATE, return_tensors="pt"
+    ).input_features
+    timings = {}
+    with torch.inference_mode():
+        for name, run in (
+            ("encoder_30s_s", lambda: encoder(mel)),
+            ("encoder_7s_s", lambda: encode_sized(encoder, mel[..., :700])),
+        ):
+            run()
+            started = time.perf_counter()
+            for _ in range(5):
+                run()
+            timings[name] = round((time.perf_counter() - started) / 5, 4)
+
+    full_clips, full_clip_s = decode("full", 0, [c.audio for c in clips])
+    full_cuts, full_cut_s = decode("full", 0, cuts)
+    errors = [word_errors(c.text, t, normalizer) for c, t in zip(clips, full_clips, strict=True)]
+    rows: list[dict[str, Any]] = [
+        {
+            "window": "full",
+            "clip_wer": round(100 * sum(e for e, _ in errors) / sum(n for _, n in errors), 2),
+            "clips_identical": len(clips),
+            "cut_words_differing": 0.0,
+            "cuts_identical": len(cuts),
+            "seconds": round(full_clip_s + full_cut_s, 1),
+        }
+    ]
+    for pad in args.pads:
+        texts, clip_s = decode("sized", pad, [c.audio for c in clips])
+        cut_texts, cut_s = decode("sized", pad, cuts)
+        errors = [word_errors(c.text, t, normalizer) for c, t in zip(clips, texts, strict=True)]
+        differing = [word_errors(f, t, normalizer) for f, t in zip(full_cuts, cut_texts, strict=True)]
+        rows.append(
+            {
+                "window": f"sized, pad {pad:g} s",
+                "clip_wer": round(100 * sum(e for e, _ in errors) / sum(n for _, n in errors), 2),
+                "clips_identical": sum(a == b for a, b in zip(full_clips, texts, strict=True)),
+                "cut_words_differing": round(
+                    100 * sum(e for e, _ in differing) / max(1, sum(n for _, n in differing)), 2
+                ),
+                "cuts_identical": sum(a == b for a, b in zip(full_cuts, cut_texts, strict=True)),
+                "seconds": round(clip_s + cut_s, 1),
+            }
+        )
+    report = {
+        "model": args.model,
+        "machine": machine(),
+        "clips": len(clips),
+        "cuts": len(cuts),
+        **timings,
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"encoder-window-{args.model}.json"
+    out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    print(f"{args.model}: encoder on 30 s {timings['encoder_30s_s']} s, on 7 s {timings['encoder_7s_s']} s")
+    header = f"whole clips: WER (identical of {len(clips)}) | cut windows: words differing (identical of {len(cuts)})"
+    print(f"| window | {header} | time |")
+    print("| --- | --- | --- | --- |")
+    for row in rows:
+        print(
+            f"| {row['window']} | {row['clip_wer']:.2f} % ({row['clips_identical']}) | "
+            f"{row['cut_words_differing']:.2f} % ({row['cuts_identical']}) | {row['seconds']} s |"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
