@@ -303,6 +303,7 @@ class SessionPipeline:
             task=self.config.task,
             prompt=prompt,
             prefix=window.prefix or None,
+            draft=window.draft or None,
             is_final=window.is_final,
             session_id=self.session_id,
         )

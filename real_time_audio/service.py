@@ -132,6 +132,9 @@ class TranscriptionRequest:
     # Words already committed for the start of this audio: the decoder is made to begin with them
     # and only its continuation is returned, so it can neither revise nor repeat them.
     prefix: str | None = None
+    # What the previous decode of this speech wrote after that prefix: a guess at the text that
+    # lets the decoder check many tokens in one step. It changes the work, never the result.
+    draft: str | None = None
     is_final: bool = True
     session_id: str = ""
 

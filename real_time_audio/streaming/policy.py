@@ -68,6 +68,7 @@ class Window:
     context: str  # committed text that left the buffer, for the prompt
     prefix: str  # committed words at the start of this audio: the decode continues after them
     epoch: int  # the buffer position this window was cut from; a partial from an older one is stale
+    draft: str = ""  # the words the last decode heard after the prefix (a hint for the decoder)
 
     @property
     def is_final(self) -> bool:
@@ -308,7 +309,16 @@ class UtterancePolicy:
         audio = self._joined()[start - self._buffer_start : end - self._buffer_start]
         self.stats.windows[kind] += 1
         self.stats.longest_window = max(self.stats.longest_window, end - start)
-        return Window(start, end, kind, audio, self._context, join_words(self._buffered_words), self._epoch)
+        return Window(
+            start,
+            end,
+            kind,
+            audio,
+            self._context,
+            join_words(self._buffered_words),
+            self._epoch,
+            join_words(self._agreement.tail),
+        )
 
     # -- results --------------------------------------------------------------------------------
 

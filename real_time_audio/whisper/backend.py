@@ -56,6 +56,7 @@ MAX_TARGET_TOKENS = 448  # Whisper's decoder context
 TOKEN_ALLOWANCE = 8  # extra tokens on top of the per-second cap, for very short clips
 MAX_PROMPT_TOKENS = 200
 MAX_PREFIX_TOKENS = 160  # a longer prefix is dropped (the policy keeps it far shorter)
+MAX_DRAFT_TOKENS = 96  # of a draft, only this many tokens are checked at once
 WINDOW_BUCKET_S = 1.0  # sized encoder windows come in whole seconds
 WORD_START = "\u0120"  # how byte-level BPE marks a token that begins with a space
 
@@ -319,6 +320,7 @@ class WhisperBackend:
                 suppress=list(generation.suppress_tokens or []),
                 begin_suppress=list(generation.begin_suppress_tokens or []),
                 heads=generation.alignment_heads,
+                drafts=[self._text_ids(" " + r.draft)[:MAX_DRAFT_TOKENS] if r.draft else [] for r in requests],
                 forced_tokens=self._forced_tokens,
             )
         frames = (features.attention_mask.sum(dim=-1) // MEL_FRAMES_PER_FRAME).tolist()  # encoder frames of each clip
