@@ -11,8 +11,9 @@ as the encoding of silence), and reports for each pad, against the full windows:
   text, and how many texts are identical;
 - the wall time of each pass, and of the encoder alone on one 30 s window and one 7 s window.
 
-    python bench/encoder_window.py                         # tiny.en, pads 5 and 10 s
-    python bench/encoder_window.py --model base --pads 3 5 8
+    python bench/encoder_window.py                         # tiny.en and base, pads 2, 5 and 10 s
+    python bench/encoder_window.py --models base --pads 3 5 8
+    python bench/encoder_window.py --update-docs           # rewrite the block in docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.accuracy import edit_alignment, english_normalizer  # noqa: E402
-from bench.common import machine  # noqa: E402
+from bench.common import machine, replace_docs_block  # noqa: E402
 from bench.corpus import load_corpus  # noqa: E402
 from bench.real_models import faster_whisper_folder  # noqa: E402
 
 RATE = 16000
 CUTS_S = (2.0, 3.5, 5.0, 7.0, 10.0)
 RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- encoder-window:begin -->", "<!-- encoder-window:end -->"
 
 
 def word_errors(reference: str, hypothesis: str, normalizer: Any) -> tuple[int, int]:
@@ -45,12 +48,7 @@ def word_errors(reference: str, hypothesis: str, normalizer: Any) -> tuple[int, 
     return edit_alignment(words, normalizer(hypothesis).split())[0], len(words)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny.en", choices=["tiny.en", "base"])
-    parser.add_argument("--pads", nargs="+", type=float, default=[5.0, 10.0])
-    args = parser.parse_args()
-
+def measure(model: str, pads: list[float]) -> dict[str, Any]:
     import torch
 
     from real_time_audio.config import load_settings
@@ -61,7 +59,7 @@ def main() -> None:
     clips = [c for c in load_corpus() if len(c.audio) <= 29 * RATE]
     cuts = [c.audio[: int(s * RATE)] for c in clips for s in CUTS_S if len(c.audio) > s * RATE * 1.3]
     normalizer = english_normalizer()
-    settings = load_settings(transcription_model_id=str(faster_whisper_folder(args.model)), device="cpu", warmup=False)
+    settings = load_settings(transcription_model_id=str(faster_whisper_folder(model)), device="cpu", warmup=False)
     backend = WhisperBackend.load(settings)
 
     def decode(window: str, pad: float, audio: list[np.ndarray]) -> tuple[list[str], float]:
@@ -99,7 +97,7 @@ def main() -> None:
             "seconds": round(full_clip_s + full_cut_s, 1),
         }
     ]
-    for pad in args.pads:
+    for pad in pads:
         texts, clip_s = decode("sized", pad, [c.audio for c in clips])
         cut_texts, cut_s = decode("sized", pad, cuts)
         errors = [word_errors(c.text, t, normalizer) for c, t in zip(clips, texts, strict=True)]
@@ -116,27 +114,45 @@ def main() -> None:
                 "seconds": round(clip_s + cut_s, 1),
             }
         )
-    report = {
-        "model": args.model,
-        "machine": machine(),
-        "clips": len(clips),
-        "cuts": len(cuts),
-        **timings,
-        "rows": rows,
-    }
+    return {"model": model, "machine": machine(), "clips": len(clips), "cuts": len(cuts), **timings, "rows": rows}
+
+
+def table(reports: list[dict[str, Any]], arguments: str) -> str:
+    first = reports[0]
+    lines = [
+        f"{first['clips']} whole clips and {first['cuts']} cut windows; {first['machine']['cpu']}, "
+        f"{first['machine']['cores']} cores; command `python bench/encoder_window.py {arguments}`.",
+        "",
+        "| model | window | whole clips: WER (identical to full) | cut windows: words differing (identical) | time |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for report in reports:
+        for row in report["rows"]:
+            lines.append(
+                f"| {report['model']} | {row['window']} | {row['clip_wer']:.2f} % ({row['clips_identical']}) | "
+                f"{row['cut_words_differing']:.2f} % ({row['cuts_identical']}) | {row['seconds']} s |"
+            )
+    timings = "; ".join(f"{r['model']} {r['encoder_30s_s']} s on 30 s, {r['encoder_7s_s']} s on 7 s" for r in reports)
+    lines += ["", f"The encoder alone, one row: {timings}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny.en", "base"], choices=["tiny.en", "base"])
+    parser.add_argument("--pads", nargs="+", type=float, default=[2.0, 5.0, 10.0])
+    parser.add_argument("--update-docs", action="store_true")
+    args = parser.parse_args()
+    reports = [measure(model, args.pads) for model in args.models]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"encoder-window-{args.model}.json"
-    out.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    print(f"{args.model}: encoder on 30 s {timings['encoder_30s_s']} s, on 7 s {timings['encoder_7s_s']} s")
-    header = f"whole clips: WER (identical of {len(clips)}) | cut windows: words differing (identical of {len(cuts)})"
-    print(f"| window | {header} | time |")
-    print("| --- | --- | --- | --- |")
-    for row in rows:
-        print(
-            f"| {row['window']} | {row['clip_wer']:.2f} % ({row['clips_identical']}) | "
-            f"{row['cut_words_differing']:.2f} % ({row['cuts_identical']}) | {row['seconds']} s |"
-        )
+    out = RESULTS / "encoder-window.json"
+    out.write_text(json.dumps(reports, indent=1), encoding="utf-8")
+    text = table(reports, " ".join(sys.argv[1:]).strip())
+    print(text)
     print(f"wrote {out}")
+    if args.update_docs:
+        replace_docs_block(DOCS, BEGIN, END, text)
+        print(f"updated {DOCS}")
 
 
 if __name__ == "__main__":

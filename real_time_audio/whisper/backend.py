@@ -1,6 +1,6 @@
-"""The Whisper backend: a Hugging Face Whisper model run with batched `generate`, and the
-transformers side of converting a faster-whisper folder. This is the only module that imports
-transformers (lazily, so that importing it never touches CUDA).
+"""The Whisper backend: a Hugging Face Whisper model run on batches of requests, and the
+transformers side of converting a faster-whisper folder. This module and whisper/decoding.py
+are the only ones that import transformers (lazily, so that importing them never touches CUDA).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def resolve_device(setting: str) -> tuple[str, str]:
 
 
 class WhisperBackend:
-    """A Hugging Face Whisper model and its processor, run with batched `generate`.
+    """A Hugging Face Whisper model and its processor, run on batches (whisper/decoding.py).
 
     Each row of a batch has its own decoder prompt (context text, language), left-padded to a
     common length, so sessions with different contexts and languages still share one model call.
