@@ -19,6 +19,7 @@ frames sent when their audio would exist, then `END`. For each number of clients
     python bench/capacity.py --clients 1 4 --seconds 90 --tag before
     python bench/capacity.py --env PARTIAL_INTERVAL_MAX_MS=1000 --tag fixed-cadence
     python bench/capacity.py --update-docs            # rewrite the capacity block of docs/benchmarks.md
+    python bench/capacity.py --plot now drafts        # no run: plot saved runs (docs/images/)
 """
 
 from __future__ import annotations
@@ -146,6 +147,41 @@ def update_docs(report: dict[str, Any]) -> None:
     replace_docs_block(DOCS, BEGIN, END, body)
 
 
+def plot(model: str, tags: list[str], path: Path) -> None:
+    """Final latency (p50 and p95) and CPU-s per audio-s against clients, one line per tagged run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency, cpu) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for tag in tags:
+        report = json.loads((RESULTS / f"capacity-{model}-{tag}.json").read_text(encoding="utf-8"))
+        runs = [r for r in report["runs"] if r["final_latency_p50_s"] is not None]
+        clients = [r["clients"] for r in runs]
+        settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items())
+        label = f"{tag} ({settings})" if settings else tag
+        line = latency.plot(clients, [r["final_latency_p95_s"] for r in runs], marker="o", label=f"{label}: p95")[0]
+        latency.plot(
+            clients, [r["final_latency_p50_s"] for r in runs], marker=".", linestyle="--", color=line.get_color()
+        )
+        cpu.plot(clients, [r["cpu_s_per_audio_s"] for r in runs], marker="o", label=label, color=line.get_color())
+    for axes in (latency, cpu):
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("live speakers")
+        axes.grid(alpha=0.3)
+    latency.set_yscale("log")
+    latency.axhline(1.5, color="grey", linewidth=0.8)
+    latency.set_ylabel("final latency, s (solid p95, dashed p50; line: 1.5 s)")
+    cpu.axhline(0.3, color="grey", linewidth=0.8)
+    cpu.set_ylabel("server CPU-s per audio-s (line: 0.3)")
+    latency.legend(fontsize=7)
+    figure.suptitle(f"{model}, live speakers at real-time pace")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny.en", choices=["tiny.en", "base"])
@@ -154,7 +190,15 @@ def main() -> None:
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE", help="server settings for this run")
     parser.add_argument("--tag", default="")
     parser.add_argument("--update-docs", action="store_true")
+    parser.add_argument(
+        "--plot", nargs="+", metavar="TAG", help="no run: draw the runs saved under these tags into docs/images/"
+    )
     args = parser.parse_args()
+    if args.plot:
+        path = DOCS.parent / "images" / f"capacity-{args.model}.png"
+        plot(args.model, args.plot, path)
+        print(f"wrote {path}")
+        return
     env = dict(item.split("=", 1) for item in args.env)
     clips = load_corpus()
     normalizer = english_normalizer()
