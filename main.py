@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from real_time_audio.api.records import router as records_router
 from real_time_audio.api.rest import router as rest_router
-from real_time_audio.audio.vad import FrameScorer, SileroScorer
+from real_time_audio.audio.vad import BatchingScorer, FrameScorer
 from real_time_audio.config import Settings, load_settings
 from real_time_audio.ops.drain import install_signal_handlers
 from real_time_audio.ops.logs import configure_logging
@@ -38,7 +38,7 @@ SHUTDOWN_RELEASE_S = 10.0  # how long shutdown waits for sessions to close their
 def create_app(
     settings: Settings | None = None,
     engine_factory: Callable[[Settings], TranscriptionEngine] = load_engine,
-    vad_factory: Callable[[], FrameScorer] = SileroScorer.shared,
+    vad_factory: Callable[[], FrameScorer] = BatchingScorer.shared,
 ) -> FastAPI:
     """Build the application. The engine and the VAD model are loaded by the lifespan, not here."""
     settings = settings or load_settings()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -10,7 +11,13 @@ import pytest
 import torch
 from numpy.typing import NDArray
 
-from real_time_audio.audio.vad import FRAME_SAMPLES, SileroScorer, SpeechEvent, VoiceActivityDetector
+from real_time_audio.audio.vad import (
+    FRAME_SAMPLES,
+    BatchingScorer,
+    SileroScorer,
+    SpeechEvent,
+    VoiceActivityDetector,
+)
 from tests.conftest import needs_espeak
 
 RATE = 16000
@@ -130,3 +137,72 @@ def test_silero_hears_no_speech_in_silence_or_noise(level: float) -> None:
     vad = VoiceActivityDetector(SileroScorer.shared())
     assert vad.process(noise) == []
     assert vad.finish(end=len(noise)) == []
+
+
+def _streams() -> list[np.ndarray]:
+    """Three streams of frames with speech-like bursts, of different lengths."""
+    from tests.conftest import speech_like
+
+    clips = [speech_like(seed, seconds) for seed, seconds in ((1, 3.0), (2, 1.2), (3, 2.2))]
+    return [c[: len(c) // FRAME_SAMPLES * FRAME_SAMPLES].reshape(-1, FRAME_SAMPLES) for c in clips]
+
+
+def test_streams_scored_together_score_as_they_do_alone() -> None:
+    """score_many over streams of different lengths, call after call, gives each stream the
+    probabilities and state it gets when scored on its own."""
+    scorer = SileroScorer.shared()
+    streams = _streams()
+    alone: list[list[float]] = []
+    for frames in streams:
+        state = scorer.new_state()
+        got: list[float] = []
+        for block in np.array_split(frames, 4):
+            probabilities, state = scorer.score(block, state)
+            got += probabilities.tolist()
+        alone.append(got)
+    states = [scorer.new_state() for _ in streams]
+    together: list[list[float]] = [[] for _ in streams]
+    for part in range(4):
+        blocks = [np.array_split(frames, 4)[part] for frames in streams]
+        results = scorer.score_many(list(zip(blocks, states, strict=True)))
+        for index, (probabilities, state) in enumerate(results):
+            together[index] += probabilities.tolist()
+            states[index] = state
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert len({round(sum(a), 3) for a in alone}) == 3  # the streams really differ
+
+
+def test_the_batching_scorer_scores_many_sessions_in_few_calls() -> None:
+    """Sessions scoring at the same time from their own threads are served by shared model calls,
+    each with its own result."""
+    scorer = BatchingScorer(SileroScorer.shared())
+    streams = _streams() * 4  # twelve sessions
+    expected = [SileroScorer.shared().score(frames, SileroScorer.shared().new_state())[0] for frames in streams]
+    start = threading.Barrier(len(streams))
+    results: list[np.ndarray | None] = [None] * len(streams)
+
+    def session(index: int) -> None:
+        start.wait()
+        results[index] = scorer.score(streams[index], scorer.new_state())[0]
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(streams))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    scorer.close()
+    for got, want in zip(results, expected, strict=True):
+        assert got is not None
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert 1 <= scorer.calls < len(streams)
+
+
+def test_a_failing_call_fails_its_sessions_and_the_scorer_goes_on() -> None:
+    scorer = BatchingScorer(SileroScorer.shared())
+    with pytest.raises(ValueError):
+        scorer.score(np.zeros((2, 7), np.float32), scorer.new_state())  # frames of the wrong size
+    frames = _streams()[0]
+    probabilities, _ = scorer.score(frames, scorer.new_state())
+    scorer.close()
+    assert len(probabilities) == len(frames)

@@ -4,7 +4,8 @@ The Silero model (shipped inside the `silero-vad` wheel, so nothing is downloade
 32 ms frame of 16 kHz audio with a speech probability. Its network is stateless apart from one
 LSTM state, so a single loaded model serves every session: each session keeps its own LSTM state
 and frame context in a `VoiceActivityDetector`. The convolutional front end runs on all the
-frames of a chunk at once; only the LSTM steps frame by frame.
+frames of a chunk at once; only the LSTM steps frame by frame. `BatchingScorer` scores the frames
+of every session on one thread, those that wait together in one call.
 
 `VoiceActivityDetector` turns probabilities into `speech_start` / `speech_end` events with
 hysteresis, a minimum speech length and a minimum silence length. It takes any `FrameScorer`,
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import queue
 import threading
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -92,24 +95,120 @@ class SileroScorer:
 
     def score(self, frames: NDArray[np.float32], state: dict[str, Any]) -> tuple[NDArray[np.float32], Any]:
         """Speech probability of each frame (shape (n, 512)), carrying the state across calls."""
+        return self.score_many([(frames, state)])[0]
+
+    def score_many(
+        self, items: list[tuple[NDArray[np.float32], dict[str, Any]]]
+    ) -> list[tuple[NDArray[np.float32], dict[str, Any]]]:
+        """`score` for several streams at once: one pass of the front end over all their frames,
+        and the LSTM stepped for all of them together (each stream with its own state)."""
         torch = self._torch
         model = self._model
-        context = np.concatenate([state["context"][None, :], frames[:-1, -CONTEXT_SAMPLES:]])
-        inputs = torch.from_numpy(np.ascontiguousarray(np.concatenate([context, frames], axis=1)))
         rnn = model.decoder.rnn
-        with torch.inference_mode():
-            features = model.encoder(model.run_extractors(inputs)).squeeze(-1)
-            h, c = state["h"], state["c"]
-            hidden = []
-            for row in range(len(frames)):
-                h, c = torch.lstm_cell(
-                    features[row : row + 1], [h, c], rnn.weight_ih, rnn.weight_hh, rnn.bias_ih, rnn.bias_hh
+        counts = [len(frames) for frames, _ in items]
+        starts = np.cumsum([0, *counts[:-1]]).tolist()
+        inputs = np.concatenate(
+            [
+                np.concatenate(
+                    [np.concatenate([state["context"][None, :], frames[:-1, -CONTEXT_SAMPLES:]]), frames], axis=1
                 )
-                hidden.append(h)
-            out = model.decoder.decoder(torch.cat(hidden).unsqueeze(-1))
+                for frames, state in items
+            ]
+        )
+        with torch.inference_mode():
+            features = model.encoder(model.run_extractors(torch.from_numpy(np.ascontiguousarray(inputs)))).squeeze(-1)
+            h = torch.cat([state["h"] for _, state in items])
+            c = torch.cat([state["c"] for _, state in items])
+            hidden = torch.empty((sum(counts), h.shape[1]))
+            for step in range(max(counts)):
+                streams = [i for i, count in enumerate(counts) if count > step]
+                rows = torch.tensor([starts[i] + step for i in streams])
+                index = torch.tensor(streams)
+                h_step, c_step = torch.lstm_cell(
+                    features[rows], [h[index], c[index]], rnn.weight_ih, rnn.weight_hh, rnn.bias_ih, rnn.bias_hh
+                )
+                h[index], c[index] = h_step, c_step
+                hidden[rows] = h_step
+            out = model.decoder.decoder(hidden.unsqueeze(-1))
             probabilities = out.squeeze(1).mean(dim=1).numpy().astype(np.float32)
-        new_state = {"context": frames[-1, -CONTEXT_SAMPLES:].copy(), "h": h, "c": c}
-        return probabilities, new_state
+        return [
+            (
+                probabilities[start : start + count],
+                {"context": frames[-1, -CONTEXT_SAMPLES:].copy(), "h": h[i : i + 1].clone(), "c": c[i : i + 1].clone()},
+            )
+            for i, ((frames, _), start, count) in enumerate(zip(items, starts, counts, strict=True))
+        ]
+
+
+@dataclass(slots=True)
+class _Scoring:
+    frames: NDArray[np.float32]
+    state: dict[str, Any]
+    done: Future[tuple[NDArray[np.float32], dict[str, Any]]]
+
+
+class BatchingScorer:
+    """Every session's frames scored on one thread: what arrives while a call runs is scored
+    together in the next one (`SileroScorer.score_many`), so many sessions cost a few model calls
+    rather than one each, and voice detection never holds more than one core."""
+
+    _shared: BatchingScorer | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self, scorer: SileroScorer, max_streams: int = 64) -> None:
+        self.scorer = scorer
+        self.max_streams = max_streams
+        self.calls = 0  # model calls made, for tests and benchmarks
+        self._waiting: queue.SimpleQueue[_Scoring | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="voice-detection", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def shared(cls) -> BatchingScorer:
+        """The process-wide scorer over the process-wide model, started on first use."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls(SileroScorer.shared())
+            return cls._shared
+
+    def new_state(self) -> dict[str, Any]:
+        return self.scorer.new_state()
+
+    def score(self, frames: NDArray[np.float32], state: dict[str, Any]) -> tuple[NDArray[np.float32], Any]:
+        """Blocks the calling (session) thread until its frames are scored."""
+        job = _Scoring(frames, state, Future())
+        self._waiting.put(job)
+        return job.done.result()
+
+    def close(self) -> None:
+        self._waiting.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            job = self._waiting.get()
+            if job is None:
+                return
+            jobs = [job]
+            while len(jobs) < self.max_streams:
+                try:
+                    more = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._waiting.put(None)  # stop after this call
+                    break
+                jobs.append(more)
+            try:
+                results = self.scorer.score_many([(j.frames, j.state) for j in jobs])
+            except Exception as exc:
+                for j in jobs:
+                    j.done.set_exception(exc)
+                continue
+            finally:
+                self.calls += 1
+            for j, result in zip(jobs, results, strict=True):
+                j.done.set_result(result)
 
 
 class VoiceActivityDetector:
