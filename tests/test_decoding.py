@@ -219,3 +219,32 @@ def test_a_draft_changes_the_number_of_steps_never_the_tokens(
     assert drafted_calls == plain_calls  # the batch goes on as long as its longest row
     assert alone[0].tokens == plain[0].tokens
     assert len(calls) == (1 if len(right) + 1 >= 10 else 2)  # the draft and its next token, then the end
+
+
+@pytest.mark.parametrize(("limit", "forced", "written"), [(10, 3, 3), (5, 8, 5)])
+def test_forced_tokens_write_exactly_that_many_within_the_limit(
+    backend: WhisperBackend, limit: int, forced: int, written: int
+) -> None:
+    """A capacity measurement's rows write `forced` tokens (end-of-text blocked), never past the limit."""
+    model = backend.model
+    generation = model.generation_config
+    prompt = [generation.decoder_start_token_id, generation.no_timestamps_token_id]
+    with torch.inference_mode():
+        cross = cross_attention(
+            model, model.get_encoder()(features(backend, [speech_like(51, 1.0)] * 2)).last_hidden_state
+        )
+        rows = greedy_decode(
+            model,
+            cross,
+            [prompt, prompt],
+            [0, 0],
+            limit,
+            pad=generation.pad_token_id,
+            eot=generation.eos_token_id,
+            suppress=[],
+            begin_suppress=[],
+            heads=generation.alignment_heads,
+            forced_tokens=forced,
+        )
+    assert [len(r.tokens) for r in rows] == [written, written]
+    assert all(generation.eos_token_id not in r.tokens for r in rows)

@@ -174,6 +174,8 @@ def greedy_decode(
     encoded = _encoder_marker(model, cross)
     device = encoded.device
     rows = len(prompts)
+    if forced_tokens is not None:  # every row runs to exactly this many tokens (end-of-text is blocked)
+        max_new_tokens = min(max_new_tokens, forced_tokens)
     if drafts is None or forced_tokens is not None:
         drafts = [[] for _ in range(rows)]
     drafts = [d[: max(0, max_new_tokens - 1)] for d in drafts]
@@ -258,9 +260,7 @@ def greedy_decode(
                 mask[row, end - len(drafts[row]) + kept : end] = 0
             next_ids[row] = tokens[row][-1]
             next_positions[row] = len(prompts[row]) + len(tokens[row]) - 1
-        if forced_tokens is not None and all(len(t) >= forced_tokens for t in tokens):
-            break
-        if forced_tokens is None and all(finished):
+        if all(finished):
             break
         step += 1
         ids = torch.tensor(next_ids, device=device)[:, None]
