@@ -28,6 +28,18 @@ def backend(checkpoint_dir: Path) -> WhisperBackend:
     return WhisperBackend.load(Settings(transcription_model_id=str(checkpoint_dir), warmup=False))
 
 
+def special_ids(backend: WhisperBackend) -> tuple[int, list[int]]:
+    """<|startofprev|>, and the start of an English transcript without timestamps."""
+    generation = backend.model.generation_config
+    start = [
+        generation.decoder_start_token_id,
+        generation.lang_to_id["<|en|>"],
+        generation.task_to_id["transcribe"],
+        generation.no_timestamps_token_id,
+    ]
+    return backend.processor.tokenizer.convert_tokens_to_ids("<|startofprev|>"), start
+
+
 def features(backend: WhisperBackend, clips: list[np.ndarray]) -> torch.Tensor:
     extracted = backend.processor.feature_extractor(clips, sampling_rate=16000, return_tensors="pt")
     return extracted.input_features
@@ -84,14 +96,11 @@ def test_greedy_decode_writes_what_generate_writes(backend: WhisperBackend) -> N
     model = backend.model
     generation = model.generation_config
     clips = [speech_like(21, 2.0), speech_like(22, 3.0), speech_like(23, 1.0)]
-    sot, no_timestamps = generation.decoder_start_token_id, generation.no_timestamps_token_id
-    english = generation.lang_to_id["<|en|>"]
-    transcribe = generation.task_to_id["transcribe"]
-    prev = backend.processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")
+    prev, start = special_ids(backend)
     prompts = [
-        [sot, english, transcribe, no_timestamps],
-        [prev, 300, 301, 302, 303, sot, english, transcribe, no_timestamps],
-        [prev, 400, sot, english, transcribe, no_timestamps],
+        start,
+        [prev, 300, 301, 302, 303, *start],
+        [prev, 400, *start],
     ]
     mel = features(backend, clips)
     with torch.inference_mode():
@@ -174,15 +183,12 @@ def test_a_draft_changes_the_number_of_steps_never_the_tokens(
     right draft needs at most two decoder calls instead of one per token."""
     model = backend.model
     generation = model.generation_config
-    sot, no_timestamps = generation.decoder_start_token_id, generation.no_timestamps_token_id
-    english = generation.lang_to_id["<|en|>"]
-    transcribe = generation.task_to_id["transcribe"]
-    prev = backend.processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")
+    prev, start = special_ids(backend)
     prompts = [
-        [sot, english, transcribe, no_timestamps],
-        [prev, 300, 301, 302, sot, english, transcribe, no_timestamps],
-        [sot, english, transcribe, no_timestamps, 500, 501],  # two forced prefix tokens
-        [prev, 400, sot, english, transcribe, no_timestamps],
+        start,
+        [prev, 300, 301, 302, *start],
+        [*start, 500, 501],  # two forced prefix tokens
+        [prev, 400, *start],
     ]
     prefixes = [0, 0, 2, 0]
     mel = features(backend, [speech_like(41, 2.0), speech_like(42, 3.0), speech_like(43, 1.5), speech_like(44, 2.5)])
