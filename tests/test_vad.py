@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -173,29 +175,53 @@ def test_streams_scored_together_score_as_they_do_alone() -> None:
     assert len({round(sum(a), 3) for a in alone}) == 3  # the streams really differ
 
 
+class _GatedScorer:
+    """The real scorer, whose first call waits until the test lets it go (so that the sessions
+    that arrive meanwhile are known to wait for the next call, however busy the machine is)."""
+
+    def __init__(self) -> None:
+        self.inner = SileroScorer.shared()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.sizes: list[int] = []
+
+    def new_state(self) -> dict[str, Any]:
+        return self.inner.new_state()
+
+    def score_many(self, items: list[Any]) -> list[Any]:
+        self.sizes.append(len(items))
+        self.entered.set()
+        self.gate.wait(timeout=60)
+        return self.inner.score_many(items)
+
+
 def test_the_batching_scorer_scores_many_sessions_in_few_calls() -> None:
-    """Sessions scoring at the same time from their own threads are served by shared model calls,
-    each with its own result."""
-    scorer = BatchingScorer(SileroScorer.shared())
+    """Sessions scoring while a call runs are all served by the next call, each with its own result."""
+    gated = _GatedScorer()
+    scorer = BatchingScorer(gated)  # type: ignore[arg-type]
     streams = _streams() * 4  # twelve sessions
     expected = [SileroScorer.shared().score(frames, SileroScorer.shared().new_state())[0] for frames in streams]
-    start = threading.Barrier(len(streams))
     results: list[np.ndarray | None] = [None] * len(streams)
 
     def session(index: int) -> None:
-        start.wait()
         results[index] = scorer.score(streams[index], scorer.new_state())[0]
 
     threads = [threading.Thread(target=session, args=(i,)) for i in range(len(streams))]
     for thread in threads:
         thread.start()
+    assert gated.entered.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while scorer._waiting.qsize() < len(streams) - gated.sizes[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gated.gate.set()
     for thread in threads:
         thread.join(timeout=60)
     scorer.close()
     for got, want in zip(results, expected, strict=True):
         assert got is not None
         np.testing.assert_allclose(got, want, atol=1e-5)
-    assert 1 <= scorer.calls < len(streams)
+    assert sum(gated.sizes) == len(streams)
+    assert scorer.calls == len(gated.sizes) <= 2
 
 
 def test_a_failing_call_fails_its_sessions_and_the_scorer_goes_on() -> None:
