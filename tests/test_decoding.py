@@ -160,6 +160,7 @@ def test_rows_heard_in_different_windows_share_a_batch(checkpoint_dir: Path, mon
         TranscriptionRequest(audio=speech_like(32, 3.0), is_final=True),
         TranscriptionRequest(audio=speech_like(33, 9.0), is_final=False),
     ]
+    assert backend._silence is not None  # computed at load, not in the first partial
     alone = [backend.transcribe_batch([r])[0].text for r in requests]
     windows: list[tuple[int, float]] = []
     encode = backend._cross_attention

@@ -212,6 +212,8 @@ class WhisperBackend:
             settings.encoder_pad_s,
         )
         backend.location = location
+        if settings.encoder_window != "full":  # at start-up, not in the first user's decode
+            backend._silence_encoding()
         return backend
 
     def _text_ids(self, text: str) -> list[int]:
@@ -351,12 +353,15 @@ class WhisperBackend:
         return cross_attention(self.model, encoded, self._silence_encoding())
 
     def _silence_encoding(self) -> Silence:
-        """What the decoder reads past a sized window's end (computed on first use)."""
+        """What the decoder reads past a sized window's end (computed once, when first asked)."""
         if self._silence is None:
+            import torch
+
             features = self.processor.feature_extractor(
                 [np.zeros(MODEL_SAMPLE_RATE, dtype=np.float32)], sampling_rate=MODEL_SAMPLE_RATE, return_tensors="pt"
             ).input_features.to(self.device, self.dtype)
-            self._silence = Silence.of(self.model, features)
+            with torch.inference_mode():
+                self._silence = Silence.of(self.model, features)
         return self._silence
 
     def _result(
