@@ -59,9 +59,10 @@ VOLUME ["/home/app/.cache/huggingface", "/app/audio_chunks"]
 USER 1000:1000
 EXPOSE 8000
 
-# Healthy once the model is loaded and warm; /ready turns 503 if the engine dies. The first start
-# may download the model, hence the long start period.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['PORT'] + '/ready', timeout=4)"]
+# Healthy while the process serves and its engine lives: /health turns 503 only if the engine dies
+# (which only a restart cures). /ready is for load balancers: it is also 503 while the model loads,
+# while every session slot is taken and while draining, none of which makes a container unhealthy.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['PORT'] + '/health', timeout=4)"]
 
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "main:app"]

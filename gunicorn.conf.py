@@ -17,6 +17,10 @@ os.environ.setdefault("API_DOCS", "false")
 
 # Settings are pydantic only: reading them here imports neither torch nor CUDA into the master.
 from real_time_audio.config import load_settings  # after the production default above
+from real_time_audio.storage.archive import SessionArchive
+
+ENGINE_STOP_S = 10
+SHUTDOWN_MARGIN_S = math.ceil(SessionArchive.SHUTDOWN_TIMEOUT_S) + ENGINE_STOP_S
 
 _settings = load_settings()
 # An unset HOST means every interface here (a server or a container), unlike `python main.py`.
@@ -32,8 +36,9 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 worker_class = "real_time_audio.ops.server.UvicornWorker"
 # The heartbeat starts only after the lifespan has loaded and warmed up the model, so keep this above that.
 timeout = 300
-# SIGTERM gives open sessions DRAIN_TIMEOUT_S for their finals; 10 s more to stop the engine before SIGKILL.
-graceful_timeout = math.ceil(_settings.drain_timeout_s) + 10
+# SIGTERM gives open sessions DRAIN_TIMEOUT_S for their finals; then up to 20 s to finish the S3 uploads
+# of the sessions just closed (SessionArchive.SHUTDOWN_TIMEOUT_S) and 10 s to stop the engine, before SIGKILL.
+graceful_timeout = math.ceil(_settings.drain_timeout_s) + SHUTDOWN_MARGIN_S
 # Seconds an idle HTTP keep-alive connection stays open (WebSocket sessions are not affected).
 keepalive = 5
 # Never preload: the model must load in each worker after the fork (CUDA is never initialised in the master).

@@ -161,6 +161,8 @@ def live_state(state: ServerState) -> LiveState:
         draining=lambda: state.draining,
         model=lambda: (e.model_id, e.device, e.dtype, e.requested_model) if (e := engine()) else ("", "", "", ""),
         max_sessions=lambda: state.session_limit,
+        active=lambda: state.active_sessions,
+        accepting=lambda: state.unready() is None,
     )
 
 

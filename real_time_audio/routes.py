@@ -32,20 +32,26 @@ async def page() -> FileResponse:
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    """Liveness: the process is up and serving HTTP."""
-    return {"status": "ok"}
+async def health(state: State) -> JSONResponse:
+    """Liveness: 200 while the process serves HTTP (the model may still be loading); 503 once the
+    engine has died (a CUDA failure, say), which only a restart cures."""
+    engine = state.engine
+    if engine is not None and engine.dead_reason:
+        return JSONResponse({"status": "dead", "reason": engine.dead_reason}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")
 async def ready(state: State) -> JSONResponse:
-    """Readiness: 200 once the model is loaded and warmed up; 503 before that, while draining, or if the engine died."""
+    """Readiness: 200 while new sessions are welcome here; 503 with the reason before the model is
+    ready, while draining, if the engine died, or while every session slot is taken."""
     engine = state.engine
-    if state.draining:  # load balancers stop sending new clients here
-        return JSONResponse({"status": "unavailable", "reason": "shutting down"}, status_code=503)
-    if engine is None or not engine.ready:
-        reason = engine.dead_reason if engine and engine.dead_reason else "model not loaded"
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+    reason = state.unready()
+    if reason is not None or engine is None:
+        refusal: dict[str, Any] = {"status": "unavailable", "reason": reason or "model not loaded"}
+        if engine is not None and engine.ready:  # full or draining: say how full
+            refusal |= {"sessions": len(state.sessions), "max_sessions": state.session_limit}
+        return JSONResponse(refusal, status_code=503)
     body: dict[str, Any] = {
         "status": "ready",
         "model": engine.model_id,

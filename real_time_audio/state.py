@@ -107,6 +107,21 @@ class ServerState:
             return None
         return Refusal("capacity", f"the server is at its limit of {limit} sessions", str(limit))
 
+    def unready(self) -> str | None:
+        """Why a load balancer should send new sessions elsewhere now (None: send them here).
+
+        Shutting down, the engine not serving, or every session slot taken: /ready answers 503
+        with this reason, while the sessions already open go on.
+        """
+        if self.draining:
+            return "shutting down"
+        engine = self.engine
+        if engine is None or not engine.ready:
+            return engine.dead_reason if engine is not None and engine.dead_reason else "model not loaded"
+        if self.active_sessions >= self.session_limit:
+            return f"at capacity: {self.active_sessions} of {self.session_limit} sessions"
+        return None
+
     def serving_engine(self) -> TranscriptionEngine:
         """The engine, once `refuse_engine` has said it serves."""
         assert self.engine is not None, "the engine is not loaded"

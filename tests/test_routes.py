@@ -70,6 +70,8 @@ def test_ready_is_503_when_the_engine_is_dead(client: TestClient) -> None:
     response = client.get("/ready")
     assert response.status_code == 503
     assert response.json() == {"status": "unavailable", "reason": "device failure: test"}
+    health = client.get("/health")  # liveness fails too: only a restart cures a dead engine
+    assert (health.status_code, health.json()) == (503, {"status": "dead", "reason": "device failure: test"})
     with client.websocket_connect("/ws/transcribe") as ws:
         assert ws.receive_json() == {
             "type": "error",
@@ -274,6 +276,16 @@ def test_session_limit_closes_with_1013(make_settings: Callable[..., Settings]) 
         with client.websocket_connect("/ws/transcribe") as a, client.websocket_connect("/ws/transcribe") as b:
             a.receive_json()
             b.receive_json()
+            # Full: /ready sends load balancers elsewhere, /health still says the process is fine.
+            ready = client.get("/ready")
+            assert (ready.status_code, ready.json()) == (
+                503,
+                {"status": "unavailable", "reason": "at capacity: 2 of 2 sessions", "sessions": 2, "max_sessions": 2},
+            )
+            assert client.get("/health").json() == {"status": "ok"}
+            metrics = client.get("/metrics").text
+            assert "rta_session_load 1.0" in metrics.splitlines()
+            assert "rta_accepting_sessions 0.0" in metrics.splitlines()
             with client.websocket_connect("/ws/transcribe") as c:
                 assert c.receive_json() == {
                     "type": "error",
@@ -283,8 +295,11 @@ def test_session_limit_closes_with_1013(make_settings: Callable[..., Settings]) 
                 expect_close(c, 1013)
             end_session(a)
             end_session(b)
+        assert client.get("/ready").status_code == 200
         with client.websocket_connect("/ws/transcribe") as d:  # capacity is back
             assert d.receive_json()["status"] == "connected"
+            metrics = client.get("/metrics").text.splitlines()
+            assert "rta_session_load 0.5" in metrics and "rta_accepting_sessions 1.0" in metrics
             end_session(d)
 
 

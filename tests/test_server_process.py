@@ -149,7 +149,7 @@ def test_gunicorn_config_follows_the_environment(tmp_path: Path, monkeypatch: py
     values = {name.strip(): value.strip() for name, value in printed.items()}
     assert values["bind"] == "['0.0.0.0:8123']"
     assert values["workers"] == "2"
-    assert values["graceful_timeout"] == "55"
+    assert values["graceful_timeout"] == "75"  # the drain, 20 s of uploads, 10 s for the engine
     assert values["forwarded_allow_ips"] == "['10.0.0.7']"
     assert values["worker_class"] == "real_time_audio.ops.server.UvicornWorker"
     assert values["preload_app"] == "False"

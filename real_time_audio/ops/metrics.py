@@ -43,6 +43,8 @@ class LiveState:
     draining: Callable[[], bool]
     model: Callable[[], tuple[str, str, str, str]]  # model id, device, dtype, the model id asked for
     max_sessions: Callable[[], int]  # MAX_SESSIONS, or what was measured for `auto`
+    active: Callable[[], int] = lambda: 0  # what counts against MAX_SESSIONS (sessions, uploads, echo loops)
+    accepting: Callable[[], bool] = lambda: False  # /ready answers 200: new sessions are welcome
 
 
 class Metrics:
@@ -145,6 +147,17 @@ class _LiveCollector(Collector):
             "rta_max_sessions",
             "Sessions this process takes at once (MAX_SESSIONS, or measured at start-up for auto).",
             state.max_sessions(),
+        )
+        limit = state.max_sessions()
+        yield _gauge(
+            "rta_session_load",
+            "Session slots in use: open sessions, uploads and echo loops over the session limit (1 = full).",
+            state.active() / limit if limit else 1.0,
+        )
+        yield _gauge(
+            "rta_accepting_sessions",
+            "1 while /ready answers 200 (0 while loading, full, draining, or with a dead engine).",
+            float(state.accepting()),
         )
         yield _gauge("rta_threads", "Threads in this process.", threading.active_count())
         finals, partials = state.queue_depth()
