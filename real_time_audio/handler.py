@@ -42,6 +42,7 @@ from real_time_audio.messages import (
     KeepaliveMessage,
     ProtocolError,
     Recording,
+    ResumePoint,
     ServerMessage,
     SessionConfig,
     SpeechEnded,
@@ -50,6 +51,7 @@ from real_time_audio.messages import (
     StatusConfigured,
     StatusConnected,
     StatusFlushed,
+    StatusShuttingDown,
     apply_config,
     parse_client_text,
     query_config,
@@ -286,8 +288,24 @@ class Session:
                 await self.ws.close(code, reason)
 
     async def _close_for_shutdown(self) -> None:
+        pipeline, recorder = self.pipeline, self._recorder
+        assert pipeline is not None and recorder is not None
         self._status = "server_shutdown"
         await self._close_record()
+        segment_id, at, offset = pipeline.resume_offset()
+        with contextlib.suppress(ClientGone):
+            await self._send(
+                StatusShuttingDown(
+                    session_id=self.id,
+                    text=" ".join(t for t in pipeline.finals if t),
+                    duration=round(pipeline.duration, 3),
+                    segments=len(pipeline.finals),
+                    recording=Recording(
+                        audio=f"/sessions/{self.id}/audio", bytes=recorder.bytes_received, sha256=recorder.sha256
+                    ),
+                    resume=ResumePoint(segment_id=segment_id, at=at, bytes=offset),
+                )
+            )
         self.log.info("session %s closed for shutdown after its last finals", self.id)
         await self._close(status.WS_1001_GOING_AWAY, "server shutting down")
 
@@ -538,6 +556,8 @@ class Session:
         assert pipeline is not None
         if kind != "reject":  # a rejected stream is not decoded any further
             await self._take_decoded(await self._io(pipeline.drain, kind != "flush"))
+        if kind == "drain":  # speech going on now is cut: its last words are kept apart for a resume
+            pipeline.policy.cut(pipeline.policy.received)
         if kind != "flush":
             await self._feed(np.zeros(0, dtype=np.float32), await self._io(pipeline.end_speech))
         self._finalize.append(_Finalize(kind, pipeline.policy.received))

@@ -231,6 +231,25 @@ class StatusCompleted(WireModel):
     recording: Recording
 
 
+class ResumePoint(WireModel):
+    segment_id: int  # finals from this id on cover the audio from `at`
+    at: float  # seconds of session audio
+    bytes: int | None  # the offset of `at` in the audio sent (raw PCM only; a container cannot resume mid-stream)
+
+
+class StatusShuttingDown(WireModel):
+    """Sent after the last finals when the server shuts down, just before it closes with 1001."""
+
+    type: Literal["status"] = "status"
+    status: Literal["shutting_down"] = "shutting_down"
+    session_id: str
+    text: str
+    duration: float
+    segments: int
+    recording: Recording
+    resume: ResumePoint
+
+
 class Transcription(WireModel):
     type: Literal["transcription"] = "transcription"
     segment_id: int
@@ -264,6 +283,7 @@ ServerMessage = (
     | StatusConfigured
     | StatusFlushed
     | StatusCompleted
+    | StatusShuttingDown
     | Transcription
     | SpeechStarted
     | SpeechEnded

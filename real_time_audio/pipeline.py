@@ -285,6 +285,22 @@ class SessionPipeline:
         width = SAMPLE_WIDTH[config.encoding]
         return self.recorder.bytes_received / (config.sample_rate * config.channels * width)
 
+    def resume_offset(self) -> tuple[int, float, int | None]:
+        """After a shutdown cut the stream (`policy.cut`) and its finals are out: the first
+        segment id a client resuming elsewhere replaces, the session second to resend from, and
+        its byte offset in the audio received (raw PCM only; None for containers)."""
+        resume = self.policy.resume
+        seconds = resume.sample / MODEL_SAMPLE_RATE
+        config = self.config
+        if config.encoding not in SAMPLE_WIDTH or self.recorder is None:
+            return resume.segment_id, round(seconds, 3), None
+        received = self.recorder.bytes_received
+        if resume.sample >= self.policy.received:
+            return resume.segment_id, round(self.duration, 3), received
+        frame = config.channels * SAMPLE_WIDTH[config.encoding]
+        offset = min(round(seconds * config.sample_rate) * frame, received - received % frame)
+        return resume.segment_id, round(offset / frame / config.sample_rate, 3), offset
+
     # -- transcription (event loop) ------------------------------------------------------------
 
     def feed(self, samples: NDArray[np.float32], events: list[SpeechEvent]) -> None:

@@ -81,6 +81,19 @@ def assert_drained(client: OpenSession, reference: str, storage: Path) -> None:
     texts = [m["text"] for m in finals(client.messages)]
     assert " ".join(t for t in texts if t) == reference != ""
     assert [m for m in client.messages if m.get("status") == "completed"] == []
+    # The last message says what was received and where a client may resend from elsewhere.
+    last = client.messages[-1]
+    assert last["status"] == "shutting_down" and last["session_id"] == client.messages[0]["session_id"]
+    assert (last["text"], last["segments"], last["duration"]) == (reference, len(texts), len(client.audio) / 32000)
+    assert last["recording"] == {
+        "audio": f"/sessions/{last['session_id']}/audio",
+        "bytes": len(client.audio),
+        "sha256": hashlib.sha256(client.audio).hexdigest(),
+    }
+    resume = last["resume"]
+    assert 0 <= resume["bytes"] <= len(client.audio) and resume["bytes"] % 2 == 0
+    assert resume["at"] == round(resume["bytes"] / 32000, 3)
+    assert 0 <= resume["segment_id"] <= len(texts)
     folder = storage / session_id
     meta = json.loads((folder / "session.json").read_text())
     assert (meta["status"], meta["bytes"]) == ("server_shutdown", len(client.audio))

@@ -540,3 +540,69 @@ def test_the_partial_cadence_follows_the_round_trip_within_its_bounds() -> None:
     slow = UtterancePolicy(partial_interval_s=3600.0, max_partial_interval_s=4.0)  # the ceiling is never below it
     slow.partial_round_trip(0.5)
     assert slow.partial_interval_s == 3600.0
+
+
+def cut_and_finalize(policy: UtterancePolicy, heard: TranscriptionResult) -> list[SegmentText]:
+    """What a shutdown does: cut at the last sample received, end the speech there, finalize."""
+    received = policy.received
+    policy.cut(received)
+    policy.feed(np.zeros(0, dtype=np.float32), [SpeechEvent("end", received)])
+    window = policy.next_window(now=0.0, finalize_until=received)
+    assert window is not None and (window.kind, window.end) == ("final", received)
+    out = policy.accept(window, heard)
+    out += policy.settle(now=0.0, finalize_until=received)
+    assert policy.next_window(now=0.0, finalize_until=received) is None
+    return out
+
+
+def test_a_cut_in_mid_speech_keeps_the_last_second_apart_for_a_resume() -> None:
+    """A shutdown in mid-speech: words ending more than 1 s before the cut are one final, the rest
+    (the last word may be cut in two) another, and the resume point lies between them."""
+    policy = started_policy(seconds=4.0)
+    heard = result(("one", 0.2, 0.6), ("two", 0.8, 1.2), ("three", 2.6, 3.1), ("fo", 3.4, 4.0))
+    out = cut_and_finalize(policy, heard)
+    assert [(o.segment_id, o.is_final, o.text) for o in out] == [(0, True, "one two"), (1, True, "three fo")]
+    assert (policy.resume.segment_id, policy.resume.sample) == (1, round(1.9 * RATE))  # between "two" and "three"
+
+
+def test_a_cut_after_words_already_final_resumes_after_them() -> None:
+    """Words committed earlier stay final; with nothing new before the last second, the resume
+    point lies between the last final word and the first cut one."""
+    policy = started_policy()
+    first = policy.next_window(now=1.0)
+    assert first is not None
+    policy.accept(first, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("x", 1.0, 1.2)))
+    policy.feed(np.full(RATE, 0.1, dtype=np.float32))
+    second = policy.next_window(now=2.0)
+    assert second is not None
+    out = policy.accept(second, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("c", 1.0, 1.3), ("d", 3.2, 3.8)))
+    assert [(o.segment_id, o.is_final, o.text) for o in out] == [(0, True, "a b,"), (1, False, "c d")]
+    out = cut_and_finalize(policy, result(("c", 1.0, 1.3), ("d", 3.2, 3.8), after_prefix=True))
+    assert [(o.segment_id, o.text) for o in out] == [(1, "c"), (2, "d")]
+    assert (policy.resume.segment_id, policy.resume.sample) == (2, round(2.25 * RATE))
+    # Nothing new before the last second: the resume point follows the words already final.
+    policy = started_policy()
+    first = policy.next_window(now=1.0)
+    assert first is not None
+    policy.accept(first, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("x", 2.5, 2.8)))
+    policy.feed(np.full(RATE, 0.1, dtype=np.float32))
+    second = policy.next_window(now=2.0)
+    assert second is not None
+    policy.accept(second, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("x", 3.2, 3.8)))
+    out = cut_and_finalize(policy, result(("x", 3.2, 3.8), after_prefix=True))
+    assert [(o.segment_id, o.text) for o in out] == [(1, "x")]
+    assert (policy.resume.segment_id, policy.resume.sample) == (1, round(2.05 * RATE))
+
+
+def test_a_cut_in_a_pause_resumes_from_the_end_of_what_was_received() -> None:
+    """No speech going on at the cut: every word is final and nothing needs to be heard again."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(2 * RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final"
+    out = policy.accept(window, result(("hello", 0.3, 0.6), ("there", 0.7, 1.0)))
+    policy.cut(policy.received)
+    assert policy.next_window(now=0.0, finalize_until=policy.received) is None
+    assert [(o.segment_id, o.text) for o in out] == [(0, "hello there")]
+    assert (policy.resume.segment_id, policy.resume.sample) == (1, 3 * RATE)

@@ -90,6 +90,16 @@ class SegmentText:
     lag: float
 
 
+@dataclass(slots=True, frozen=True)
+class Resume:
+    """Where a stream cut by a shutdown may go on in a new session: the finals from `segment_id`
+    on cover audio from `sample`; a client that resends its audio from `sample` elsewhere replaces
+    them with what the new session hears (so a word cut in two is heard whole)."""
+
+    segment_id: int
+    sample: int
+
+
 @dataclass(slots=True)
 class _Region:
     """Speech not yet finalized: from `start` to `end` (None while the speaker goes on)."""
@@ -168,6 +178,11 @@ class UtterancePolicy:
         self._last_word_end = 0.0
         self._last_partial_at = -math.inf
         self._last_partial_end = 0
+        # Where the server stopped reading this stream (a shutdown) and whether speech was going on
+        # there; and the point a client may resend from in another session (segment id, sample).
+        self._cut: int | None = None
+        self._cut_in_speech = False
+        self._resume: Resume | None = None
         if not vad_enabled:
             self._regions.append(_Region(0))  # without VAD the whole stream is one region
 
@@ -225,6 +240,20 @@ class UtterancePolicy:
                 self._release_carry()
             if self._carry_end is None:
                 self._drop_audio_before(max(self._buffer_start, self.received - self.pad))
+
+    def cut(self, sample: int) -> None:
+        """The server stops reading this stream at `sample` (it shuts down); call before the end
+        of speech is fed. Words near the cut go into finals of their own (see `resume`)."""
+        self._cut = sample
+        self._cut_in_speech = bool(self._regions) and self._regions[-1].end is None
+
+    @property
+    def resume(self) -> Resume:
+        """After a cut stream is finalized: where a client may resend from (everything received
+        when no speech was cut)."""
+        if self._resume is not None:
+            return self._resume
+        return Resume(self.segment_id, self.received)
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -362,6 +391,12 @@ class UtterancePolicy:
             self._trim_to(target)
             self.transcribed = max(self.transcribed, self._decode_start)
             return out
+        if self._cut_in_speech and self._cut is not None and window.end >= self._cut:
+            committed = self._agreement.finish(words, after_prefix, None)
+            out += self._cut_finals(committed, language, window)
+            self.transcribed = max(self.transcribed, window.end)
+            self._finish_region(window.end)
+            return out
         committed = self._agreement.finish(words, after_prefix, self._hold_from(window))
         held = self._agreement.tail
         if held and self._carry_start(window.end, [*self._buffered_words, *committed], held) is None:
@@ -378,6 +413,25 @@ class UtterancePolicy:
             if self.interim_results:
                 out.append(self._segment(held, False, language, window.end))
         return out
+
+    def _cut_finals(self, words: list[Word], language: str | None, window: Window) -> list[SegmentText]:
+        """The last decode of a stream cut in mid-speech: the words that end well before the cut are
+        one final; those within `CAP_HOLD_BACK_S` of it (the last may be cut in two) another, from
+        whose start a client may resend its audio to a new session (`resume`)."""
+        limit = window.end / MODEL_SAMPLE_RATE - CAP_HOLD_BACK_S
+        keep = 0
+        while keep < len(words) and words[keep].end <= limit:
+            keep += 1
+        kept, tail = words[:keep], words[keep:]
+        out = self._final(kept, language, window.end)
+        after = kept[-1].end if kept else self._last_word_end  # the last word that is final for good
+        if tail:
+            seconds = (after + max(tail[0].start, after)) / 2
+        else:
+            seconds = max(after, self._regions[0].start / MODEL_SAMPLE_RATE if self._regions else after)
+        sample = min(max(self._sample(seconds), 0), window.end)
+        self._resume = Resume(self.segment_id, sample)
+        return out + self._final(tail, language, window.end)
 
     def _hold_from(self, window: Window) -> float | None:
         """Where the words held back after this final window start (None: hold nothing).
