@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     _file_arguments(stream)
     stream.add_argument("--chunk-size", type=int, default=8192, help="bytes per WebSocket frame (default 8192)")
     stream.add_argument("--realtime", action="store_true", help="pace the audio like a live speaker")
+    stream.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="go on in a new session when the server restarts, is full or the connection drops "
+        "(the audio is sent as raw PCM, so it can be resent from where the server stopped)",
+    )
+    stream.add_argument(
+        "--reconnect-timeout", type=float, default=60.0, help="seconds to keep trying to reconnect (default 60)"
+    )
     _connection_arguments(stream)
     _output_arguments(stream)
 
@@ -130,7 +139,13 @@ async def _run(args: argparse.Namespace) -> int:
 
         console = _console(args)
         result = await stream_file(
-            args.file, _options(args), chunk_size=args.chunk_size, realtime=args.realtime, console=console
+            args.file,
+            _options(args),
+            chunk_size=args.chunk_size,
+            realtime=args.realtime,
+            console=console,
+            reconnect=args.reconnect,
+            reconnect_timeout_s=args.reconnect_timeout,
         )
         return _finish_session(args, result, console)
     if args.command == "mic":

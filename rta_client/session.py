@@ -116,6 +116,14 @@ class LiveSession:
         self._sha = hashlib.sha256()
         self._connected = asyncio.Event()
 
+    def reset(self) -> None:
+        """Forget a failed connection attempt, so that `connect` can try again."""
+        self.result = SessionResult()
+        self._ws = None
+        self._reader = None
+        self._sha = hashlib.sha256()
+        self._connected = asyncio.Event()
+
     async def __aenter__(self) -> LiveSession:
         await self.connect()
         return self

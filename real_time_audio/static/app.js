@@ -29,6 +29,33 @@ let client = null;
 let wanted = "idle"; // what the user asked for: idle | live | paused
 let retries = 0;
 let keepalive = null;
+let sessions = 0; // sessions opened since Start: their finals are told apart in the page
+// Raw PCM waiting for a session: captured while reconnecting, or resent after a server restart
+// (bounded: the oldest goes first).
+let backlog = [];
+let backlogBytes = 0;
+const BACKLOG_LIMIT = 60 * 16000 * 2;
+
+function sendPcm(data) {
+  if (client && client.isOpen && !backlog.length) {
+    client.sendAudio(data);
+  } else if (wanted !== "idle") {
+    queueAudio([new Uint8Array(data)]);
+  }
+}
+
+function queueAudio(pieces, first = false) {
+  backlog = first ? [...pieces, ...backlog] : [...backlog, ...pieces];
+  backlogBytes = backlog.reduce((sum, piece) => sum + piece.byteLength, 0);
+  while (backlog.length > 1 && backlogBytes > BACKLOG_LIMIT) backlogBytes -= backlog.shift().byteLength;
+}
+
+function sendBacklog() {
+  const pieces = backlog;
+  backlog = [];
+  backlogBytes = 0;
+  for (const piece of pieces) client.sendAudio(piece);
+}
 
 function setConnection(state, text) {
   ui.connection.dataset.state = state;
@@ -48,6 +75,7 @@ function appendFinal(message) {
   const span = document.createElement("span");
   span.className = "final";
   span.dataset.segment = String(message.segment_id);
+  span.dataset.session = String(sessions);
   span.title = `${message.start.toFixed(2)}–${message.end.toFixed(2)} s`;
   span.textContent = (ui.finals.childElementCount ? " " : "") + text;
   ui.finals.append(span);
@@ -63,7 +91,7 @@ async function openCapture() {
     await context.audioWorklet.addModule("/static/pcm-worklet.js");
     const source = context.createMediaStreamSource(stream);
     const node = new AudioWorkletNode(context, "pcm-writer");
-    node.port.onmessage = (event) => client && client.sendAudio(event.data);
+    node.port.onmessage = (event) => sendPcm(event.data);
     source.connect(node);
     return {
       encoding: "pcm_s16le",
@@ -107,8 +135,18 @@ async function connect() {
     ui.status.textContent = "paused: everything said so far is final";
   });
   client.on("error", (m) => { ui.status.textContent = `${m.code}: ${m.message}`; });
+  client.on("shutting_down", (m) => {
+    // The server restarts: the finals from resume.segment_id on are heard again in the next session.
+    if (m.resume.bytes === null) return;
+    for (const span of ui.finals.querySelectorAll(`span.final[data-session="${sessions}"]`)) {
+      if (Number(span.dataset.segment) >= m.resume.segment_id) span.remove();
+    }
+    queueAudio(client.audioFrom(m.resume.bytes), true);
+  });
+  const hello = await client.connect(); // a refusal rejects: the caller decides about a retry
   client.on("close", onClose);
-  const hello = await client.connect();
+  sessions += 1;
+  sendBacklog();
   retries = 0;
   setConnection(wanted === "paused" ? "paused" : "live");
   ui.status.textContent = `session ${hello.session_id} · ${hello.model} on ${hello.device}`;
@@ -120,11 +158,13 @@ function onClose(info) {
     if (info.code === 1008) setConnection("error", "refused");
     return;
   }
-  // Unexpected drop while recording: reconnect with exponential backoff (a new session).
-  const delay = Math.min(10000, 500 * 2 ** retries++);
+  // Unexpected drop while recording: reconnect with exponential backoff (a new session). After a
+  // restart's shutting_down the next session carries on from where the server stopped reading.
+  const restarting = client && client.shutdown !== null && retries === 0;
+  const delay = restarting ? 100 : Math.min(10000, 500 * 2 ** retries++);
   setConnection("reconnecting", `reconnecting in ${(delay / 1000).toFixed(1)} s`);
   setTimeout(() => {
-    if (wanted !== "idle") connect().catch((error) => { ui.status.textContent = error.message; onClose({ code: 0 }); });
+    if (wanted !== "idle") connect().catch((error) => { ui.status.textContent = error.message; onClose({ code: error.code ?? 0 }); });
   }, delay);
 }
 

@@ -17,6 +17,7 @@
  * @property {"transcribe"|"translate"} [task]
  * @property {string} [prompt]         domain words or context, sent in a config message
  * @property {boolean} [interimResults] default true
+ * @property {number} [historySeconds] raw PCM kept for a resume after a server restart; default 60
  *
  * @typedef {{word: string, start: number, end: number}} WordTiming
  *
@@ -33,6 +34,13 @@
  *
  * @typedef {{type: "error", code: string, message: string}} ServerError
  *
+ * @typedef {object} ShuttingDown  sent before a close with 1001: the server restarts
+ * @property {"status"} type
+ * @property {"shutting_down"} status
+ * @property {string} session_id
+ * @property {{segment_id: number, at: number, bytes: number|null}} resume  finals from `segment_id` on
+ *           cover the audio from byte `bytes`: resend from there in a new session, which replaces them
+ *
  * @typedef {object} Completed
  * @property {"status"} type
  * @property {"completed"} status
@@ -45,7 +53,8 @@
 
 /** Events (each a CustomEvent whose `detail` is the server message, or as noted):
  *  "connected", "configured", "partial" (Transcription), "final" (Transcription),
- *  "speech_started", "speech_ended", "flushed", "completed" (Completed), "error" (ServerError),
+ *  "speech_started", "speech_ended", "flushed", "completed" (Completed), "shutting_down" (ShuttingDown),
+ *  "error" (ServerError),
  *  "close" ({code, reason, wasClean}). */
 export class TranscribeClient extends EventTarget {
   /** @param {SessionOptions} [options] */
@@ -60,7 +69,33 @@ export class TranscribeClient extends EventTarget {
     this.finals = [];
     /** @type {Completed|null} */
     this.completed = null;
+    /** @type {ShuttingDown|null} */
+    this.shutdown = null;
     this.bytesSent = 0;
+    // Raw PCM sent lately ([offset, bytes] pairs), so that a session the server ends early (a restart)
+    // can be continued elsewhere from where it stopped: see audioFrom().
+    /** @type {Array<[number, Uint8Array]>} */
+    this.history = [];
+    const o = this.options;
+    const width = o.encoding === "pcm_f32le" ? 4 : 2;
+    this.historyLimit = (o.historySeconds ?? 60) * (o.sampleRate || 16000) * (o.channels || 1) * width;
+  }
+
+  /** Whether audio can be resent from any byte (raw PCM; a container stream cannot be cut). */
+  get resumable() {
+    const encoding = this.options.encoding || "pcm_s16le";
+    return encoding === "pcm_s16le" || encoding === "pcm_f32le";
+  }
+
+  /** The audio sent from byte `offset` of this session on (as far back as the history reaches).
+   * @param {number} offset @returns {Uint8Array[]} */
+  audioFrom(offset) {
+    const pieces = [];
+    for (const [start, bytes] of this.history) {
+      if (start + bytes.byteLength <= offset) continue;
+      pieces.push(start >= offset ? bytes : bytes.subarray(offset - start));
+    }
+    return pieces;
   }
 
   /** The session URL with the configuration in its query string. */
@@ -117,7 +152,8 @@ export class TranscribeClient extends EventTarget {
       };
       socket.onclose = (event) => {
         if (!connected) {
-          reject(new Error(refusal ? `${refusal.code}: ${refusal.message}` : `connection closed (${event.code})`));
+          const error = new Error(refusal ? `${refusal.code}: ${refusal.message}` : `connection closed (${event.code})`);
+          reject(Object.assign(error, { code: event.code })); // the close code, for a retry decision
         }
         this._emit("close", { code: event.code, reason: event.reason, wasClean: event.wasClean });
       };
@@ -131,6 +167,7 @@ export class TranscribeClient extends EventTarget {
       this._emit(message.is_final ? "final" : "partial", message);
     } else if (message.type === "status") {
       if (message.status === "completed") this.completed = message;
+      if (message.status === "shutting_down") this.shutdown = message;
       this._emit(message.status, message);
     } else {
       this._emit(message.type, message);
@@ -160,6 +197,15 @@ export class TranscribeClient extends EventTarget {
     if (!this.isOpen) return false;
     const size = data instanceof Blob ? data.size : data.byteLength;
     /** @type {WebSocket} */ (this.socket).send(data);
+    if (this.resumable && !(data instanceof Blob)) {
+      const view = ArrayBuffer.isView(data)
+        ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+        : new Uint8Array(data);
+      this.history.push([this.bytesSent, view.slice()]);
+      while (this.history.length > 1 && this.bytesSent + size - this.history[1][0] >= this.historyLimit) {
+        this.history.shift();
+      }
+    }
     this.bytesSent += size;
     return true;
   }
