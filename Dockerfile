@@ -1,6 +1,6 @@
 # The transcription server on an NVIDIA GPU (it falls back to the CPU when none is visible).
 #   docker build -t rta .
-#   docker run --gpus all -p 8000:8000 --stop-timeout 40 -v hf-cache:/home/app/.cache/huggingface rta
+#   docker run --gpus all -p 8000:8000 --stop-timeout 60 -v hf-cache:/home/app/.cache/huggingface rta
 # See README.md, "Deployment".
 
 # The CUDA release torch==2.13.0's PyPI wheel is built for. Only the small `base` flavour: torch brings
@@ -33,8 +33,9 @@ ENV VIRTUAL_ENV=/opt/venv \
 
 # Dependencies first, so code changes do not reinstall torch.
 COPY requirements.txt /tmp/requirements.txt
+# boto3 too (the `s3` extra in pyproject.toml): in a cluster the recordings reach S3 or nowhere.
 RUN python3 -m venv /opt/venv \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt boto3==1.44.5 \
     && rm /tmp/requirements.txt
 
 # The code stays owned by root: the server can write only its two data folders.

@@ -31,21 +31,37 @@ dev: install  ## development server that reloads on code changes
 	$(BIN)/uvicorn main:app --reload --reload-dir real_time_audio --host 127.0.0.1 --port 8000 \
 		--http real_time_audio.ops.server:HttpProtocol --limit-concurrency 500
 
-SYSTEM_PACKAGES := espeak-ng chromium chromium-driver
+SYSTEM_PACKAGES := espeak-ng chromium chromium-driver nginx
 
-system-deps:  ## espeak-ng (speech tests) and chromium + chromedriver (browser test); installed when root
+system-deps:  ## espeak-ng (speech tests), chromium + chromedriver (browser tests), nginx (proxy test); installed when root
 	@if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 \
-	    || ! command -v chromedriver >/dev/null 2>&1; then \
+	    || ! command -v chromedriver >/dev/null 2>&1 \
+	    || ! (command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx); then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
 	     (apt-get update -qq >/dev/null && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null)); \
 	  else echo "missing system packages: apt-get install $(SYSTEM_PACKAGES) (or those tests are skipped)"; fi; fi
 
-lint: install-dev
+# The infrastructure validators (kubernetes-validate, checkov) live in their own venv: their many
+# dependencies must not mix with the server's.
+IAC_VENV ?= .venv-iac
+IAC_BIN := $(IAC_VENV)/bin
+
+$(IAC_VENV)/.installed:
+	$(PYTHON) -m venv $(IAC_VENV)
+	$(IAC_BIN)/python -m pip install --quiet --upgrade pip
+	$(IAC_BIN)/pip install --quiet kubernetes-validate==1.37.0 checkov==3.3.30
+	touch $@
+
+.PHONY: install-iac
+install-iac: $(IAC_VENV)/.installed  ## the Kubernetes manifest validators, in $(IAC_VENV)
+
+lint: install-dev install-iac  ## ruff, mypy, hadolint, and the Kubernetes manifests (rendered, schema-checked, checkov)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
+	IAC_BIN=$(IAC_BIN) deploy/kubernetes/validate.sh
 
 test: install-dev system-deps lint  ## lint, type-check and run the whole test suite
 	$(BIN)/python -m pytest

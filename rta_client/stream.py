@@ -113,7 +113,7 @@ def pcm_of(path: Path, options: ClientOptions) -> tuple[bytes, ClientOptions]:
         samples = load_audio(path, options.encoding)
     except ValueError as exc:
         raise ClientError(str(exc), 2) from None
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    pcm = np.clip(np.round(samples * 32768), -32768, 32767).astype("<i2").tobytes()  # 16-bit input: exact
     options.encoding, options.sample_rate, options.channels = "pcm_s16le", 16000, 1
     return pcm, options
 

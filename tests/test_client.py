@@ -301,3 +301,52 @@ def test_the_installed_command_runs(tmp_path: Path) -> None:
         text=True,
     )
     assert (module.returncode, module.stderr) == (done.returncode, done.stderr)
+
+
+def test_stream_reconnect_goes_on_after_a_restart_without_losing_a_word(
+    make_settings: Callable[..., Settings], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--reconnect: the server drains in mid-stream (finals, shutting_down, 1001) and refuses new
+    sessions until it is back; the client retries, resends from the resume point, and its
+    transcript is every word exactly once, on one timeline."""
+    from real_time_audio.ops.drain import drain
+
+    audio, spoken = speech_block(seed=8, seconds=10.0)
+    source = tmp_path / "speech.raw"
+    source.write_bytes(pcm16(audio))
+    out = tmp_path / "transcript.json"
+    settings = make_settings(vad="silero", partial_interval_ms=300)
+    app = burst_app(settings)
+    state = app.state.server
+    with LiveServer(app) as server:
+        argv = ["stream", str(source), "--encoding", "pcm_s16le", "--realtime", "--reconnect", "--uri", server.url]
+        codes: list[int] = []
+        client = threading.Thread(target=lambda: codes.append(main([*argv, "--chunk-size", "1600", "-o", str(out)])))
+        client.start()
+        deadline = time.monotonic() + 30
+        while not any(s.pipeline and s.pipeline.finals for s in list(state.sessions.values())):
+            assert time.monotonic() < deadline and client.is_alive()
+            time.sleep(0.05)
+        time.sleep(0.7)  # into the next words
+        drained = asyncio.run_coroutine_threadsafe(drain(state, 30), server.server_loop)
+        assert drained.result(30) == 0
+        time.sleep(0.5)  # still refusing: the client is told 1013 and tries again
+        state.draining = False  # the server is back
+        client.join(60)
+    captured = capsys.readouterr()
+    assert codes == [0], captured.err
+    assert "going on from" in captured.err and "1001 server shutting down" in captured.err
+    document = json.loads(out.read_text())
+    assert words_of(document["segments"]) == [w.text for w in spoken]
+    assert [s["segment_id"] for s in document["segments"]] == list(range(len(document["segments"])))
+    starts = [w["start"] for s in document["segments"] for w in s["words"]]
+    assert starts == sorted(starts) and abs(starts[-1] - spoken[-1].start) < 0.5  # one timeline
+    records = sorted(
+        (json.loads(p.read_text()) for p in settings.audio_storage_dir.glob("*/session.json")),
+        key=lambda meta: meta["started_at"],
+    )
+    assert [r["status"] for r in records] == ["server_shutdown", "completed"]
+    first, second = (settings.audio_storage_dir / r["session_id"] / "audio.wav" for r in records)
+    sent = source.read_bytes()
+    head, tail = first.read_bytes()[44:], second.read_bytes()[44:]
+    assert sent.startswith(head) and sent.endswith(tail) and len(head) + len(tail) >= len(sent)

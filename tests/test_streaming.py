@@ -555,43 +555,41 @@ def cut_and_finalize(policy: UtterancePolicy, heard: TranscriptionResult) -> lis
     return out
 
 
-def test_a_cut_in_mid_speech_keeps_the_last_second_apart_for_a_resume() -> None:
-    """A shutdown in mid-speech: words ending more than 1 s before the cut are one final, the rest
-    (the last word may be cut in two) another, and the resume point lies between them."""
-    policy = started_policy(seconds=4.0)
-    heard = result(("one", 0.2, 0.6), ("two", 0.8, 1.2), ("three", 2.6, 3.1), ("fo", 3.4, 4.0))
+def test_a_cut_in_mid_utterance_resumes_from_the_utterance_start() -> None:
+    """A shutdown in mid-utterance: the held words of the previous utterance and the cut one's
+    words become separate finals, and the resume point is the cut utterance's start (its pre-roll
+    included), where a new session hears it whole."""
+    policy = UtterancePolicy(pad_s=0.2)
+    held_utterance(policy)  # "hello there." from 0.5 s to 1.5 s, held
+    policy.feed(np.full(RATE // 2, 0.0, dtype=np.float32))
+    policy.feed(np.full(2 * RATE, 0.1, dtype=np.float32), [SpeechEvent("start", 2 * RATE + RATE // 2)])
+    # "there." is timed to end inside the next utterance's pre-roll: that does not make it part of it.
+    heard = result(("hello", 0.3, 0.6), ("there.", 0.7, 2.1), ("how", 2.5, 2.8), ("are", 2.9, 3.2), ("yo", 4.3, 4.5))
     out = cut_and_finalize(policy, heard)
-    assert [(o.segment_id, o.is_final, o.text) for o in out] == [(0, True, "one two"), (1, True, "three fo")]
-    assert (policy.resume.segment_id, policy.resume.sample) == (1, round(1.9 * RATE))  # between "two" and "three"
+    assert [(o.segment_id, o.is_final, o.text) for o in out if o.is_final] == [
+        (0, True, "hello there."),
+        (1, True, "how are yo"),
+    ]
+    assert (policy.resume.segment_id, policy.resume.sample) == (1, round(2.3 * RATE))
 
 
-def test_a_cut_after_words_already_final_resumes_after_them() -> None:
-    """Words committed earlier stay final; with nothing new before the last second, the resume
-    point lies between the last final word and the first cut one."""
-    policy = started_policy()
+def test_a_cut_replaces_the_finals_the_utterance_already_had() -> None:
+    """Words of the cut utterance that were final before the cut are heard again too: the resume
+    point names the first of them."""
+    policy = UtterancePolicy(pad_s=0.2)
+    policy.feed(np.zeros(RATE, dtype=np.float32))
+    policy.feed(np.full(3 * RATE, 0.1, dtype=np.float32), [SpeechEvent("start", RATE)])
     first = policy.next_window(now=1.0)
-    assert first is not None
-    policy.accept(first, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("x", 1.0, 1.2)))
+    assert first is not None and first.start == round(0.8 * RATE)
+    policy.accept(first, result(("a", 0.2, 0.5), ("b,", 0.6, 1.0), ("x", 1.1, 1.3)))
     policy.feed(np.full(RATE, 0.1, dtype=np.float32))
     second = policy.next_window(now=2.0)
     assert second is not None
-    out = policy.accept(second, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("c", 1.0, 1.3), ("d", 3.2, 3.8)))
+    out = policy.accept(second, result(("a", 0.2, 0.5), ("b,", 0.6, 1.0), ("c", 1.1, 1.4), ("d", 2.0, 2.3)))
     assert [(o.segment_id, o.is_final, o.text) for o in out] == [(0, True, "a b,"), (1, False, "c d")]
-    out = cut_and_finalize(policy, result(("c", 1.0, 1.3), ("d", 3.2, 3.8), after_prefix=True))
-    assert [(o.segment_id, o.text) for o in out] == [(1, "c"), (2, "d")]
-    assert (policy.resume.segment_id, policy.resume.sample) == (2, round(2.25 * RATE))
-    # Nothing new before the last second: the resume point follows the words already final.
-    policy = started_policy()
-    first = policy.next_window(now=1.0)
-    assert first is not None
-    policy.accept(first, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("x", 2.5, 2.8)))
-    policy.feed(np.full(RATE, 0.1, dtype=np.float32))
-    second = policy.next_window(now=2.0)
-    assert second is not None
-    policy.accept(second, result(("a", 0.1, 0.4), ("b,", 0.5, 0.9), ("x", 3.2, 3.8)))
-    out = cut_and_finalize(policy, result(("x", 3.2, 3.8), after_prefix=True))
-    assert [(o.segment_id, o.text) for o in out] == [(1, "x")]
-    assert (policy.resume.segment_id, policy.resume.sample) == (1, round(2.05 * RATE))
+    out = cut_and_finalize(policy, result(("c", 1.9, 2.2), ("d", 2.8, 3.1), after_prefix=True))
+    assert [(o.segment_id, o.text) for o in out] == [(1, "c d")]
+    assert (policy.resume.segment_id, policy.resume.sample) == (0, round(0.8 * RATE))
 
 
 def test_a_cut_in_a_pause_resumes_from_the_end_of_what_was_received() -> None:

@@ -37,7 +37,8 @@ let backlogBytes = 0;
 const BACKLOG_LIMIT = 60 * 16000 * 2;
 
 function sendPcm(data) {
-  if (client && client.isOpen && !backlog.length) {
+  // After shutting_down the server reads no more: what follows waits for the next session.
+  if (client && client.isOpen && !client.shutdown && !backlog.length) {
     client.sendAudio(data);
   } else if (wanted !== "idle") {
     queueAudio([new Uint8Array(data)]);

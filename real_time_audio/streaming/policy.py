@@ -55,6 +55,10 @@ PARTIAL_COST_SMOOTHING = 0.5  # weight of the newest round trip in the running e
 CONTEXT_GAP_S = 3.0  # a pause longer than this ends the sentence: the previous utterance's audio is let go
 CAP_HOLD_BACK_S = 1.0  # when the buffer is full, words ending this close to its end wait
 MIN_CAP_PROGRESS_S = 1.0  # a full buffer always moves on at least this far
+# A stream cut by a shutdown in mid-utterance resumes from the utterance's start, at most this far back
+# (clients keep a minute of audio to resend).
+MAX_RESUME_S = 30.0
+RECENT_FINALS = 64
 
 
 @dataclass(slots=True, frozen=True)
@@ -181,8 +185,9 @@ class UtterancePolicy:
         # Where the server stopped reading this stream (a shutdown) and whether speech was going on
         # there; and the point a client may resend from in another session (segment id, sample).
         self._cut: int | None = None
-        self._cut_in_speech = False
+        self._cut_from: int | None = None  # the start of the utterance cut in its middle
         self._resume: Resume | None = None
+        self._recent_finals: deque[tuple[int, float, float]] = deque(maxlen=RECENT_FINALS)  # id, start, end
         if not vad_enabled:
             self._regions.append(_Region(0))  # without VAD the whole stream is one region
 
@@ -243,14 +248,18 @@ class UtterancePolicy:
 
     def cut(self, sample: int) -> None:
         """The server stops reading this stream at `sample` (it shuts down); call before the end
-        of speech is fed. Words near the cut go into finals of their own (see `resume`)."""
+        of speech is fed. An utterance going on there is to be heard again, whole, elsewhere:
+        see `resume`."""
         self._cut = sample
-        self._cut_in_speech = bool(self._regions) and self._regions[-1].end is None
+        if self._regions and self._regions[-1].end is None:
+            start = self._regions[-1].start
+            self._cut_from = max(start, sample - int(MAX_RESUME_S * MODEL_SAMPLE_RATE))
 
     @property
     def resume(self) -> Resume:
-        """After a cut stream is finalized: where a client may resend from (everything received
-        when no speech was cut)."""
+        """After a cut stream is finalized: where a client may resend its audio from, and the
+        first final that a new session hearing it replaces (when no speech was cut: the end of
+        everything received, and the next segment id)."""
         if self._resume is not None:
             return self._resume
         return Resume(self.segment_id, self.received)
@@ -391,7 +400,7 @@ class UtterancePolicy:
             self._trim_to(target)
             self.transcribed = max(self.transcribed, self._decode_start)
             return out
-        if self._cut_in_speech and self._cut is not None and window.end >= self._cut:
+        if self._cut_from is not None and self._cut is not None and window.end >= self._cut:
             committed = self._agreement.finish(words, after_prefix, None)
             out += self._cut_finals(committed, language, window)
             self.transcribed = max(self.transcribed, window.end)
@@ -415,23 +424,28 @@ class UtterancePolicy:
         return out
 
     def _cut_finals(self, words: list[Word], language: str | None, window: Window) -> list[SegmentText]:
-        """The last decode of a stream cut in mid-speech: the words that end well before the cut are
-        one final; those within `CAP_HOLD_BACK_S` of it (the last may be cut in two) another, from
-        whose start a client may resend its audio to a new session (`resume`)."""
-        limit = window.end / MODEL_SAMPLE_RATE - CAP_HOLD_BACK_S
-        keep = 0
-        while keep < len(words) and words[keep].end <= limit:
-            keep += 1
-        kept, tail = words[:keep], words[keep:]
-        out = self._final(kept, language, window.end)
-        after = kept[-1].end if kept else self._last_word_end  # the last word that is final for good
-        if tail:
-            seconds = (after + max(tail[0].start, after)) / 2
-        else:
-            seconds = max(after, self._regions[0].start / MODEL_SAMPLE_RATE if self._regions else after)
-        sample = min(max(self._sample(seconds), 0), window.end)
-        self._resume = Resume(self.segment_id, sample)
-        return out + self._final(tail, language, window.end)
+        """The last decode of a stream cut in mid-utterance. Its words from before the utterance
+        (held from the previous one) are one final, the utterance's another; a client resending
+        the audio from the utterance's start to a new session replaces every final of the
+        utterance with what that session hears: a whole utterance, from a pause, is heard as well
+        there as here, where a piece of one would lose the words at its edges."""
+        assert self._cut_from is not None
+        start = self._cut_from / MODEL_SAMPLE_RATE
+        before = 0
+        while before < len(words) and words[before].start < start:
+            before += 1
+        out = self._final(words[:before], language, window.end)
+        out += self._final(words[before:], language, window.end)
+        # The first final that reaches into the utterance; one that began before it moves the start back.
+        resume_id, resume_s = self.segment_id, start
+        speech = start + self.pad / MODEL_SAMPLE_RATE  # where the voice began (the pre-roll may overlap a word)
+        for segment_id, first, last in reversed(self._recent_finals):
+            if last <= speech:
+                break
+            resume_id, resume_s = segment_id, min(resume_s, first)
+        sample = min(max(self._sample(resume_s), 0), window.end)
+        self._resume = Resume(resume_id, sample)
+        return out
 
     def _hold_from(self, window: Window) -> float | None:
         """Where the words held back after this final window start (None: hold nothing).
@@ -491,6 +505,7 @@ class UtterancePolicy:
             return []
         segment = self._segment(words, True, language, covered)
         self._buffered_words += segment.words
+        self._recent_finals.append((segment.segment_id, segment.start, segment.end))
         self.segment_id += 1
         return [segment]
 
