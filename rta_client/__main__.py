@@ -27,6 +27,18 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-interim", action="store_true", help="ask for finals only")
 
 
+def _reconnect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="go on in a new session when the server restarts, is full or the connection drops, "
+        "resending the audio from where the server stopped (sent as raw PCM)",
+    )
+    parser.add_argument(
+        "--reconnect-timeout", type=float, default=60.0, help="seconds to keep trying to reconnect (default 60)"
+    )
+
+
 def _output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", type=Path, help="write the transcript to this file")
     parser.add_argument("--format", "-f", choices=FORMATS, help="transcript format (default: from --output's suffix)")
@@ -48,20 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     _file_arguments(stream)
     stream.add_argument("--chunk-size", type=int, default=8192, help="bytes per WebSocket frame (default 8192)")
     stream.add_argument("--realtime", action="store_true", help="pace the audio like a live speaker")
-    stream.add_argument(
-        "--reconnect",
-        action="store_true",
-        help="go on in a new session when the server restarts, is full or the connection drops "
-        "(the audio is sent as raw PCM, so it can be resent from where the server stopped)",
-    )
-    stream.add_argument(
-        "--reconnect-timeout", type=float, default=60.0, help="seconds to keep trying to reconnect (default 60)"
-    )
+    _reconnect_arguments(stream)
     _connection_arguments(stream)
     _output_arguments(stream)
 
     mic = commands.add_parser("mic", help="transcribe the microphone (type start, stop, resume, quit)")
     _connection_arguments(mic)
+    _reconnect_arguments(mic)
     _output_arguments(mic)
 
     load = commands.add_parser("load", help="run many clients at once and report each one")
@@ -152,7 +157,9 @@ async def _run(args: argparse.Namespace) -> int:
         from rta_client.mic import run_microphone, stdin_commands
 
         console = _console(args)
-        return _finish_session(args, await run_microphone(_options(args), stdin_commands(), console=console), console)
+        timeout = args.reconnect_timeout if args.reconnect else None
+        heard = await run_microphone(_options(args), stdin_commands(), console=console, reconnect_timeout_s=timeout)
+        return _finish_session(args, heard, console)
     if args.command == "load":
         from rta_client.load import load_command
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from rta_client.console import Console
+from rta_client.resume import RETRYABLE_CLOSES, Timeline, open_session, resume_point
 from rta_client.session import ClientError, ClientOptions, LiveSession, SessionResult
 
 COMMANDS = ("start", "stop", "resume", "quit")
+HISTORY_S = 60.0  # audio kept to resend after a server restart
 HELP = "commands: start | stop | resume | quit"
 EXIT_NO_MICROPHONE = 4
 
@@ -83,8 +86,14 @@ async def run_microphone(
     sample_rate: int = 16000,
     block_s: float = 0.1,
     keepalive_s: float = 15.0,
+    reconnect_timeout_s: float | None = None,
 ) -> SessionResult | None:
-    """Run the command loop; returns the session's result, or None if it was never started."""
+    """Run the command loop; returns the session's result, or None if it was never started.
+
+    With `reconnect_timeout_s`, a session the server ends early (a restart, a full server, a
+    dropped connection) goes on in a new one: the audio from the server's resume point (kept for
+    the last `HISTORY_S`) is sent again, and the finals of all sessions come back as one timeline.
+    """
     options.encoding, options.sample_rate, options.channels = "pcm_s16le", sample_rate, 1
     console = console or Console()
     loop = asyncio.get_running_loop()
@@ -94,24 +103,78 @@ async def run_microphone(
     sender: asyncio.Task[None] | None = None
     keeper: asyncio.Task[None] | None = None
     recording = False
+    bytes_per_s = sample_rate * 2
+    timeline = Timeline()
+    history: deque[tuple[int, bytes]] = deque()  # (offset in the session, bytes) of what was sent lately
+    sent = 0  # bytes sent in the current session
+    base = 0  # where the current session's audio starts in the whole recording
 
     def on_audio(data: bytes) -> None:  # called on PortAudio's thread
         loop.call_soon_threadsafe(captured.put_nowait, data)
 
-    async def send_captured() -> None:
+    def new_session() -> LiveSession:
+        return LiveSession(options, lambda message: console.on_message(timeline.shifted(message)))
+
+    async def reopen() -> list[bytes]:
+        """After the session ended early: a new one, and the audio to send it first."""
+        nonlocal session, sent, base
         assert session is not None
+        await session.close()  # everything it said has been read
+        result = session.result
+        offset, keep_below = resume_point(result, 0, 2, bytes_per_s)
+        timeline.close_session(result, keep_below)
+        resend = [data[max(0, offset - start) :] for start, data in history if start + len(data) > offset]
+        base += offset
+        timeline.offset_s = base / bytes_per_s
+        console.note(
+            f"session {result.session_id} closed ({result.close_code} {result.close_reason}); "
+            f"going on from {timeline.offset_s:.2f} s in a new session"
+        )
+        assert reconnect_timeout_s is not None
+        session, sent = new_session(), 0
+        history.clear()
+        await open_session(session, console, reconnect_timeout_s)
+        return [piece for piece in resend if piece]
+
+    def ended_early() -> bool:
+        return (
+            reconnect_timeout_s is not None
+            and session is not None
+            and session.result.completed is None
+            and session.result.close_code in RETRYABLE_CLOSES
+        )
+
+    async def send(data: bytes) -> None:
+        nonlocal sent
+        pending = [data]
+        while pending:
+            assert session is not None
+            try:
+                await session.send_audio(pending[0])
+            except ClientError:
+                await session.close()  # read what it said before closing
+                if not ended_early():
+                    raise
+                pending = [*await reopen(), *pending]
+                continue
+            piece = pending.pop(0)
+            history.append((sent, piece))
+            sent += len(piece)
+            while history and sent - history[0][0] - len(history[0][1]) >= HISTORY_S * bytes_per_s:
+                history.popleft()
+
+    async def send_captured() -> None:
         while True:
             data = await captured.get()
             try:
-                await session.send_audio(data)
+                await send(data)
             finally:
                 captured.task_done()
 
     async def keep_alive() -> None:
-        assert session is not None
         while True:
             await asyncio.sleep(keepalive_s)
-            if not recording:
+            if not recording and session is not None:
                 await session.send_json({"type": "keepalive"})
 
     async def pause() -> None:
@@ -127,7 +190,7 @@ async def run_microphone(
         async for command in commands:
             if command == "start" and session is None:
                 stream = stream_factory(sample_rate, 1, int(sample_rate * block_s), on_audio)
-                session = LiveSession(options, console.on_message)
+                session = new_session()
                 await session.connect()
                 sender = asyncio.create_task(send_captured())
                 keeper = asyncio.create_task(keep_alive())
@@ -151,12 +214,16 @@ async def run_microphone(
                     keeper.cancel()
                 result = await session.end()
                 console.finish()
-                return result
+                return joined(result, timeline)
             elif command:
                 console.note(f"{command!r} does nothing now; {HELP}")
             if session is not None and not session.open:
-                raise ClientError("; ".join(session.result.problems()) or "the server closed the session")
-        return session.result if session else None
+                await session.close()
+                if not ended_early():
+                    raise ClientError("; ".join(session.result.problems()) or "the server closed the session")
+                for piece in await reopen():  # closed while paused: the unsent audio goes now
+                    await send(piece)
+        return joined(session.result, timeline) if session else None
     finally:
         for task in (sender, keeper):
             if task is not None:
@@ -169,3 +236,12 @@ async def run_microphone(
             stream.close()
         if session is not None:
             await session.close()
+
+
+def joined(result: SessionResult, timeline: Timeline) -> SessionResult:
+    """The last session's result with the finals of every session on one timeline."""
+    if not timeline.closed:
+        return result
+    timeline.close_session(result, None)
+    result.messages = [m for m in result.messages if m.get("type") != "transcription"] + timeline.messages
+    return result

@@ -148,9 +148,13 @@ class LiveSession:
         except (OSError, TimeoutError, websockets.InvalidURI, websockets.InvalidHandshake) as exc:
             raise ClientError(f"cannot connect to {self.options.uri}: {exc}", EXIT_CONNECT) from None
         self._reader = asyncio.create_task(self._read())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), self.options.open_timeout_s)
+        # Until `connected` arrives, or the server closes the connection (a refusal), or the time is up.
+        connected = asyncio.ensure_future(self._connected.wait())
+        waiting = {connected, self._reader}
+        await asyncio.wait(waiting, timeout=self.options.open_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        connected.cancel()
         if not self._connected.is_set():
+            await self._ws.close()  # no `connected` in time: give up on this connection
             await self._reader
             raise ClientError("; ".join(self.result.problems()) or "the server refused the session")
         if self.options.prompt:

@@ -12,23 +12,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from real_time_audio.audio.files import duration_of
 from real_time_audio.audio.formats import encoding_for
 from rta_client.console import Console
-from rta_client.session import EXIT_CONNECT, ClientError, ClientOptions, LiveSession, SessionResult
+from rta_client.resume import RETRYABLE_CLOSES, Timeline, open_session, resume_point
+from rta_client.session import ClientError, ClientOptions, LiveSession, SessionResult
 
 PCM_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
-# Close codes after which the stream goes on in a new session: going away (a restart), abnormal
-# (the connection dropped), internal error, service restart, try again later (full).
-RETRYABLE_CLOSES = frozenset({1001, 1006, 1011, 1012, 1013})
-RECONNECT_FIRST_S = 0.25
-RECONNECT_MAX_S = 4.0
 
 
 def file_options(path: Path, options: ClientOptions) -> ClientOptions:
@@ -118,37 +112,6 @@ def pcm_of(path: Path, options: ClientOptions) -> tuple[bytes, ClientOptions]:
     return pcm, options
 
 
-@dataclass(slots=True)
-class Timeline:
-    """The finals of consecutive sessions over one stream, on the stream's own clock."""
-
-    messages: list[dict[str, Any]] = field(default_factory=list)  # every final kept, shifted and renumbered
-    offset_s: float = 0.0  # where the current session's audio starts in the stream
-    first_segment: int = 0  # the stream-wide id of the current session's segment 0
-    sessions: list[str] = field(default_factory=list)
-
-    def shifted(self, message: dict[str, Any]) -> dict[str, Any]:
-        """A message of the current session on the stream's clock (finals and partials)."""
-        if message.get("type") != "transcription":
-            return message
-        moved = dict(message, segment_id=self.first_segment + message["segment_id"])
-        moved["start"] = round(message["start"] + self.offset_s, 3)
-        moved["end"] = round(message["end"] + self.offset_s, 3)
-        if message.get("words"):
-            moved["words"] = [
-                dict(w, start=round(w["start"] + self.offset_s, 3), end=round(w["end"] + self.offset_s, 3))
-                for w in message["words"]
-            ]
-        return moved
-
-    def close_session(self, result: SessionResult, keep_below: int | None) -> None:
-        """Keep the session's finals (those with an id below `keep_below`, or all)."""
-        for final in result.finals:
-            if keep_below is None or final["segment_id"] < keep_below:
-                self.messages.append(self.shifted(final))
-        self.first_segment = self.messages[-1]["segment_id"] + 1 if self.messages else 0
-
-
 async def _stream_resumable(
     path: Path,
     options: ClientOptions,
@@ -169,7 +132,7 @@ async def _stream_resumable(
         base = position
         timeline.offset_s = base / bytes_per_s
         session = LiveSession(options, (lambda m: console.on_message(timeline.shifted(m))) if console else None)
-        await _connect(session, console, reconnect_timeout_s)
+        await open_session(session, console, reconnect_timeout_s)
         timeline.sessions.append(session.result.session_id)
         try:
             while position < len(audio):
@@ -192,7 +155,7 @@ async def _stream_resumable(
         if result.completed is not None or result.close_code not in RETRYABLE_CLOSES:
             timeline.close_session(result, None)
             break
-        position, keep_below = _resume_point(result, base, frame, bytes_per_s)
+        position, keep_below = resume_point(result, base, frame, bytes_per_s)
         timeline.close_session(result, keep_below)
         if console:
             console.note(
@@ -205,37 +168,3 @@ async def _stream_resumable(
     # The last session's result (its `completed`, close code and checksum), with every session's finals.
     result.messages = [m for m in result.messages if m.get("type") != "transcription"] + timeline.messages
     return result
-
-
-def _resume_point(result: SessionResult, base: int, frame: int, bytes_per_s: int) -> tuple[int, int | None]:
-    """Where to resend from after `result`'s session ended early, and the first of its segment
-    ids that the next session replaces (None: keep them all)."""
-    shutdown = next((m for m in reversed(result.messages) if m.get("status") == "shutting_down"), None)
-    if shutdown is not None and shutdown["resume"].get("bytes") is not None:
-        resume = shutdown["resume"]
-        return base + int(resume["bytes"]), int(resume["segment_id"])
-    # No word from the server: from the end of the last final (what lies after it is heard again).
-    finals = result.finals
-    covered = round(finals[-1]["end"] * bytes_per_s) if finals else 0
-    covered -= covered % frame
-    return base + min(covered, result.sent_bytes - result.sent_bytes % frame), None
-
-
-async def _connect(session: LiveSession, console: Console | None, timeout_s: float) -> None:
-    """Open the session, retrying refusals and failed connections with a growing pause."""
-    deadline = time.monotonic() + timeout_s
-    pause = RECONNECT_FIRST_S
-    while True:
-        try:
-            await session.connect()
-            return
-        except ClientError as exc:
-            code = session.result.close_code
-            retryable = exc.exit_code == EXIT_CONNECT or code in RETRYABLE_CLOSES
-            if not retryable or time.monotonic() + pause > deadline:
-                raise
-            if console:
-                console.note(f"{exc}; trying again in {pause:.2f} s")
-        await asyncio.sleep(pause)
-        pause = min(RECONNECT_MAX_S, pause * 2)
-        session.reset()

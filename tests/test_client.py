@@ -142,11 +142,13 @@ class FakeMicrophone:
 
     instances: ClassVar[list[FakeMicrophone]] = []
 
-    def __init__(self, audio: bytes, rate: int, blocksize: int, on_audio: Callable[[bytes], None]) -> None:
+    def __init__(
+        self, audio: bytes, rate: int, blocksize: int, on_audio: Callable[[bytes], None], speed: float = 20
+    ) -> None:
         self.audio, self.block_bytes, self.on_audio = audio, blocksize * 2, on_audio
         self.position = 0
         self.delivered = bytearray()
-        self.block_s = blocksize / rate / 20  # twenty times faster than real time
+        self.block_s = blocksize / rate / speed  # by default twenty times faster than real time
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         self.closed = False
@@ -212,6 +214,51 @@ def test_microphone_mode_start_stop_resume_quit(
     statuses = [m.get("status") for m in result.messages if m["type"] == "status"]
     assert statuses == ["connected", "flushed", "flushed", "completed"]  # stop flushes; quit stops, then ends
     assert words_of(result.finals) == [w.text for w in spoken]
+
+
+def test_microphone_reconnects_after_a_restart_without_losing_a_word(
+    make_settings: Callable[..., Settings], burst_speech: tuple[NDArray[np.float32], list[SpokenWord]]
+) -> None:
+    """With reconnecting on, a server restart in mid-speech costs the microphone mode nothing: it
+    resends from the resume point, and the finals of both sessions are every word once."""
+    from real_time_audio.ops.drain import drain
+
+    audio, spoken = burst_speech
+    data = pcm16(audio)
+    FakeMicrophone.instances.clear()
+    settings = make_settings(vad="silero", partial_interval_ms=300)
+    app = burst_app(settings)
+    state = app.state.server
+    with LiveServer(app) as server:
+
+        async def commands() -> AsyncIterator[str]:
+            yield "start"
+            mic = FakeMicrophone.instances[0]
+            while mic.position < len(data) // 3:
+                await asyncio.sleep(0.01)
+            drained = asyncio.run_coroutine_threadsafe(drain(state, 30), server.server_loop)
+            assert await asyncio.wrap_future(drained) == 0
+            await asyncio.sleep(0.3)  # refused meanwhile: the client tries again
+            state.draining = False  # the server is back
+            while mic.position < len(data):
+                await asyncio.sleep(0.02)
+            yield "quit"
+
+        def factory(rate: int, channels: int, blocksize: int, on_audio: Callable[[bytes], None]) -> FakeMicrophone:
+            return FakeMicrophone(data, rate, blocksize, on_audio, speed=2)  # the restart comes in mid-speech
+
+        options = ClientOptions(uri=server.url)
+        result = asyncio.run(
+            run_microphone(options, commands(), stream_factory=factory, keepalive_s=0.05, reconnect_timeout_s=30)
+        )
+    assert result is not None and result.ok, result.problems() if result else None
+    assert words_of(result.finals) == [w.text for w in spoken]
+    assert [f["segment_id"] for f in result.finals] == list(range(len(result.finals)))
+    records = sorted(
+        (json.loads(p.read_text()) for p in settings.audio_storage_dir.glob("*/session.json")),
+        key=lambda meta: meta["started_at"],
+    )
+    assert [r["status"] for r in records] == ["server_shutdown", "completed"]
 
 
 def test_microphone_unavailable_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
