@@ -13,6 +13,7 @@ import contextlib
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 from rta_client.console import Console
@@ -112,8 +113,11 @@ async def run_microphone(
     def on_audio(data: bytes) -> None:  # called on PortAudio's thread
         loop.call_soon_threadsafe(captured.put_nowait, data)
 
+    user_prompt = options.prompt
+
     def new_session() -> LiveSession:
-        return LiveSession(options, lambda message: console.on_message(timeline.shifted(message)))
+        session_options = replace(options, prompt=timeline.context(user_prompt))
+        return LiveSession(session_options, lambda message: console.on_message(timeline.shifted(message)))
 
     async def reopen() -> list[bytes]:
         """After the session ended early: a new one, and the audio to send it first."""

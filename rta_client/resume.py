@@ -21,6 +21,7 @@ from rta_client.session import EXIT_CONNECT, ClientError, LiveSession, SessionRe
 RETRYABLE_CLOSES = frozenset({1001, 1006, 1011, 1012, 1013})
 RECONNECT_FIRST_S = 0.25
 RECONNECT_MAX_S = 4.0
+CONTEXT_CHARS = 200  # of the text so far, as the next session's prompt (the server's CONTEXT_PROMPT_CHARS)
 
 
 @dataclass(slots=True)
@@ -46,6 +47,15 @@ class Timeline:
                 for w in message["words"]
             ]
         return moved
+
+    def context(self, user_prompt: str | None, chars: int = CONTEXT_CHARS) -> str | None:
+        """The prompt for the next session: the caller's own, then the end of the text so far, so
+        that the next session hears its first words with what came before them (as the session it
+        replaces would have)."""
+        text = " ".join(m["text"].strip() for m in self.messages if m["text"].strip())
+        if len(text) > chars:
+            text = text[-chars:].partition(" ")[2]
+        return " ".join(part for part in (user_prompt, text) if part) or None
 
     def close_session(self, result: SessionResult, keep_below: int | None) -> None:
         """Keep the session's finals (those with an id below `keep_below`, or all)."""

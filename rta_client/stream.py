@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +129,12 @@ async def _stream_resumable(
     timeline = Timeline()
     position = 0  # the first byte the current session has not been sent
     started = time.monotonic()
+    user_prompt = options.prompt
     while True:
         base = position
         timeline.offset_s = base / bytes_per_s
-        session = LiveSession(options, (lambda m: console.on_message(timeline.shifted(m))) if console else None)
+        session_options = replace(options, prompt=timeline.context(user_prompt))
+        session = LiveSession(session_options, (lambda m: console.on_message(timeline.shifted(m))) if console else None)
         await open_session(session, console, reconnect_timeout_s)
         timeline.sessions.append(session.result.session_id)
         try:

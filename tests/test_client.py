@@ -393,6 +393,8 @@ def test_stream_reconnect_goes_on_after_a_restart_without_losing_a_word(
         key=lambda meta: meta["started_at"],
     )
     assert [r["status"] for r in records] == ["server_shutdown", "completed"]
+    # The second session heard its first words with the text before them as its prompt.
+    assert "prompt" not in records[0]["config"] and records[1]["config"]["prompt"] in document["text"]
     first, second = (settings.audio_storage_dir / r["session_id"] / "audio.wav" for r in records)
     sent = source.read_bytes()
     head, tail = first.read_bytes()[44:], second.read_bytes()[44:]

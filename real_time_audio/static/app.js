@@ -121,11 +121,19 @@ async function openCapture() {
   };
 }
 
+// The end of the text so far (200 characters, from a word boundary): a new session after a
+// restart hears its first words with what came before them, as the one it replaces would have.
+function context() {
+  const text = ui.finals.textContent.trim();
+  return text.length > 200 ? text.slice(-200).replace(/^\S*\s+/, "") : text;
+}
+
 async function connect() {
   client = new TranscribeClient({
     encoding: capture.encoding,
     language: ui.language.value || null,
     token: ui.token.value || undefined,
+    prompt: sessions > 0 ? context() || undefined : undefined,
   });
   client.on("partial", (m) => { ui.partial.textContent = " " + m.text.trim(); ui.lag.textContent = `lag ${m.lag.toFixed(1)} s`; });
   client.on("final", (m) => { ui.partial.textContent = ""; appendFinal(m); ui.lag.textContent = `lag ${m.lag.toFixed(1)} s`; });
