@@ -343,6 +343,8 @@ def test_a_rolling_restart_behind_nginx_loses_no_word(
     sent = raw.read_bytes()
     a_records, b_records = a.records(), b.records()
     assert sorted(r["status"] for r in a_records) == ["server_shutdown", "server_shutdown"]
+    messages = [json.loads(line)["message"] for line in a.log.read_text().splitlines() if line.startswith("{")]
+    assert "drained: 2 session(s) finished, 0 closed early" in messages  # finals and 1001 for both, in time
     (a_cli,) = [r for r in a_records if sent.startswith(r["pcm"])]
     (b_cli,) = [r for r in b_records if sent.endswith(r["pcm"]) and r["status"] == "completed"]
     # Every byte reached a server: A's part and B's part cover the speech (B's starts a little earlier).
