@@ -288,24 +288,14 @@ class Session:
                 await self.ws.close(code, reason)
 
     async def _close_for_shutdown(self) -> None:
-        pipeline, recorder = self.pipeline, self._recorder
-        assert pipeline is not None and recorder is not None
+        pipeline = self.pipeline
+        assert pipeline is not None
         self._status = "server_shutdown"
         await self._close_record()
         segment_id, at, offset = pipeline.resume_offset()
+        resume = ResumePoint(segment_id=segment_id, at=at, bytes=offset)
         with contextlib.suppress(ClientGone):
-            await self._send(
-                StatusShuttingDown(
-                    session_id=self.id,
-                    text=" ".join(t for t in pipeline.finals if t),
-                    duration=round(pipeline.duration, 3),
-                    segments=len(pipeline.finals),
-                    recording=Recording(
-                        audio=f"/sessions/{self.id}/audio", bytes=recorder.bytes_received, sha256=recorder.sha256
-                    ),
-                    resume=ResumePoint(segment_id=segment_id, at=at, bytes=offset),
-                )
-            )
+            await self._send(StatusShuttingDown(**self._summary(), resume=resume))
         self.log.info("session %s closed for shutdown after its last finals", self.id)
         await self._close(status.WS_1001_GOING_AWAY, "server shutting down")
 
@@ -644,24 +634,26 @@ class Session:
             self.metrics.sent(segment.is_final, segment.lag)
         await self._send(message)
 
-    async def _complete(self) -> None:
+    def _summary(self) -> dict[str, Any]:
+        """The transcript and the recording, for `completed` and `shutting_down`."""
         pipeline, recorder = self.pipeline, self._recorder
         assert pipeline is not None and recorder is not None
+        return {
+            "session_id": self.id,
+            "text": " ".join(t for t in pipeline.finals if t),
+            "duration": round(pipeline.duration, 3),
+            "segments": len(pipeline.finals),
+            "recording": Recording(
+                audio=f"/sessions/{self.id}/audio",  # where the API serves it; no server path
+                bytes=recorder.bytes_received,
+                sha256=recorder.sha256,
+            ),
+        }
+
+    async def _complete(self) -> None:
         self._status = "completed"
         await self._close_record()
-        await self._send(
-            StatusCompleted(
-                session_id=self.id,
-                text=" ".join(t for t in pipeline.finals if t),
-                duration=round(pipeline.duration, 3),
-                segments=len(pipeline.finals),
-                recording=Recording(
-                    audio=f"/sessions/{self.id}/audio",  # where the API serves it; no server path
-                    bytes=recorder.bytes_received,
-                    sha256=recorder.sha256,
-                ),
-            )
-        )
+        await self._send(StatusCompleted(**self._summary()))
         if not self._client_gone:
             await self._close(status.WS_1000_NORMAL_CLOSURE)
 

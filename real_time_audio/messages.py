@@ -221,14 +221,20 @@ class StatusFlushed(WireModel):
     status: Literal["flushed"] = "flushed"
 
 
-class StatusCompleted(WireModel):
+class SessionSummary(WireModel):
+    """What a session ended with: its transcript and its recording."""
+
     type: Literal["status"] = "status"
-    status: Literal["completed"] = "completed"
+    status: str
     session_id: str
     text: str
     duration: float
     segments: int
     recording: Recording
+
+
+class StatusCompleted(SessionSummary):
+    status: Literal["completed"] = "completed"
 
 
 class ResumePoint(WireModel):
@@ -237,16 +243,10 @@ class ResumePoint(WireModel):
     bytes: int | None  # the offset of `at` in the audio sent (raw PCM only; a container cannot resume mid-stream)
 
 
-class StatusShuttingDown(WireModel):
+class StatusShuttingDown(SessionSummary):
     """Sent after the last finals when the server shuts down, just before it closes with 1001."""
 
-    type: Literal["status"] = "status"
     status: Literal["shutting_down"] = "shutting_down"
-    session_id: str
-    text: str
-    duration: float
-    segments: int
-    recording: Recording
     resume: ResumePoint
 
 

@@ -563,14 +563,29 @@ def test_a_cut_in_mid_utterance_resumes_from_the_utterance_start() -> None:
     held_utterance(policy)  # "hello there." from 0.5 s to 1.5 s, held
     policy.feed(np.full(RATE // 2, 0.0, dtype=np.float32))
     policy.feed(np.full(2 * RATE, 0.1, dtype=np.float32), [SpeechEvent("start", 2 * RATE + RATE // 2)])
-    # "there." is timed to end inside the next utterance's pre-roll: that does not make it part of it.
-    heard = result(("hello", 0.3, 0.6), ("there.", 0.7, 2.1), ("how", 2.5, 2.8), ("are", 2.9, 3.2), ("yo", 4.3, 4.5))
+    heard = result(("hello", 0.3, 0.6), ("there.", 0.7, 1.2), ("how", 2.5, 2.8), ("are", 2.9, 3.2), ("yo", 4.3, 4.5))
     out = cut_and_finalize(policy, heard)
     assert [(o.segment_id, o.is_final, o.text) for o in out if o.is_final] == [
         (0, True, "hello there."),
         (1, True, "how are yo"),
     ]
     assert (policy.resume.segment_id, policy.resume.sample) == (1, round(2.3 * RATE))
+
+
+def test_the_resent_audio_never_reaches_back_into_the_previous_utterance() -> None:
+    """After a short pause the cut utterance's pre-roll would overlap the padding after the one
+    before (and with it that one's last sounds): the resent audio starts after that padding."""
+    policy = UtterancePolicy(pad_s=0.4)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])  # padded to 1.9 s
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final"
+    policy.accept(window, result(("hello", 0.3, 0.6), ("there.", 0.7, 1.0)))  # held
+    policy.feed(np.full(2 * RATE, 0.1, dtype=np.float32), [SpeechEvent("start", 2 * RATE)])  # pre-roll from 1.6 s
+    heard = result(("hello", 0.5, 0.8), ("there.", 0.9, 1.3), ("how", 1.95, 2.2), ("are", 2.3, 2.6), ("yo", 3.4, 3.6))
+    out = cut_and_finalize(policy, heard)
+    assert [(o.segment_id, o.text) for o in out if o.is_final] == [(0, "hello there."), (1, "how are yo")]
+    assert (policy.resume.segment_id, policy.resume.sample) == (1, round(1.9 * RATE))
 
 
 def test_a_cut_replaces_the_finals_the_utterance_already_had() -> None:

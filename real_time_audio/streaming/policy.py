@@ -187,7 +187,9 @@ class UtterancePolicy:
         self._cut: int | None = None
         self._cut_from: int | None = None  # the start of the utterance cut in its middle
         self._resume: Resume | None = None
-        self._recent_finals: deque[tuple[int, float, float]] = deque(maxlen=RECENT_FINALS)  # id, start, end
+        # The latest finals: id, first word's start, last word's start, last word's end (seconds).
+        self._recent_finals: deque[tuple[int, float, float, float]] = deque(maxlen=RECENT_FINALS)
+        self._last_speech_end = 0  # where the latest utterance ended, its padding included
         if not vad_enabled:
             self._regions.append(_Region(0))  # without VAD the whole stream is one region
 
@@ -239,6 +241,7 @@ class UtterancePolicy:
                     self._carry_end = None  # the kept audio now leads into this utterance
             elif self._regions and self._regions[-1].end is None:
                 self._regions[-1].end = min(max(event.sample + self.pad, self._regions[-1].start), self.received)
+                self._last_speech_end = self._regions[-1].end
         if not self._regions:  # silence: keep only the pre-roll (and the previous utterance, for a while)
             self.transcribed = self.received
             if self._carry_end is not None and self.received - self._carry_end > self.context_gap:
@@ -253,7 +256,8 @@ class UtterancePolicy:
         self._cut = sample
         if self._regions and self._regions[-1].end is None:
             start = self._regions[-1].start
-            self._cut_from = max(start, sample - int(MAX_RESUME_S * MODEL_SAMPLE_RATE))
+            # From the pause before the utterance: its pre-roll, but never the padding after the one before.
+            self._cut_from = max(start, self._last_speech_end, sample - int(MAX_RESUME_S * MODEL_SAMPLE_RATE))
 
     @property
     def resume(self) -> Resume:
@@ -436,13 +440,16 @@ class UtterancePolicy:
             before += 1
         out = self._final(words[:before], language, window.end)
         out += self._final(words[before:], language, window.end)
-        # The first final that reaches into the utterance; one that began before it moves the start back.
+        # The finals whose words begin in the audio to be resent are replaced. Should the last one kept
+        # have a word there too (held words finalized with what followed), the resent audio begins
+        # after it instead, so that no word is heard twice.
         resume_id, resume_s = self.segment_id, start
-        speech = start + self.pad / MODEL_SAMPLE_RATE  # where the voice began (the pre-roll may overlap a word)
-        for segment_id, first, last in reversed(self._recent_finals):
-            if last <= speech:
+        for segment_id, first, last_start, last_end in reversed(self._recent_finals):
+            if first < start:
+                if last_start >= start:
+                    resume_s = last_end
                 break
-            resume_id, resume_s = segment_id, min(resume_s, first)
+            resume_id = segment_id
         sample = min(max(self._sample(resume_s), 0), window.end)
         self._resume = Resume(resume_id, sample)
         return out
@@ -505,7 +512,7 @@ class UtterancePolicy:
             return []
         segment = self._segment(words, True, language, covered)
         self._buffered_words += segment.words
-        self._recent_finals.append((segment.segment_id, segment.start, segment.end))
+        self._recent_finals.append((segment.segment_id, segment.start, segment.words[-1].start, segment.end))
         self.segment_id += 1
         return [segment]
 
