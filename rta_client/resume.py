@@ -31,7 +31,6 @@ class Timeline:
     messages: list[dict[str, Any]] = field(default_factory=list)  # every final kept, shifted and renumbered
     offset_s: float = 0.0  # where the current session's audio starts in the stream
     first_segment: int = 0  # the stream-wide id of the current session's segment 0
-    sessions: list[str] = field(default_factory=list)
     closed: int = 0  # sessions that ended early, whose finals are in `messages`
 
     def shifted(self, message: dict[str, Any]) -> dict[str, Any]:

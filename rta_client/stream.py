@@ -3,8 +3,8 @@
 With `reconnect`, a session the server ends early (a restart: close 1001 after `shutting_down`;
 a full server: 1013; a dropped connection) is continued in a new one. The server's
 `shutting_down` message names the byte offset to resend from and the finals that the new session
-replaces (the words around the cut, heard again whole); without it the client resends from the end
-of the last final. The finals of all sessions are joined on one timeline.
+replaces (the cut utterance, heard again whole); without it the client resends from the end of the
+last final. The finals of all sessions are joined on one timeline.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ async def stream_file(
                 if delay > 0:
                     await asyncio.sleep(delay)
         if console:
-            console.set_progress("")
+            console.set_progress("finishing")
         result = await session.end(end_timeout_s)
     if console:
         console.set_progress("")
@@ -136,7 +136,6 @@ async def _stream_resumable(
         session_options = replace(options, prompt=timeline.context(user_prompt))
         session = LiveSession(session_options, (lambda m: console.on_message(timeline.shifted(m))) if console else None)
         await open_session(session, console, reconnect_timeout_s)
-        timeline.sessions.append(session.result.session_id)
         try:
             while position < len(audio):
                 piece = audio[position : position + chunk_size]
