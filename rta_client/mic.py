@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from rta_client.console import Console
-from rta_client.resume import RETRYABLE_CLOSES, Timeline, open_session, resume_point
+from rta_client.resume import RETRYABLE_CLOSES, Timeline, joined, open_session, resume_point
 from rta_client.session import ClientError, ClientOptions, LiveSession, SessionResult
 
 COMMANDS = ("start", "stop", "resume", "quit")
@@ -240,12 +240,3 @@ async def run_microphone(
             stream.close()
         if session is not None:
             await session.close()
-
-
-def joined(result: SessionResult, timeline: Timeline) -> SessionResult:
-    """The last session's result with the finals of every session on one timeline."""
-    if not timeline.closed:
-        return result
-    timeline.close_session(result, None)
-    result.messages = [m for m in result.messages if m.get("type") != "transcription"] + timeline.messages
-    return result

@@ -65,6 +65,16 @@ class Timeline:
         self.closed += 1
 
 
+def joined(result: SessionResult, timeline: Timeline) -> SessionResult:
+    """The last session's result (its `completed`, close code and checksum) with the finals of every
+    session on one timeline (as it is when there was only one session)."""
+    if not timeline.closed:
+        return result
+    timeline.close_session(result, None)
+    result.messages = [m for m in result.messages if m.get("type") != "transcription"] + timeline.messages
+    return result
+
+
 def resume_point(result: SessionResult, base: int, frame: int, bytes_per_s: int) -> tuple[int, int | None]:
     """Where to resend from after `result`'s session ended early, and the first of its segment
     ids that the next session replaces (None: keep them all)."""

@@ -20,7 +20,7 @@ import numpy as np
 from real_time_audio.audio.files import duration_of
 from real_time_audio.audio.formats import encoding_for
 from rta_client.console import Console
-from rta_client.resume import RETRYABLE_CLOSES, Timeline, open_session, resume_point
+from rta_client.resume import RETRYABLE_CLOSES, Timeline, joined, open_session, resume_point
 from rta_client.session import ClientError, ClientOptions, LiveSession, SessionResult
 
 PCM_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4}
@@ -155,7 +155,6 @@ async def _stream_resumable(
         finally:
             await session.close()
         if result.completed is not None or result.close_code not in RETRYABLE_CLOSES:
-            timeline.close_session(result, None)
             break
         position, keep_below = resume_point(result, base, frame, bytes_per_s)
         timeline.close_session(result, keep_below)
@@ -167,6 +166,4 @@ async def _stream_resumable(
     if console:
         console.set_progress("")
         console.finish()
-    # The last session's result (its `completed`, close code and checksum), with every session's finals.
-    result.messages = [m for m in result.messages if m.get("type") != "transcription"] + timeline.messages
-    return result
+    return joined(result, timeline)
