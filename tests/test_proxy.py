@@ -63,6 +63,7 @@ class Replica:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() ends the workers with the master
             )
 
     def ready(self) -> tuple[int, dict[str, Any]]:
@@ -86,9 +87,10 @@ class Replica:
         return found
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """Kill the master and its workers (a killed master alone would leave its worker running)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 class Proxy:
