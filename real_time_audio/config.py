@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     context_audio_s: float = Field(10, ge=0, le=20)
     """Audio of the previous utterance (up to this many seconds) kept before the next one after a short pause,
     so the model hears the sentence so far and continues its words; 0 turns it off."""
+    commit_delay_s: float = Field(2.5, ge=0, le=30)
+    """How much audio must follow a word before partials that agree on it may make it final while the speaker
+    goes on. Longer: fewer mid-utterance finals, each decided with more of what follows (Whisper often
+    hears a word right only once it has heard the rest of the sentence); the end of an utterance finalizes
+    everything whatever this is."""
     final_hold_ms: int = Field(1500, ge=0, le=3000)
     """How long the words of an utterance that just ended wait for the speaker to go on before they become
     final: if speech resumes within it they are decoded again with what follows (a pause inside a sentence
@@ -82,7 +87,10 @@ class Settings(BaseSettings):
     vad_silence_ms: int = Field(500, ge=100, le=10000)
     """Silence that ends an utterance; its text is then finalized."""
     vad_pad_ms: int = Field(400, ge=0, le=1000)
-    """Audio kept before a speech start and after a speech end, so word edges are not cut."""
+    """Audio kept before a speech start, so the first word is not cut."""
+    vad_tail_ms: int = Field(1000, ge=0, le=2000)
+    """Audio kept after a speech end: the utterance's final decode waits for it, so a last word the detector
+    scores as silence (a whispered or unvoiced ending) is heard whole."""
     vad_min_speech_ms: int = Field(96, ge=32, le=2000)
     """Shortest sound that starts an utterance; shorter clicks and bumps are ignored."""
     no_speech_threshold: float = Field(0.6, ge=0, le=1)
@@ -206,7 +214,7 @@ class Settings(BaseSettings):
             raise ValueError("API_TOKENS must not contain empty tokens")
         if any(not token.get_secret_value() for token in self.admin_tokens):
             raise ValueError("ADMIN_TOKENS must not contain empty tokens")
-        if self.vad_pad_ms > self.vad_silence_ms:
+        if self.vad_pad_ms > self.vad_silence_ms:  # the pre-roll would reach into the utterance before
             raise ValueError(f"VAD_PAD_MS ({self.vad_pad_ms}) must not exceed VAD_SILENCE_MS ({self.vad_silence_ms})")
         return self
 

@@ -583,7 +583,12 @@ class Session:
                     return
                 await self._complete()
                 return
-            waits = (pipeline.policy.seconds_until_partial(now), pipeline.policy.seconds_until_settle(now))
+            policy = pipeline.policy
+            waits = (
+                policy.seconds_until_partial(now),
+                policy.seconds_until_settle(now),
+                policy.seconds_until_tail(now),
+            )
             delays = [d for d in waits if d is not None]
             delay = min(delays) if delays else None
             if delay == 0:

@@ -114,7 +114,15 @@ def test_server_start_fails_naming_the_variable(tmp_path: Path) -> None:
 
 
 def test_vad_padding_cannot_exceed_the_silence_that_ends_speech() -> None:
-    """VAD_PAD_MS longer than VAD_SILENCE_MS would pad with audio that has not arrived yet."""
+    """Speech starts at least VAD_SILENCE_MS after the utterance before it ended: a longer
+    VAD_PAD_MS would put the end of that utterance into the next one's pre-roll."""
     with pytest.raises(SettingsError, match=r"VAD_PAD_MS \(600\) must not exceed VAD_SILENCE_MS \(500\)"):
         load_settings(vad_pad_ms=600, vad_silence_ms=500)
+
+
+def test_vad_tail_is_bounded() -> None:
+    """VAD_TAIL_MS: the final decode waits for it, so it is held to two seconds."""
+    assert load_settings(vad_tail_ms=0).vad_tail_ms == 0
+    with pytest.raises(SettingsError, match="VAD_TAIL_MS=2500: Input should be less than or equal to 2000"):
+        load_settings(vad_tail_ms=2500)
     assert load_settings(vad="off").vad == "off"

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from main import create_app
 from real_time_audio.config import Settings
 from real_time_audio.service import TranscriptionEngine, TranscriptionRequest, TranscriptionResult
-from tests.burst_speech import BurstTranscriber, EnergyScorer, speech_block
+from tests.burst_speech import RATE, VOCABULARY, BurstTranscriber, EnergyScorer, burst, speech_block
 from tests.conftest import (
     LiveServer,
     assert_finals_within,
@@ -256,16 +256,44 @@ def test_speech_gives_events_and_finals_inside_each_utterance(
     for (start, end), began, ended in zip(truth, events[::2], events[1::2], strict=True):
         assert start - 0.1 <= began["at"] <= start + 0.3
         assert end - 0.6 <= ended["at"] <= end + 0.1
-    pad = settings.vad_pad_ms / 1000  # the audio decoded around each utterance
+    pad, tail = settings.vad_pad_ms / 1000, settings.vad_tail_ms / 1000  # the audio decoded around each utterance
     for (start, end), ended in zip(truth, events[1::2], strict=True):
         inside = [
-            m for m in finals(messages) if start - pad - 0.1 <= m["start"] and m["end"] <= ended["at"] + pad + 0.05
+            m for m in finals(messages) if start - pad - 0.1 <= m["start"] and m["end"] <= ended["at"] + tail + 0.05
         ]
         assert inside, f"no final for the utterance at {start:.2f}-{end:.2f} s"
     assert_finals_within(messages, 0.0, len(audio) / 16000)
-    speech_and_padding = sum(end - start + 2 * pad for start, end in truth)
-    assert max(decoded) / 16000 <= max(end - start for start, end in truth) + 2 * pad + 0.1
+    speech_and_padding = sum(end - start + pad + tail for start, end in truth)
+    assert max(decoded) / 16000 <= max(end - start for start, end in truth) + pad + tail + 0.1
     assert sum(n for n in decoded) / 16000 < 10 * speech_and_padding  # never the silences
+
+
+def test_a_client_that_goes_quiet_inside_the_tail_still_gets_its_final(make_settings: Callable[..., Settings]) -> None:
+    """An utterance and 0.6 s of silence (the detector ends the utterance after 0.5 s; the 1 s tail
+    is not complete), then nothing, not even END: the final comes once the rest of the tail would
+    have arrived, decoded from the audio there is; the session stays open."""
+    settings = make_settings(vad="silero", final_hold_ms=0, vad_tail_ms=1000, partial_interval_ms=60000)
+    model = BurstTranscriber()
+
+    def engine_factory(_: Settings) -> TranscriptionEngine:
+        return TranscriptionEngine(lambda: model, warmup=False, batch_wait_ms=0)
+
+    quiet = np.zeros(int(0.5 * RATE), dtype=np.float32)
+    audio = np.concatenate([quiet, burst(1, 0.3), quiet[: RATE // 10], burst(2, 0.3), quiet, quiet[: RATE // 10]])
+    app = create_app(settings, engine_factory=engine_factory, vad_factory=EnergyScorer)
+    with TestClient(app) as client, client.websocket_connect("/ws/transcribe") as ws:
+        ws.receive_json()
+        ws.send_bytes(pcm16(audio))
+        started = time.monotonic()
+        messages = receive_until(ws, lambda m: m.get("type") == "transcription" and m["is_final"])
+        waited = time.monotonic() - started
+        assert [w["word"] for w in finals(messages)[0]["words"]] == [VOCABULARY[1], VOCABULARY[2]]
+        assert waited >= 0.4  # it did wait for the tail (0.4 s of it were missing, plus 0.25 s of slack)
+        assert model.window_seconds == [
+            pytest.approx(len(audio) / RATE - 0.1, abs=0.05)
+        ]  # from the pre-roll to the end
+        ws.send_text("END")
+        assert receive_until(ws, is_status("completed"))[-1]["text"] == f"{VOCABULARY[1]} {VOCABULARY[2]}"
 
 
 def test_burst_speech_through_the_server_is_transcribed_exactly(make_settings: Callable[..., Settings]) -> None:

@@ -13,6 +13,7 @@ import pytest
 from numpy.typing import NDArray
 
 from real_time_audio.audio.vad import SpeechEvent, VoiceActivityDetector
+from real_time_audio.config import load_settings
 from real_time_audio.service import TranscriptionRequest, TranscriptionResult, Word
 from real_time_audio.streaming.agreement import LocalAgreement
 from real_time_audio.streaming.policy import SegmentText, UtterancePolicy, Window
@@ -182,6 +183,17 @@ def test_agreed_words_are_committed_only_once_audio_after_them_was_heard() -> No
     assert agreement.insert(words[1:], heard_until=3.9) == [words[1]]
 
 
+def test_commit_delay_sets_how_much_audio_must_follow_an_agreed_word() -> None:
+    """COMMIT_DELAY_S=5: what 2.5 s would settle waits until 5 s of audio follow it."""
+    agreement = LocalAgreement(settle_age_s=5.0)
+    words = [Word("one,", 0.0, 0.4), Word("two,", 1.0, 1.4)]
+    agreement.insert(words, heard_until=3.0)
+    assert agreement.insert(words, heard_until=4.0) == []
+    assert agreement.insert(words, heard_until=5.6) == [words[0]]
+    policy = UtterancePolicy.from_settings(load_settings(commit_delay_s=5.0))
+    assert policy._agreement.settle_age_s == 5.0
+
+
 def test_agreed_words_wait_for_the_end_of_their_phrase() -> None:
     """Agreed words without punctuation stay in the partial until a phrase ends, or six are waiting."""
     agreement = LocalAgreement()
@@ -224,6 +236,60 @@ def test_speech_end_finalizes_everything_left() -> None:
     out = policy.accept(window, result(("hello", 0.3, 0.6), ("there", 0.7, 1.0)))
     assert [(o.is_final, o.text, o.start, o.end) for o in out] == [(True, "hello there", 0.6, 1.3)]
     assert policy.next_window(now=100.0) is None
+
+
+def test_the_final_waits_for_the_tail_after_the_speech_end() -> None:
+    """VAD_TAIL_MS beyond the silence the detector waited for: the final decode waits until the
+    tail has arrived and covers it, so a last sound scored as silence is heard whole."""
+    policy = UtterancePolicy(pad_s=0.2, tail_s=0.8, hold_s=0)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 4)])  # received: 2.0 s
+    assert policy.next_window(now=0.0) is None  # the tail runs to 2.05 s
+    assert policy.seconds_until_partial(now=0.0) is None
+    policy.feed(np.zeros(int(0.05 * RATE), dtype=np.float32))
+    window = policy.next_window(now=0.05)
+    assert window is not None and window.kind == "final"
+    assert (window.start, window.end) == (RATE // 2 - 3200, RATE + RATE // 4 + int(0.8 * RATE))
+    assert policy.seconds_until_tail(now=0.05) is None
+
+
+def test_a_tail_that_never_arrives_is_waited_for_only_as_long_as_it_would_take() -> None:
+    """A client that goes quiet after an utterance (no END): the final comes once the rest of the
+    tail would have arrived at real-time pace (plus a little), decoded with what there is."""
+    policy = UtterancePolicy(pad_s=0.2, tail_s=0.8, hold_s=0)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(int(1.5 * RATE), dtype=np.float32), [SpeechEvent("end", 2 * RATE)])  # received: 2.5 s
+    assert policy.next_window(now=10.0) is None
+    assert policy.seconds_until_tail(now=10.0) == pytest.approx(0.3 + 0.25)
+    assert policy.next_window(now=10.5) is None
+    window = policy.next_window(now=10.55)
+    assert window is not None and (window.kind, window.start, window.end) == (
+        "final",
+        RATE // 2 - 3200,
+        policy.received,
+    )
+    out = policy.accept(window, result(("hello", 0.3, 0.6)))
+    assert [(o.is_final, o.text) for o in out] == [(True, "hello")]
+    assert policy.next_window(now=11.0) is None and policy.seconds_until_tail(now=11.0) is None
+
+
+def test_the_end_of_the_stream_does_not_wait_for_the_tail() -> None:
+    policy = UtterancePolicy(pad_s=0.2, tail_s=0.8, hold_s=0)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 4)])
+    window = policy.next_window(now=0.0, finalize_until=policy.received)
+    assert window is not None and (window.kind, window.end) == ("final", 2 * RATE)
+
+
+def test_speech_starting_inside_the_tail_ends_it_at_its_own_pre_roll() -> None:
+    """The next utterance begins before the tail is over: the tail stops where its pre-roll begins,
+    so the first utterance's final never hears the start of the next one."""
+    policy = UtterancePolicy(pad_s=0.2, tail_s=0.8, hold_s=0, context_audio_s=0)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 4)])
+    policy.feed(np.zeros(RATE // 2, dtype=np.float32), [SpeechEvent("start", 2 * RATE)])
+    window = policy.next_window(now=0.0)
+    assert window is not None and (window.kind, window.end) == ("final", 2 * RATE - 3200)
 
 
 def held_utterance(policy: UtterancePolicy) -> None:
@@ -467,7 +533,7 @@ def test_interim_results_off_decodes_nothing_until_the_utterance_ends() -> None:
     assert cap is not None and (cap.kind, cap.start, cap.end) == ("cap", 0, 4 * RATE)
     out = policy.accept(cap, result(("a", 0.1, 0.4), ("b.", 0.5, 0.8), ("c", 3.5, 3.9)))
     assert [(o.is_final, o.text) for o in out] == [(True, "a b.")]  # "c" is too close to the cut
-    policy.feed(np.zeros(0, dtype=np.float32), [SpeechEvent("end", 5 * RATE)])
+    policy.feed(np.zeros(RATE // 2, dtype=np.float32), [SpeechEvent("end", 5 * RATE)])  # after 0.5 s of silence
     final = policy.next_window(now=32.0)
     assert final is not None and final.kind == "final" and policy.stats.windows["partial"] == 0
     out = policy.accept(final, result(("c", 0.5, 0.9), ("d.", 1.0, 1.4)))

@@ -25,8 +25,8 @@ RECENT_WORDS = 8
 PHRASE_END = (",", ".", "?", "!", ";", ":")
 ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "jr.", "sr.", "vs.", "etc.", "e.g.", "i.e."})
 MAX_HELD_WORDS = 6
-# An agreed word is committed only once this much audio after it has been heard: until then the
-# words that follow it (and its own punctuation) are still being decided.
+# An agreed word is committed only once this much audio after it has been heard (by default): until
+# then the words that follow it (and its own punctuation) are still being decided.
 SETTLE_AGE_S = 2.5
 
 
@@ -52,7 +52,8 @@ def phrase_length(agreed: Sequence[Word]) -> int:
 class LocalAgreement:
     """The committed history and the unconfirmed tail of one stream of hypotheses."""
 
-    def __init__(self) -> None:
+    def __init__(self, settle_age_s: float = SETTLE_AGE_S) -> None:
+        self.settle_age_s = settle_age_s
         self.committed_end = 0.0  # end of the last committed word
         self.tail: list[Word] = []  # the latest hypothesis's words that are not committed
         self._recent: list[Word] = []  # the last committed words, to recognise a repeat of them
@@ -75,14 +76,14 @@ class LocalAgreement:
         """Take a new hypothesis; returns the words it confirms (now committed).
 
         `heard_until`: the end of the audio this hypothesis was decoded from. Only words ending
-        SETTLE_AGE_S before it may be committed: the model has heard what follows them.
+        `settle_age_s` before it may be committed: the model has heard what follows them.
         """
         new = self.fresh(words, after_prefix)
         agreed = 0
         for old, word in zip(self.tail, new, strict=False):
             if old.key != word.key or abs(old.start - word.start) > MATCH_TOLERANCE_S:
                 break
-            if heard_until is not None and word.end > heard_until - SETTLE_AGE_S:
+            if heard_until is not None and word.end > heard_until - self.settle_age_s:
                 break
             agreed += 1
         count = phrase_length(new[:agreed])

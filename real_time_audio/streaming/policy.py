@@ -7,7 +7,9 @@ policy answers with the transcriptions to send.
 
 How a session's audio becomes text:
 - Only speech is decoded. A speech region runs from a speech start (minus `pad_s` of pre-roll) to
-  a speech end (plus `pad_s`); the audio between regions never reaches the model.
+  a speech end (plus `tail_s`, so that a word ending the detector scores as silence, a whispered
+  or unvoiced last consonant, is heard whole; the region's final decode waits for that audio); the
+  audio between regions never reaches the model.
 - Inside a region the buffer from `decode_start` to the newest sample is re-decoded every
   `partial_interval_s`. Words that two consecutive decodes agree on are committed and sent as a
   final (LocalAgreement-2); the rest is sent as the partial. A session without partials
@@ -40,7 +42,7 @@ from numpy.typing import NDArray
 from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
 from real_time_audio.audio.vad import SpeechEvent
 from real_time_audio.service import Word
-from real_time_audio.streaming.agreement import LocalAgreement, join_words
+from real_time_audio.streaming.agreement import SETTLE_AGE_S, LocalAgreement, join_words
 from real_time_audio.streaming.guards import GuardThresholds, loop_start, verdict
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ MIN_CAP_PROGRESS_S = 1.0  # a full buffer always moves on at least this far
 # A stream cut by a shutdown in mid-utterance resumes from the utterance's start, at most this far back
 # (clients keep a minute of audio to resend).
 MAX_RESUME_S = 30.0
+TAIL_SLACK_S = 0.25  # a region's tail is waited for this much longer than real-time pace takes
 RECENT_FINALS = 64
 
 
@@ -134,9 +137,11 @@ class UtterancePolicy:
         max_window_s: float = 30.0,
         trim_s: float = 15.0,
         pad_s: float = 0.4,
+        tail_s: float | None = None,
         context_chars: int = 200,
         context_audio_s: float = 10.0,
         hold_s: float = 1.5,
+        settle_age_s: float = SETTLE_AGE_S,
         interim_results: bool = True,
         vad_enabled: bool = True,
         guards: GuardThresholds | None = None,
@@ -148,6 +153,7 @@ class UtterancePolicy:
         self.max_samples = int(max_window_s * MODEL_SAMPLE_RATE)
         self.trim_samples = int(min(trim_s, max_window_s) * MODEL_SAMPLE_RATE)
         self.pad = int(pad_s * MODEL_SAMPLE_RATE)
+        self.tail = self.pad if tail_s is None else int(tail_s * MODEL_SAMPLE_RATE)
         self.context_chars = context_chars
         self.context_audio = int(context_audio_s * MODEL_SAMPLE_RATE)
         self.context_gap = int(CONTEXT_GAP_S * MODEL_SAMPLE_RATE)
@@ -165,7 +171,7 @@ class UtterancePolicy:
         self._floor = 0  # everything before this sample is final
         self._decode_start = 0
         self._epoch = 0
-        self._agreement = LocalAgreement()
+        self._agreement = LocalAgreement(settle_age_s)
         self._buffered_words: list[Word] = []  # committed words still inside the buffer
         # Where the previous utterance ended while its audio is kept as context for the next one
         # (the model then hears the sentence so far), or None.
@@ -190,6 +196,7 @@ class UtterancePolicy:
         # The latest finals: id, first word's start, last word's start, last word's end (seconds).
         self._recent_finals: deque[tuple[int, float, float, float]] = deque(maxlen=RECENT_FINALS)
         self._last_speech_end = 0  # where the latest utterance ended, its padding included
+        self._tail_deadline: float | None = None  # when a region's final stops waiting for its tail
         if not vad_enabled:
             self._regions.append(_Region(0))  # without VAD the whole stream is one region
 
@@ -201,9 +208,11 @@ class UtterancePolicy:
             max_window_s=settings.segment_max_s,
             trim_s=settings.buffer_trim_s,
             pad_s=settings.vad_pad_ms / 1000,
+            tail_s=settings.vad_tail_ms / 1000,
             context_chars=settings.context_prompt_chars,
             context_audio_s=settings.context_audio_s,
             hold_s=settings.final_hold_ms / 1000,
+            settle_age_s=settings.commit_delay_s,
             interim_results=interim_results,
             vad_enabled=settings.vad != "off",
             guards=GuardThresholds(
@@ -232,6 +241,8 @@ class UtterancePolicy:
         for event in events:
             if event.kind == "start":
                 start = max(event.sample - self.pad, self._floor, self._buffer_start)
+                if self._regions and (previous := self._regions[-1]).end is not None and previous.end > start:
+                    previous.end = max(start, previous.start)  # its tail ends where this pre-roll begins
                 self._regions.append(_Region(start))
                 if len(self._regions) == 1:
                     if self._carry_end is not None and start - self._carry_end > self.context_gap:
@@ -240,8 +251,9 @@ class UtterancePolicy:
                         self._set_decode_start(start)
                     self._carry_end = None  # the kept audio now leads into this utterance
             elif self._regions and self._regions[-1].end is None:
-                self._regions[-1].end = min(max(event.sample + self.pad, self._regions[-1].start), self.received)
-                self._last_speech_end = self._regions[-1].end
+                # The tail may reach past what has been received: the final decode waits for it.
+                self._regions[-1].end = max(event.sample + self.tail, self._regions[-1].start)
+                self._last_speech_end = max(min(event.sample + self.pad, self.received), self._regions[-1].start)
         if not self._regions:  # silence: keep only the pre-roll (and the previous utterance, for a while)
             self.transcribed = self.received
             if self._carry_end is not None and self.received - self._carry_end > self.context_gap:
@@ -280,6 +292,11 @@ class UtterancePolicy:
             region = self._regions[0]
             start = self._decode_start
             closing = region.end
+            if closing is not None and closing > self.received:  # its tail is still coming
+                if finalize_until is None and not self._tail_overdue(now, closing):
+                    return None
+                closing = region.end = max(self.received, region.start)
+            self._tail_deadline = None
             if closing is None and finalize_until is not None and finalize_until > max(start, region.start):
                 closing = finalize_until
             if closing is not None and closing <= max(start, region.start):  # nothing left in it to decode
@@ -299,6 +316,19 @@ class UtterancePolicy:
                 return self._window(start, self.received, "partial")
             return None
         return None
+
+    def _tail_overdue(self, now: float, end: int) -> bool:
+        """Whether the wait for a region's tail is over: the audio stopped coming (a client that
+        goes quiet without ending the stream) for longer than the tail takes at real-time pace."""
+        if self._tail_deadline is None:
+            self._tail_deadline = now + (end - self.received) / MODEL_SAMPLE_RATE + TAIL_SLACK_S
+        return now >= self._tail_deadline
+
+    def seconds_until_tail(self, now: float) -> float | None:
+        """How long until a region's final is decoded without the rest of its tail (None: not waiting)."""
+        if self._tail_deadline is None or not self._regions or self._regions[0].end is None:
+            return None
+        return max(0.0, self._tail_deadline - now)
 
     def partial_round_trip(self, seconds: float | None) -> None:
         """How long the last partial took from request to result (None: the engine refused it as
@@ -421,7 +451,7 @@ class UtterancePolicy:
         if held:
             self._agreement.tail = held
             self._held, self._held_language, self._held_deadline = held, language, None
-            self._held_until = window.end - self.pad + self.hold
+            self._held_until = window.end - self.tail + self.hold
             self._floor = min(self._floor, self._sample(held[0].start))
             if self.interim_results:
                 out.append(self._segment(held, False, language, window.end))
