@@ -13,10 +13,12 @@ English speech with reference transcripts (bench/corpus.py):
 Reported per model and mode:
 
 - WER: word error rate against the reference, both sides through Whisper's English normalizer;
-- CPER: the case and punctuation error rate against the offline transcript of the same audio
-  with the same model. The two texts are aligned on their normalized words; of the words both
-  have, the share written differently (case, or punctuation attached to the word) is the CPER.
-  Offline is 0 by construction; it measures whether the joined finals read like offline text;
+- CPER: the case and punctuation error rate against the reference written with case and
+  punctuation (bench/corpus.py). The two texts are aligned on their folded words (lower case, no
+  punctuation); of the words both have, the share written differently (case, or punctuation
+  attached to the word) is the CPER. Offline has its own; streaming should be as close to it as
+  its WER is. The JSON also keeps `cper_vs_offline`: the same count against the offline transcript,
+  the measure of the first figures (0 for offline by construction);
 - partials and revised partials (a partial whose words do not extend the previous partial of the
   same segment), finals per clip;
 - final latency (realtime): arrival of a clip's last final minus the moment its last sample was sent.
@@ -24,6 +26,8 @@ Reported per model and mode:
     python bench/accuracy.py                       # both models, all modes (about 15 min on 2 cores)
     python bench/accuracy.py --models tiny.en --modes offline realtime --limit 8
     python bench/accuracy.py --update-docs         # rewrite the accuracy block of docs/benchmarks.md
+    python bench/accuracy.py --corpus core         # the 24 clips of the first figures
+    python bench/accuracy.py --project /tmp/old    # serve another checkout (a git worktree of an older commit)
 """
 
 from __future__ import annotations
@@ -100,10 +104,10 @@ def fold(token: str) -> str:
     return re.sub(r"[^\w']", "", token.casefold())
 
 
-def case_punctuation_errors(offline: str, streamed: str) -> tuple[int, int]:
+def case_punctuation_errors(reference: str, text: str) -> tuple[int, int]:
     """(words written differently, words both texts have) after aligning on the folded words."""
-    a = [t for t in offline.split() if fold(t)]
-    b = [t for t in streamed.split() if fold(t)]
+    a = [t for t in reference.split() if fold(t)]
+    b = [t for t in text.split() if fold(t)]
     _, pairs = edit_alignment([fold(t) for t in a], [fold(t) for t in b])
     return sum(1 for i, j in pairs if a[i] != b[j]), len(pairs)
 
@@ -214,9 +218,11 @@ async def stream_clip(url: str, clip: Clip, realtime: bool) -> ClipResult:
     return result
 
 
-def streamed(model_folder: Path, clips: list[Clip], realtime: bool, env: dict[str, str]) -> list[ClipResult]:
-    """Every clip through a real server serving `model_folder`, one session at a time."""
-    with ServerProcess(model_folder, "cpu", env={"WARMUP": "true", **env}) as server:
+def streamed(
+    model_folder: Path, clips: list[Clip], realtime: bool, env: dict[str, str], project: Path = ROOT
+) -> list[ClipResult]:
+    """Every clip through a real server (the checkout `project`) serving `model_folder`, one session at a time."""
+    with ServerProcess(model_folder, "cpu", env={"WARMUP": "true", **env}, project=project) as server:
         return [asyncio.run(stream_clip(server.url, clip, realtime)) for clip in clips]
 
 
@@ -227,19 +233,24 @@ def streamed(model_folder: Path, clips: list[Clip], realtime: bool, env: dict[st
 def score(clips: list[Clip], results: list[ClipResult], reference: list[ClipResult], normalizer: Any) -> dict[str, Any]:
     errors = words = 0
     cp_errors = cp_words = 0
+    off_errors = off_words = 0
     for clip, result, base in zip(clips, results, reference, strict=True):
         ref = normalizer(clip.text).split()
         hyp = normalizer(result.text).split()
         distance, _ = edit_alignment(ref, hyp)
         errors += distance
         words += len(ref)
-        wrong, both = case_punctuation_errors(base.text, result.text)
+        wrong, both = case_punctuation_errors(clip.styled, result.text)
         cp_errors += wrong
         cp_words += both
+        wrong, both = case_punctuation_errors(base.text, result.text)
+        off_errors += wrong
+        off_words += both
     latencies = [r.final_latency_s for r in results if r.final_latency_s is not None]
     summary: dict[str, Any] = {
         "wer": round(100 * errors / max(1, words), 2),
         "cper": round(100 * cp_errors / max(1, cp_words), 2),
+        "cper_vs_offline": round(100 * off_errors / max(1, off_words), 2),
         "words": words,
         "finals": sum(r.finals for r in results),
         "partials": sum(r.partials for r in results),
@@ -283,7 +294,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny.en", "base"], choices=["tiny.en", "base"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--corpus", default="full", choices=["core", "full"], help="the clips (bench/corpus.py)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N clips (quick checks)")
+    parser.add_argument("--project", type=Path, default=ROOT, help="the checkout to serve (default: this one)")
     parser.add_argument("--tag", default="", help="suffix for the result file (runs with other settings)")
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE", help="server settings for this run")
     parser.add_argument("--update-docs", action="store_true")
@@ -291,7 +304,7 @@ def main() -> None:
     if not (SHARED / "whisper-assets" / "english.json").is_file():
         sys.exit(f"needs {SHARED} (the English normalizer and speech clips)")
     env = dict(item.split("=", 1) for item in args.env)
-    clips = load_corpus()
+    clips = load_corpus(args.corpus)
     if args.limit:
         clips = clips[: args.limit]
     normalizer = english_normalizer()
@@ -303,10 +316,13 @@ def main() -> None:
         "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "settings": env,
-        "corpus": {"clips": len(clips), "minutes": round(minutes, 2), "words": words},
+        "project": str(args.project.resolve()),
+        "corpus": {"name": args.corpus, "clips": len(clips), "minutes": round(minutes, 2), "words": words},
         "models": {},
         "clips": {},
     }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"accuracy{'-' + args.tag if args.tag else ''}.json"
     for name in args.models:
         hf = transformers_folder(name)
         reference = offline(hf, clips)
@@ -315,15 +331,13 @@ def main() -> None:
             if mode == "offline":
                 continue
             started = time.perf_counter()
-            runs[mode] = streamed(faster_whisper_folder(name), clips, mode == "realtime", env)
+            runs[mode] = streamed(faster_whisper_folder(name), clips, mode == "realtime", env, args.project)
             print(f"{name} {mode}: {time.perf_counter() - started:.0f} s", flush=True)
         report["models"][name] = {mode: score(clips, r, reference, normalizer) for mode, r in runs.items()}
         report["clips"][name] = {mode: [asdict(x) for x in r] for mode, r in runs.items()}
         for mode, s in report["models"][name].items():
             print(f"  {name:8} {mode:9} {s}", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"accuracy{'-' + args.tag if args.tag else ''}.json"
-    out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        out.write_text(json.dumps(report, indent=1), encoding="utf-8")  # each model as soon as it is done
     print(table(report))
     print(f"wrote {out}")
     if args.update_docs:

@@ -74,7 +74,8 @@ def parse_metrics(text: str) -> dict[str, float]:
 class ServerProcess:
     """`uvicorn main:app` in its own process on a free port, with its own storage folder."""
 
-    def __init__(self, checkpoint: Path, device: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, checkpoint: Path, device: str, env: dict[str, str] | None = None, project: Path = ROOT) -> None:
+        self.project = project  # the checkout whose server runs
         self.port = free_port()
         self.storage = Path(tempfile.mkdtemp(prefix="rta-bench-"))
         self.env = {
@@ -89,6 +90,7 @@ class ServerProcess:
             "ALLOWED_ORIGINS": "",
             "MAX_CONNECTIONS_PER_CLIENT": "0",
             "MAX_SESSION_S": "0",
+            "PYTHONPATH": str(project),
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
@@ -105,7 +107,7 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--log-level", "warning"]
-        self.process = subprocess.Popen(command, cwd=ROOT, env=self.env)
+        self.process = subprocess.Popen(command, cwd=self.project, env=self.env)
         wait_ready(self.port, self.process)
         return self
 
