@@ -289,9 +289,10 @@ def test_a_client_that_goes_quiet_inside_the_tail_still_gets_its_final(make_sett
         waited = time.monotonic() - started
         assert [w["word"] for w in finals(messages)[0]["words"]] == [VOCABULARY[1], VOCABULARY[2]]
         assert waited >= 0.4  # it did wait for the tail (0.4 s of it were missing, plus 0.25 s of slack)
-        assert model.window_seconds == [
-            pytest.approx(len(audio) / RATE - 0.1, abs=0.05)
-        ]  # from the pre-roll to the end
+        # One decode, from the pre-roll (at 0.1 s) past where the old padding ended (1.6 s) up to what had
+        # arrived (1.8 s; on a loaded machine the wait may run out before the last piece is fed).
+        (window,) = model.window_seconds
+        assert 1.5 + 0.05 < window <= len(audio) / RATE - 0.1 + 0.05
         ws.send_text("END")
         assert receive_until(ws, is_status("completed"))[-1]["text"] == f"{VOCABULARY[1]} {VOCABULARY[2]}"
 
