@@ -39,6 +39,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,13 +129,16 @@ class ClipResult:
     errors: list[str] = field(default_factory=list)
 
 
-def offline(model_dir: Path, clips: list[Clip]) -> list[ClipResult]:
-    """Plain transformers: each clip whole, greedy (long-form with timestamps past 30 s)."""
+def offline(model_dir: Path, clips: list[Clip], prepare: Callable[[Any], object] | None = None) -> list[ClipResult]:
+    """Plain transformers: each clip whole, greedy (long-form with timestamps past 30 s).
+    `prepare` may change the loaded model first (bench/quantization.py quantizes it)."""
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     processor = WhisperProcessor.from_pretrained(model_dir)
     model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if prepare is not None:
+        prepare(model)
     options: dict[str, Any] = (
         {"language": "en", "task": "transcribe"} if model.generation_config.is_multilingual else {}
     )

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     """Where the model runs: auto (CUDA if present, else CPU), cpu, cuda or cuda:N."""
     torch_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     """Weight precision: auto = float16 on CUDA, float32 on CPU."""
+    quantization: Literal["none", "int8"] = "none"
+    """On CPU, int8: linear layers run as int8 products (about 30 % faster, less accurate on base)."""
     audio_storage_dir: Path = Path("audio_chunks")
     """Folder where every session's audio, transcript and metadata are kept (created if missing)."""
     log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"

@@ -343,7 +343,10 @@ class TranscriptionEngine:
 
     @property
     def dtype(self) -> str:
-        return str(getattr(self.backend, "dtype", "")).removeprefix("torch.")
+        """The weights' precision: `float32+int8` when the linear layers run quantized."""
+        dtype = str(getattr(self.backend, "dtype", "")).removeprefix("torch.")
+        quantization = getattr(self.backend, "quantization", None)
+        return f"{dtype}+{quantization}" if quantization else dtype
 
     def queue_depth(self) -> tuple[int, int]:
         """Jobs waiting: (finals, partials)."""

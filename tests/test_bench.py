@@ -232,3 +232,28 @@ def test_pairs_of_utterances_give_the_borders_between_them() -> None:
     analyse(record_, [(1.0, 3.0), (7.0, 9.0)], ends, walls, [text(9.5, 5.0, 6.0, True, 0.5)])
     assert record_.final_audio_s == [9.0]
     assert record_.missed == 1
+
+
+def test_quantization_groups_replace_exactly_their_layers(checkpoint_dir: Path) -> None:
+    """bench/quantization.py's groups: each puts exactly its own linear layers in int8, through the
+    server's `quantize_int8`."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from bench.quantization import GROUPS
+    from real_time_audio.whisper.backend import quantize_int8
+
+    def linear_names(model: Any) -> set[str]:
+        return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    everything = linear_names(WhisperForConditionalGeneration.from_pretrained(checkpoint_dir))
+    expected = {
+        "all": everything,
+        "decoder": {n for n in everything if n.startswith("model.decoder.")} | {"proj_out"},
+        "projection": {"proj_out"},
+        "encoder": {n for n in everything if n.startswith("model.encoder.")},
+    }
+    for group, names in expected.items():
+        model = WhisperForConditionalGeneration.from_pretrained(checkpoint_dir)
+        assert quantize_int8(model, GROUPS[group]) == len(names)
+        assert everything - linear_names(model) == names, group

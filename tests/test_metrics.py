@@ -29,6 +29,14 @@ def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     return samples
 
 
+def test_model_info_says_when_the_linear_layers_run_in_int8(make_settings: Callable[..., Settings]) -> None:
+    """QUANTIZATION=int8 on the CPU shows in the model's precision label."""
+    settings = make_settings(quantization="int8")
+    with TestClient(create_app(settings)) as client:
+        info = [labels for (name, labels) in scrape(client) if name == "rta_model_info"]
+    assert [dict(labels)["dtype"] for labels in info] == ["float32+int8"]
+
+
 def test_metrics_describe_sessions_engine_and_errors(make_settings: Callable[..., Settings]) -> None:
     """After two sessions the counters, histograms and gauges agree exactly with what happened."""
     settings = make_settings(partial_interval_ms=200)

@@ -164,3 +164,30 @@ def test_session_record_keeps_the_real_transcript(
     assert len(folders) == 1
     lines = [json.loads(line) for line in (folders[0] / "transcript.jsonl").read_text().splitlines()]
     assert plain(" ".join(line["text"] for line in lines)) == SENTENCES[3] == plain(joined_finals(result["messages"]))
+
+
+def test_int8_quantization_replaces_every_linear_layer_and_keeps_the_words(
+    real_model_dir: Path, say: Callable[[str], np.ndarray]
+) -> None:
+    """QUANTIZATION=int8 on the CPU: every linear layer (encoder, decoder, vocabulary projection) runs
+    in int8, and the real model still reads each sentence of a batch word for word."""
+    import torch
+
+    from real_time_audio.config import load_settings
+    from real_time_audio.service import TranscriptionRequest
+    from real_time_audio.whisper.backend import WhisperBackend
+
+    float32 = WhisperBackend.load(load_settings(transcription_model_id=str(real_model_dir), warmup=False))
+    int8 = WhisperBackend.load(
+        load_settings(transcription_model_id=str(real_model_dir), warmup=False, quantization="int8")
+    )
+    linear = [name for name, m in float32.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    # Per encoder layer q, k, v, out, fc1, fc2; per decoder layer those and the cross-attention's four; proj_out.
+    assert len(linear) == 4 * 6 + 4 * 10 + 1
+    replaced = dict(int8.model.named_modules())
+    assert not [name for name in linear if isinstance(replaced[name], torch.nn.Linear)]
+    assert replaced["proj_out"].weight().dtype == torch.qint8
+    requests = [TranscriptionRequest(audio=say(text), language="en") for text in SENTENCES]
+    texts = [plain(result.text) for result in int8.transcribe_batch(requests)]
+    assert texts == list(SENTENCES)
+    assert [plain(result.text) for result in float32.transcribe_batch(requests)] == texts

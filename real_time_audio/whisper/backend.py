@@ -11,7 +11,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,7 @@ class WhisperBackend:
         self.encoder_pad_s = encoder_pad_s
         self._silence: Silence | None = None  # the tail of every sized window
         self.location: ModelLocation | None = None  # where `load` found the weights
+        self.quantization: str | None = None  # "int8" when the linear layers run quantized (CPU)
         self._forced_tokens: int | None = None  # set only while `measure` runs
         tokenizer = processor.tokenizer
         generation = model.generation_config
@@ -201,6 +203,14 @@ class WhisperBackend:
             raise ModelLoadError(f"cannot load TRANSCRIPTION_MODEL_ID={requested!r} from {source}: {exc}") from exc
         model = model.to(device).eval()
         logger.info("loaded %s from %s in %.1f s", location.name, source, time.perf_counter() - started)
+        quantization: str | None = None
+        if settings.quantization == "int8":
+            if device == "cpu":
+                quantized = quantize_int8(model)
+                quantization = "int8"
+                logger.info("int8: %d linear layers run as int8 matrix products", quantized)
+            else:
+                logger.warning("QUANTIZATION=int8 is for the CPU; on %s the weights stay in %s", device, dtype_name)
         backend = cls(
             location.name,
             device,
@@ -212,6 +222,7 @@ class WhisperBackend:
             settings.encoder_pad_s,
         )
         backend.location = location
+        backend.quantization = quantization
         if settings.encoder_window != "full":  # at start-up, not in the first user's decode
             backend._silence_encoding()
         return backend
@@ -423,6 +434,29 @@ class WhisperBackend:
             end = times[last + 1] if last + 1 < len(times) else times[-1]
             words.append(Word(text, round(start, 3), round(max(start, end), 3)))
         return words
+
+
+def quantize_int8(model: Any, include: Callable[[str], bool] | None = None) -> int:
+    """Replace every linear layer of `model` (encoder, decoder, vocabulary projection), or those whose
+    names `include` accepts, by one that keeps its weights in int8, per output channel, and
+    quantizes its input per call (PyTorch's fbgemm kernels; 7-bit inputs where the CPU lacks VNNI,
+    against overflow). Returns how many layers were replaced. The convolutions, norms, embeddings
+    and attention products stay in float32."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        # PyTorch points eager quantization at torchao; torchao's int8 path is an order of
+        # magnitude slower on the CPU without torch.compile, so this stays the right tool here.
+        warnings.filterwarnings("ignore", message=".*quantiz", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*quantiz", category=DeprecationWarning)
+        linear = {
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and (include is None or include(name))
+        }
+        quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in linear}, inplace=True)  # type: ignore[no-untyped-call]
+    return len(linear)
 
 
 def load_engine(settings: Settings) -> TranscriptionEngine:
