@@ -13,7 +13,11 @@ frames sent when their audio would exist, then `END`. For each number of clients
 - CPU-s per audio-s: CPU time of the server process during the run (user + system, all threads)
   over the seconds of audio streamed by all clients together;
 - WER: each client's joined finals against the references of the clips it spoke, through
-  Whisper's English normalizer, over all clients.
+  Whisper's English normalizer, over all clients;
+- efficiency: the server's model seconds during the run (its `rta_model_seconds_total`) over one
+  offline pass of the same model (with the same settings, in this process once the server has
+  stopped) over exactly the same audio, every client's stream cut into 30 s windows and decoded
+  in batches of 8. 1 would mean that streaming costs nothing over transcribing the recordings.
 
     python bench/capacity.py                          # tiny.en, 1 2 4 8 clients, 60 s each
     python bench/capacity.py --clients 1 4 --seconds 90 --tag before
@@ -45,8 +49,13 @@ from bench.common import ServerProcess, machine, replace_docs_block  # noqa: E40
 from bench.corpus import RATE, Clip, load_corpus  # noqa: E402
 from bench.load import ClientRecord, Received, stream_client, summarise  # noqa: E402
 from bench.real_models import faster_whisper_folder  # noqa: E402
+from real_time_audio.config import Settings  # noqa: E402
+
+SETTINGS_FIELDS = frozenset(Settings.model_fields)
 
 BEHIND_LAG_S = 5.0
+WINDOW_S = 30.0  # the offline pass cuts each client's audio into windows of this length
+OFFLINE_BATCH = 8  # and decodes them in batches of this size (BATCH_MAX_SIZE's default)
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- capacity:begin -->", "<!-- capacity:end -->"
@@ -92,6 +101,7 @@ def cpu_seconds(pid: int) -> float:
 
 def run(server: ServerProcess, clips: list[Clip], clients: int, seconds: float, normalizer: Any) -> dict[str, Any]:
     speech = [client_speech(clips, client, seconds) for client in range(clients)]
+    model_before = server.metrics().get("rta_model_seconds_total", 0.0)
     before = cpu_seconds(server.pid)
 
     async def everyone() -> list[tuple[ClientRecord, str]]:
@@ -100,6 +110,7 @@ def run(server: ServerProcess, clips: list[Clip], clients: int, seconds: float, 
     results = asyncio.run(everyone())
     server.wait_idle()
     cpu = cpu_seconds(server.pid) - before
+    model_s = server.metrics().get("rta_model_seconds_total", 0.0) - model_before
     records = [record for record, _ in results]
     errors = words = 0
     for (_, _, reference), (_, heard) in zip(speech, results, strict=True):
@@ -115,24 +126,53 @@ def run(server: ServerProcess, clips: list[Clip], clients: int, seconds: float, 
         ],
         behind=sum(1 for r in records if r.lags and max(r.lags) > BEHIND_LAG_S),
         cpu_s_per_audio_s=round(cpu / audio_s, 3),
+        model_s=round(model_s, 3),
         wer=round(100 * errors / max(1, words), 2),
         reference_words=words,
     )
     return summary
 
 
+def offline_seconds(
+    model: str, env: dict[str, str], clips: list[Clip], runs: list[dict[str, Any]], seconds: float
+) -> None:
+    """Time one offline pass over each run's audio (30 s windows, batches of OFFLINE_BATCH) with the
+    server's backend and settings, and set each run's `offline_model_s` and `efficiency`."""
+    from real_time_audio.config import load_settings
+    from real_time_audio.service import TranscriptionRequest
+    from real_time_audio.whisper.backend import WhisperBackend
+
+    fields = {name.lower(): value for name, value in env.items() if name.lower() in SETTINGS_FIELDS}
+    settings = load_settings(**{**fields, "transcription_model_id": str(faster_whisper_folder(model)), "warmup": False})
+    backend = WhisperBackend.load(settings)
+    step = int(WINDOW_S * RATE)
+    for summary in runs:
+        windows = []
+        for client in range(summary["clients"]):
+            audio = client_speech(clips, client, seconds)[0]
+            windows += [audio[offset : offset + step] for offset in range(0, len(audio), step)]
+        requests = [TranscriptionRequest(audio=w, language="en") for w in windows]
+        backend.transcribe_batch(requests[:OFFLINE_BATCH])  # warm-up
+        started = time.perf_counter()
+        for offset in range(0, len(requests), OFFLINE_BATCH):
+            backend.transcribe_batch(requests[offset : offset + OFFLINE_BATCH])
+        summary["offline_model_s"] = round(time.perf_counter() - started, 3)
+        summary["efficiency"] = round(summary["model_s"] / summary["offline_model_s"], 2)
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [
-        "| clients | final p50 / p95 | behind | missed | CPU-s per audio-s | WER |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| clients | final p50 / p95 | behind | missed | CPU-s per audio-s | efficiency | WER |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in report["runs"]:
         latency = (
             f"{s['final_latency_p50_s']:.2f} / {s['final_latency_p95_s']:.2f} s" if s["final_latency_p50_s"] else "–"
         )
+        efficiency = f"{s['efficiency']:.1f}×" if s.get("efficiency") else "–"
         lines.append(
             f"| {s['clients']} | {latency} | {s['behind']} | {s['missed_utterances']} | "
-            f"{s['cpu_s_per_audio_s']:.2f} | {s['wer']:.2f} % |"
+            f"{s['cpu_s_per_audio_s']:.2f} | {efficiency} | {s['wer']:.2f} % |"
         )
     return "\n".join(lines)
 
@@ -216,6 +256,9 @@ def main() -> None:
             summary = run(server, clips, clients, args.seconds, normalizer)
             print(json.dumps({k: v for k, v in summary.items() if k not in ("errors", "per_client")}), flush=True)
             report["runs"].append(summary)
+    offline_seconds(args.model, env, clips, report["runs"], args.seconds)  # with the server stopped
+    for summary in report["runs"]:
+        print(f"{summary['clients']} clients: efficiency {summary['efficiency']}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"capacity-{args.model}{'-' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(report, indent=1, default=asdict), encoding="utf-8")

@@ -257,3 +257,24 @@ def test_quantization_groups_replace_exactly_their_layers(checkpoint_dir: Path) 
         model = WhisperForConditionalGeneration.from_pretrained(checkpoint_dir)
         assert quantize_int8(model, GROUPS[group]) == len(names)
         assert everything - linear_names(model) == names, group
+
+
+def test_capacity_table_shows_efficiency_where_it_was_measured() -> None:
+    """bench/capacity.py's table: one row per run; efficiency as a ratio, or a dash for runs saved before it existed."""
+    from bench.capacity import table
+
+    run = {
+        "clients": 1,
+        "final_latency_p50_s": 1.114,
+        "final_latency_p95_s": 1.436,
+        "behind": 0,
+        "missed_utterances": 0,
+        "cpu_s_per_audio_s": 0.787,
+        "wer": 3.39,
+    }
+    older = {**run, "clients": 2}
+    rows = table({"runs": [{**run, "efficiency": 12.345}, older]}).splitlines()[2:]
+    assert rows == [
+        "| 1 | 1.11 / 1.44 s | 0 | 0 | 0.79 | 12.3× | 3.39 % |",
+        "| 2 | 1.11 / 1.44 s | 0 | 0 | 0.79 | – | 3.39 % |",
+    ]
