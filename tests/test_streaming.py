@@ -350,6 +350,35 @@ def test_speech_resuming_within_the_hold_decodes_the_held_words_again_with_what_
     assert [(o.is_final, o.text, o.segment_id) for o in policy.settle(now=0.0)] == [(True, "how are you?", 1)]
 
 
+def test_held_words_the_partials_keep_disagreeing_on_are_final_once_settled() -> None:
+    """The speaker goes on after a pause, and the partials keep hearing the held words differently
+    ("their", "there", "their"): once a partial has heard COMMIT_DELAY_S (2.5 s) past them, they are
+    final as that partial heard them, and what follows stays a partial after them."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)  # "hello there." held, ending at 1.3 s
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
+    hypotheses = [
+        (("hello", 0.3, 0.6), ("their", 0.7, 1.0), ("how", 2.6, 2.8)),
+        (("hello", 0.3, 0.6), ("there", 0.7, 1.05), ("how", 2.6, 2.8), ("are", 2.9, 3.1)),
+        (("hello", 0.3, 0.6), ("their", 0.7, 1.05), ("how", 2.6, 2.8), ("are", 2.9, 3.1), ("you", 3.2, 3.4)),
+    ]
+    sent = []
+    for step, words in enumerate(hypotheses):
+        if step:
+            policy.feed(np.zeros(RATE // 2, dtype=np.float32))
+        window = policy.next_window(now=10.0 * step)
+        assert window is not None and (window.kind, window.start) == ("partial", int(0.3 * RATE))
+        sent.append([(o.is_final, o.text) for o in policy.accept(window, result(*words))])
+    assert sent == [
+        [(False, "hello their how")],  # heard to 3.0 s
+        [(False, "hello there how are")],  # to 3.5 s: not yet 2.5 s past 1.3 s
+        [(True, "hello their"), (False, "how are you")],  # to 4.0 s
+    ]
+    policy.feed(np.zeros(RATE // 2, dtype=np.float32))
+    window = policy.next_window(now=30.0)
+    assert window is not None and window.prefix == "hello their"
+
+
 def test_finals_due_are_not_lost_when_a_partial_is_skipped() -> None:
     """Held words released by a long pause go out with the next answer, even a skipped partial's."""
     policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)

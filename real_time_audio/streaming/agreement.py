@@ -121,6 +121,12 @@ class LocalAgreement:
         self.tail = []
         self._commit(words)
 
+    def commit_head(self, count: int) -> list[Word]:
+        """Commit the first `count` words of the tail as they stand; the rest stays the tail."""
+        committed, self.tail = self.tail[:count], self.tail[count:]
+        self._commit(committed)
+        return committed
+
     def reset_tail(self) -> None:
         self.tail = []
 

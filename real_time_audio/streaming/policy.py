@@ -55,6 +55,8 @@ MIN_PARTIAL_S = 0.3  # too little new audio for a useful partial decode
 PARTIAL_COST_FACTOR = 2.0
 PARTIAL_COST_SMOOTHING = 0.5  # weight of the newest round trip in the running estimate
 CONTEXT_GAP_S = 3.0  # a pause longer than this ends the sentence: the previous utterance's audio is let go
+# A word of a re-heard held utterance may end this much later than it did in the utterance's final.
+HELD_SLACK_S = 0.25
 CAP_HOLD_BACK_S = 1.0  # when the buffer is full, words ending this close to its end wait
 MIN_CAP_PROGRESS_S = 1.0  # a full buffer always moves on at least this far
 # A stream cut by a shutdown in mid-utterance resumes from the utterance's start, at most this far back
@@ -418,6 +420,8 @@ class UtterancePolicy:
             confirmed = self._agreement.insert(words, after_prefix, heard_until)
             if confirmed:
                 self._held = []  # two decodes agreed on what follows the finals: the hold is over
+            elif self._held and heard_until >= self._held[-1].end + self._agreement.settle_age_s:
+                confirmed = self._settle_held()
             out += self._final(confirmed, language, window.end)
             if window.end - self._decode_start > self.trim_samples and self._buffered_words:
                 self._trim_to(self._sample(self._buffered_words[-1].end))
@@ -498,6 +502,24 @@ class UtterancePolicy:
         if len(self._regions) > 1 and self._regions[1].start - window.end > self.context_gap:
             return None
         return region.start / MODEL_SAMPLE_RATE
+
+    def _settle_held(self) -> list[Word]:
+        """Held words that a partial has heard again with `settle_age_s` of what follows, and that
+        two decodes have still not agreed on: they become final as this decode heard them, so
+        that a hold never keeps them from a final for longer than that (the partials of a sentence
+        that goes on may keep disagreeing about its later words)."""
+        held, self._held, self._held_deadline = self._held, [], None
+        tail = self._agreement.tail
+        count = 0
+        while count < len(tail) and tail[count].end <= held[-1].end + HELD_SLACK_S:
+            count += 1
+        if count:
+            return self._agreement.commit_head(count)
+        # This decode did not hear them again: they stand as first heard, and nothing of this
+        # decode that overlaps them may follow.
+        self._agreement.commit(held)
+        self._agreement.tail = [w for w in tail if w.start >= held[-1].end]
+        return held
 
     def _release_held(self) -> None:
         """The held words become final as they were heard."""
