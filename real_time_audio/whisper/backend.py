@@ -439,8 +439,8 @@ class WhisperBackend:
 def quantize_int8(model: Any, include: Callable[[str], bool] | None = None) -> int:
     """Replace every linear layer of `model` (encoder, decoder, vocabulary projection), or those whose
     names `include` accepts, by one that keeps its weights in int8, per output channel, and
-    quantizes its input per call (PyTorch's fbgemm kernels; 7-bit inputs where the CPU lacks VNNI,
-    against overflow). Returns how many layers were replaced. The convolutions, norms, embeddings
+    quantizes its input per call (PyTorch's fbgemm kernels, which round inputs to 7 bits so that
+    CPUs without VNNI cannot overflow). Returns how many layers were replaced. The convolutions, norms, embeddings
     and attention products stay in float32."""
     import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
