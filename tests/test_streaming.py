@@ -479,6 +479,86 @@ def test_a_long_pause_lets_the_previous_utterance_go() -> None:
     assert (window.start, window.prefix, window.context) == (int(5.3 * RATE), "", "hello there.")
 
 
+def test_an_utterance_the_decode_after_the_previous_one_did_not_hear_is_decoded_on_its_own() -> None:
+    """Given "hello there." as the prefix, the model ends its text at once (as Whisper may after a
+    pause): the 1 s utterance is decoded again without the previous one, its words are final, and
+    the previous utterance's words are the prompt."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
+    utterance_then_pause(policy, pause_s=1.5)
+    window = policy.next_window(now=0.0)
+    assert window is not None and (window.start, window.prefix) == (int(0.3 * RATE), "hello there.")
+    assert policy.accept(window, result(after_prefix=True)) == []
+    again = policy.next_window(now=0.0)
+    assert again is not None and again.kind == "final"
+    assert (again.start, again.end, again.prefix, again.context) == (int(2.8 * RATE), int(4.2 * RATE), "", "hello there.")
+    out = policy.accept(again, result(("how", 0.1, 0.3), ("are", 0.4, 0.6), ("you?", 0.7, 1.0)))
+    assert [(o.is_final, o.text, o.segment_id, o.start, o.end) for o in out] == [(True, "how are you?", 1, 2.9, 3.8)]
+    assert policy.stats.heard_again == 1 and policy.next_window(now=0.0) is None
+
+
+def test_an_utterance_decoded_on_its_own_that_is_heard_as_nothing_is_not_decoded_again() -> None:
+    """Voice activity the model hears no words in, without a previous utterance before it, is noise."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0, context_audio_s=0)
+    utterance_then_pause(policy, pause_s=1.5)
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.prefix == ""
+    assert policy.accept(window, result()) == []
+    assert policy.stats.heard_again == 0 and policy.next_window(now=0.0) is None
+
+
+def test_speech_after_the_words_a_final_decode_stopped_at_is_decoded_again() -> None:
+    """The model stops after "one two" although speech goes on for 3 s more: those words are final
+    and the rest of the utterance is decoded from where they end."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
+    policy.feed(np.zeros(5 * RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2), SpeechEvent("end", int(4.5 * RATE))])
+    window = policy.next_window(now=0.0, finalize_until=None)
+    assert window is not None and window.kind == "final"
+    out = policy.accept(window, result(("one", 0.4, 0.8), ("two", 0.9, 1.4)))
+    assert [(o.is_final, o.text) for o in out] == [(True, "one two")]
+    again = policy.next_window(now=0.0)
+    assert again is not None and (again.start, again.end, again.prefix) == (int(1.7 * RATE), int(4.7 * RATE), "")
+    out = policy.accept(again, result(("three", 0.2, 0.6), ("four.", 2.5, 3.0)))
+    assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "three four.", 1)]
+    assert policy.next_window(now=0.0) is None
+
+
+def test_a_partial_after_the_previous_utterance_that_hears_none_of_the_new_one_lets_it_go() -> None:
+    """Partials decoded after "hello there." keep coming back with nothing new though the speaker has
+    talked for over a second: the next partial decodes the new speech on its own, at once."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
+    window = policy.next_window(now=0.0)
+    assert window is not None
+    policy.accept(window, result(("hello", 0.3, 0.6), ("there.", 0.7, 1.0)))
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", 3 * RATE)])  # 1.5 s pause
+    policy.feed(np.zeros(int(1.5 * RATE), dtype=np.float32))  # 1.5 s of speech so far
+    partial = policy.next_window(now=10.0)
+    assert partial is not None and partial.kind == "partial" and partial.prefix == "hello there."
+    assert policy.accept(partial, result(after_prefix=True)) == []
+    alone = policy.next_window(now=10.0)
+    assert alone is not None and alone.kind == "partial"
+    assert (alone.start, alone.prefix, alone.context) == (int(2.8 * RATE), "", "hello there.")
+    out = policy.accept(alone, result(("how", 0.3, 0.5), ("are", 0.6, 0.8)))
+    assert [(o.is_final, o.text) for o in out] == [(False, "how are")]
+
+
+def test_a_partial_that_hears_the_new_speech_after_the_previous_utterance_keeps_it() -> None:
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
+    window = policy.next_window(now=0.0)
+    assert window is not None
+    policy.accept(window, result(("hello", 0.3, 0.6), ("there.", 0.7, 1.0)))
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", 3 * RATE)])
+    policy.feed(np.zeros(int(1.5 * RATE), dtype=np.float32))
+    partial = policy.next_window(now=10.0)
+    assert partial is not None and partial.prefix == "hello there."
+    out = policy.accept(partial, result(("how", 3.1, 3.4), ("are", 3.5, 3.8), after_prefix=True))
+    assert [(o.is_final, o.text) for o in out] == [(False, "how are")]
+    assert policy.stats.heard_again == 0 and policy.next_window(now=10.0) is None
+
+
 def test_context_audio_off_starts_each_utterance_afresh() -> None:
     """CONTEXT_AUDIO_S=0: every utterance is decoded on its own, with the text before it as the prompt."""
     policy = UtterancePolicy(pad_s=0.2, context_audio_s=0)

@@ -58,6 +58,9 @@ CONTEXT_GAP_S = 3.0  # a pause longer than this ends the sentence: the previous 
 # A word of a re-heard held utterance may end this much later than it did in the utterance's final.
 HELD_SLACK_S = 0.25
 CAP_HOLD_BACK_S = 1.0  # when the buffer is full, words ending this close to its end wait
+# Speech at least this long that a decode left untranscribed (the model ended its text early, as
+# Whisper may at a pause after the sentence it was given as the prefix) is decoded again on its own.
+UNHEARD_SPEECH_S = 1.0
 MIN_CAP_PROGRESS_S = 1.0  # a full buffer always moves on at least this far
 # A stream cut by a shutdown in mid-utterance resumes from the utterance's start, at most this far back
 # (clients keep a minute of audio to resend).
@@ -126,6 +129,7 @@ class PolicyStats:
     dropped_no_speech: int = 0
     dropped_degenerate: int = 0
     loops_cut: int = 0
+    heard_again: int = 0  # speech a decode left untranscribed, decoded again on its own
 
 
 class UtterancePolicy:
@@ -416,6 +420,10 @@ class UtterancePolicy:
                 return out  # finals already due still go out
             self._last_partial_end = window.end
             self.transcribed = max(self.transcribed, window.end)
+            if self._unheard_in_partial(window, words, after_prefix):
+                self._decode_alone_from(self._regions[0].start)
+                self._last_partial_at = -math.inf  # the next partial hears it alone, at once
+                return out + self._take_due()
             heard_until = window.end / MODEL_SAMPLE_RATE
             confirmed = self._agreement.insert(words, after_prefix, heard_until)
             if confirmed:
@@ -444,6 +452,12 @@ class UtterancePolicy:
             self.transcribed = max(self.transcribed, window.end)
             self._finish_region(window.end)
             return out
+        restart = self._unheard_from(window, words, after_prefix)
+        if restart is not None:  # the model stopped early: what it heard is final, the rest is heard again
+            committed = self._agreement.finish(words, after_prefix, None)
+            out += self._final(committed, language, window.end)
+            self._decode_alone_from(restart)
+            return out + self._take_due()
         committed = self._agreement.finish(words, after_prefix, self._hold_from(window))
         held = self._agreement.tail
         if held and self._carry_start(window.end, [*self._buffered_words, *committed], held) is None:
@@ -460,6 +474,59 @@ class UtterancePolicy:
             if self.interim_results:
                 out.append(self._segment(held, False, language, window.end))
         return out
+
+    def _unheard_from(self, window: Window, words: list[Word], after_prefix: bool) -> int | None:
+        """Where speech that the final decode of an ended utterance did not transcribe begins, when
+        there is at least `UNHEARD_SPEECH_S` of it (None: the decode heard it all, as far as the
+        voice activity tells).
+
+        Whisper may end its text at a pause: given the previous utterance as the prefix, it can
+        take the speech after the pause for something already said and stop, and then the new
+        utterance would have no words at all. A decode of the utterance on its own that hears
+        nothing is believed: the voice activity was not speech.
+        """
+        if not self._regions:
+            return None
+        region = self._regions[0]
+        if region.end is None or window.end < region.end:
+            return None
+        speech_end = min(region.end - self.tail, window.end)
+        new = self._agreement.fresh(words, after_prefix)
+        if new:
+            restart = max(self._sample(new[-1].end), region.start)
+        elif window.start < region.start:
+            restart = region.start
+        else:
+            return None
+        if speech_end - restart < UNHEARD_SPEECH_S * MODEL_SAMPLE_RATE:
+            return None
+        return restart
+
+    def _unheard_in_partial(self, window: Window, words: list[Word], after_prefix: bool) -> bool:
+        """Whether a partial decoded after the previous utterance heard none of the speech that
+        followed it, though there has been `UNHEARD_SPEECH_S` of it after its pre-roll."""
+        if not self._regions or window.start >= self._regions[0].start:
+            return False
+        region_start = self._regions[0].start
+        if window.end - region_start < self.pad + UNHEARD_SPEECH_S * MODEL_SAMPLE_RATE:
+            return False
+        new = self._agreement.fresh(words, after_prefix)
+        return not new or self._sample(new[-1].end) <= region_start + self.pad
+
+    def _decode_alone_from(self, sample: int) -> None:
+        """Everything before `sample` is final (held words as they were heard): the utterance
+        goes on from there without the previous one's audio, whose words become the prompt."""
+        self.stats.heard_again += 1
+        if self._held:
+            self._release_held()
+        self._agreement.reset_tail()
+        self._floor = max(self._floor, sample)
+        self._add_context(self._buffered_words)
+        self._buffered_words = []
+        self._carry_end = None
+        if self._regions:
+            self._regions[0].start = max(self._regions[0].start, sample)
+        self._set_decode_start(sample)
 
     def _cut_finals(self, words: list[Word], language: str | None, window: Window) -> list[SegmentText]:
         """The last decode of a stream cut in mid-utterance. Its words from before the utterance
