@@ -490,7 +490,12 @@ def test_an_utterance_the_decode_after_the_previous_one_did_not_hear_is_decoded_
     assert policy.accept(window, result(after_prefix=True)) == []
     again = policy.next_window(now=0.0)
     assert again is not None and again.kind == "final"
-    assert (again.start, again.end, again.prefix, again.context) == (int(2.8 * RATE), int(4.2 * RATE), "", "hello there.")
+    assert (again.start, again.end, again.prefix, again.context) == (
+        int(2.8 * RATE),
+        int(4.2 * RATE),
+        "",
+        "hello there.",
+    )
     out = policy.accept(again, result(("how", 0.1, 0.3), ("are", 0.4, 0.6), ("you?", 0.7, 1.0)))
     assert [(o.is_final, o.text, o.segment_id, o.start, o.end) for o in out] == [(True, "how are you?", 1, 2.9, 3.8)]
     assert policy.stats.heard_again == 1 and policy.next_window(now=0.0) is None
@@ -510,7 +515,9 @@ def test_speech_after_the_words_a_final_decode_stopped_at_is_decoded_again() -> 
     """The model stops after "one two" although speech goes on for 3 s more: those words are final
     and the rest of the utterance is decoded from where they end."""
     policy = UtterancePolicy(pad_s=0.2, hold_s=0)
-    policy.feed(np.zeros(5 * RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2), SpeechEvent("end", int(4.5 * RATE))])
+    policy.feed(
+        np.zeros(5 * RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2), SpeechEvent("end", int(4.5 * RATE))]
+    )
     window = policy.next_window(now=0.0, finalize_until=None)
     assert window is not None and window.kind == "final"
     out = policy.accept(window, result(("one", 0.4, 0.8), ("two", 0.9, 1.4)))
