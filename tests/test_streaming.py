@@ -529,6 +529,17 @@ def test_speech_after_the_words_a_final_decode_stopped_at_is_decoded_again() -> 
     assert policy.next_window(now=0.0) is None
 
 
+def test_an_utterance_is_decoded_again_at_most_three_times() -> None:
+    """A model that always stops after one word costs four decodes of a 10 s utterance, not forty."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
+    policy.feed(np.zeros(11 * RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2), SpeechEvent("end", 10 * RATE)])
+    finals = []
+    while (window := policy.next_window(now=0.0)) is not None:
+        assert window.kind == "final"
+        finals += [o.text for o in policy.accept(window, result((f"w{len(finals)}", 0.1, 0.5)))]
+    assert finals == ["w0", "w1", "w2", "w3"] and policy.stats.heard_again == 3
+
+
 def test_a_partial_after_the_previous_utterance_that_hears_none_of_the_new_one_lets_it_go() -> None:
     """Partials decoded after "hello there." keep coming back with nothing new though the speaker has
     talked for over a second: the next partial decodes the new speech on its own, at once."""

@@ -61,6 +61,7 @@ CAP_HOLD_BACK_S = 1.0  # when the buffer is full, words ending this close to its
 # Speech at least this long that a decode left untranscribed (the model ended its text early, as
 # Whisper may at a pause after the sentence it was given as the prefix) is decoded again on its own.
 UNHEARD_SPEECH_S = 1.0
+MAX_HEARD_AGAIN = 3  # such decodes per utterance, so that no audio can make one cost more than this
 MIN_CAP_PROGRESS_S = 1.0  # a full buffer always moves on at least this far
 # A stream cut by a shutdown in mid-utterance resumes from the utterance's start, at most this far back
 # (clients keep a minute of audio to resend).
@@ -203,6 +204,7 @@ class UtterancePolicy:
         self._recent_finals: deque[tuple[int, float, float, float]] = deque(maxlen=RECENT_FINALS)
         self._last_speech_end = 0  # where the latest utterance ended, its padding included
         self._tail_deadline: float | None = None  # when a region's final stops waiting for its tail
+        self._heard_again = 0  # decodes of the current utterance's untranscribed speech
         if not vad_enabled:
             self._regions.append(_Region(0))  # without VAD the whole stream is one region
 
@@ -488,7 +490,7 @@ class UtterancePolicy:
         if not self._regions:
             return None
         region = self._regions[0]
-        if region.end is None or window.end < region.end:
+        if region.end is None or window.end < region.end or self._heard_again >= MAX_HEARD_AGAIN:
             return None
         speech_end = min(region.end - self.tail, window.end)
         new = self._agreement.fresh(words, after_prefix)
@@ -498,7 +500,7 @@ class UtterancePolicy:
             restart = region.start
         else:
             return None
-        if speech_end - restart < UNHEARD_SPEECH_S * MODEL_SAMPLE_RATE:
+        if restart <= window.start or speech_end - restart < UNHEARD_SPEECH_S * MODEL_SAMPLE_RATE:
             return None
         return restart
 
@@ -517,6 +519,7 @@ class UtterancePolicy:
         """Everything before `sample` is final (held words as they were heard): the utterance
         goes on from there without the previous one's audio, whose words become the prompt."""
         self.stats.heard_again += 1
+        self._heard_again += 1
         if self._held:
             self._release_held()
         self._agreement.reset_tail()
@@ -680,6 +683,7 @@ class UtterancePolicy:
         """
         self._agreement.reset_tail()
         self._floor = max(self._floor, end)
+        self._heard_again = 0
         region = self._regions[0]
         if region.end is not None and end >= region.end:
             self._regions.popleft()
