@@ -111,19 +111,19 @@ needs_espeak = pytest.mark.skipif(ESPEAK is None, reason="espeak-ng is not insta
 
 
 @pytest.fixture(scope="session")
-def say(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], np.ndarray]:
-    """Speech synthesized by espeak-ng, as 16 kHz mono float32 (cached per text)."""
+def say(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., np.ndarray]:
+    """Speech synthesized by espeak-ng, as 16 kHz mono float32 (cached per text and voice)."""
     folder = tmp_path_factory.mktemp("espeak")
-    cache: dict[str, np.ndarray] = {}
+    cache: dict[tuple[str, str], np.ndarray] = {}
 
-    def synthesize(text: str) -> np.ndarray:
-        if text not in cache:
+    def synthesize(text: str, voice: str = "en-us") -> np.ndarray:
+        if (text, voice) not in cache:
             assert ESPEAK is not None
             path = folder / f"{len(cache)}.wav"
-            subprocess.run([ESPEAK, "-v", "en-us", "-s", "160", "-w", str(path), text], check=True)
+            subprocess.run([ESPEAK, "-v", voice, "-s", "160", "-w", str(path), text], check=True)
             audio, rate = soundfile.read(path, dtype="float32")
-            cache[text] = soxr.resample(audio, rate, 16000).astype(np.float32)
-        return cache[text]
+            cache[text, voice] = soxr.resample(audio, rate, 16000).astype(np.float32)
+        return cache[text, voice]
 
     return synthesize
 

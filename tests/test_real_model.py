@@ -99,6 +99,18 @@ def test_a_sentence_over_pauses_reads_as_one_text(real_server: LiveServer, say: 
     assert text[0] == "G"
 
 
+def test_a_second_voice_after_a_pause_is_not_lost(real_server: LiveServer, say: Callable[..., np.ndarray]) -> None:
+    """A sentence, 1.4 s of silence, and another voice: given the first sentence as its prefix,
+    tiny.en ends its text at once and hears none of the second one, so the server decodes it again
+    on its own. Both sentences are in the finals, word for word."""
+    first, second = SENTENCES[1], SENTENCES[3]
+    pause = np.zeros(int(1.4 * 16000), dtype=np.float32)
+    audio = np.concatenate([pause[:8000], say(f"{first}.", "en-us"), pause, say(f"{second}.", "en-us+f3"), pause])
+    result = asyncio.run(stream_session(real_server.url, pcm16(audio), frame_bytes=3200, delay_s=0.02))
+    assert result["close_code"] == 1000
+    assert plain(joined_finals(result["messages"])) == f"{first} {second}"
+
+
 @pytest.mark.parametrize("noise", ["silence", "white", "pink", "hum"])
 def test_silence_and_noise_give_no_words(
     noise: str, real_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
