@@ -624,7 +624,11 @@ class Session:
                 await self._send_error(
                     "internal", f"the audio at {span} could not be transcribed; it is kept in the recording"
                 )
-        for segment in self.pipeline.accept(window, result):
+        before = self.pipeline.policy.stats.heard_again
+        segments = self.pipeline.accept(window, result)
+        if self.metrics is not None and self.pipeline.policy.stats.heard_again > before:
+            self.metrics.decoded_again.inc(self.pipeline.policy.stats.heard_again - before)
+        for segment in segments:
             await self._send_segment(segment)
         if window.is_final:
             self._progress.set()

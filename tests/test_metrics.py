@@ -99,6 +99,7 @@ def test_metrics_describe_sessions_engine_and_errors(make_settings: Callable[...
     rtf = after[("rta_model_seconds_total", ())] / stats.audio_seconds
     assert after[("rta_real_time_factor", ())] == pytest.approx(rtf, rel=1e-9)
     assert after[("rta_partials_skipped_total", ())] == stats.partials_skipped == 0
+    assert after[("rta_speech_decoded_again_total", ())] == 0
     assert after[("rta_queue_depth", (("kind", "final"),))] == 0
     assert after[("rta_draining", ())] == 0
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import soundfile
@@ -109,6 +110,9 @@ def test_a_second_voice_after_a_pause_is_not_lost(real_server: LiveServer, say: 
     result = asyncio.run(stream_session(real_server.url, pcm16(audio), frame_bytes=3200, delay_s=0.02))
     assert result["close_code"] == 1000
     assert plain(joined_finals(result["messages"])) == f"{first} {second}"
+    metrics = httpx.get(f"http://127.0.0.1:{real_server.port}/metrics", timeout=10).text
+    decoded_again = re.search(r"^rta_speech_decoded_again_total (\S+)$", metrics, re.MULTILINE)
+    assert decoded_again is not None and float(decoded_again.group(1)) >= 1
 
 
 @pytest.mark.parametrize("noise", ["silence", "white", "pink", "hum"])

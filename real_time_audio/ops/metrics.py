@@ -86,6 +86,12 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=registry,
         )
+        self.decoded_again = Counter(
+            "rta_speech_decoded_again",
+            "Times a decode left a second or more of speech untranscribed (the model ended its text early) "
+            "and that speech was decoded again on its own.",
+            registry=registry,
+        )
         self.errors = Counter("rta_errors", "Error messages sent to clients, by code.", ["code"], registry=registry)
         self.sessions_ended = Counter(
             "rta_sessions_ended", "Sessions that ended, by final status.", ["status"], registry=registry
