@@ -529,6 +529,25 @@ def test_speech_after_the_words_a_final_decode_stopped_at_is_decoded_again() -> 
     assert policy.next_window(now=0.0) is None
 
 
+def test_a_flush_decodes_again_the_speech_its_decode_stopped_before() -> None:
+    """A flush 3 s into speech whose decode stops after the first half second of it: the rest is
+    decoded again on its own before the flush is over."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=0, interim_results=False)
+    policy.feed(np.zeros(4 * RATE, dtype=np.float32), [SpeechEvent("start", RATE)])
+    window = policy.next_window(now=0.0, finalize_until=policy.received)
+    assert window is not None and (window.kind, window.start, window.end) == ("final", int(0.8 * RATE), 4 * RATE)
+    assert [o.text for o in policy.accept(window, result(("one", 0.4, 0.9)))] == ["one"]
+    again = policy.next_window(now=0.0, finalize_until=policy.received)
+    assert again is not None and (again.kind, again.start, again.end, again.prefix) == (
+        "final",
+        int(1.7 * RATE),
+        4 * RATE,
+        "",
+    )
+    assert [o.text for o in policy.accept(again, result(("two", 0.3, 0.8), ("three", 1.2, 2.0)))] == ["two three"]
+    assert policy.next_window(now=0.0, finalize_until=policy.received) is None
+
+
 def test_an_utterance_is_decoded_again_at_most_three_times() -> None:
     """A model that always stops after one word costs four decodes of a 10 s utterance, not forty."""
     policy = UtterancePolicy(pad_s=0.2, hold_s=0)
@@ -591,7 +610,7 @@ def test_flush_inside_speech_finalizes_up_to_the_flush() -> None:
     policy = started_policy(seconds=2.0)
     window = policy.next_window(now=0.0, finalize_until=policy.received)
     assert window is not None and (window.kind, window.start, window.end) == ("final", 0, 2 * RATE)
-    policy.accept(window, result(("one", 0.2, 0.5)))
+    policy.accept(window, result(("one", 0.2, 1.8)))
     assert policy.next_window(now=0.0, finalize_until=2 * RATE) is None
     policy.feed(np.full(RATE, 0.1, dtype=np.float32))
     window = policy.next_window(now=5.0)

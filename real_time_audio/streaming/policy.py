@@ -478,7 +478,7 @@ class UtterancePolicy:
         return out
 
     def _unheard_from(self, window: Window, words: list[Word], after_prefix: bool) -> int | None:
-        """Where speech that the final decode of an ended utterance did not transcribe begins, when
+        """Where speech that the final decode of an utterance did not transcribe begins, when
         there is at least `UNHEARD_SPEECH_S` of it (None: the decode heard it all, as far as the
         voice activity tells).
 
@@ -490,9 +490,10 @@ class UtterancePolicy:
         if not self._regions:
             return None
         region = self._regions[0]
-        if region.end is None or window.end < region.end or self._heard_again >= MAX_HEARD_AGAIN:
+        if (region.end is not None and window.end < region.end) or self._heard_again >= MAX_HEARD_AGAIN:
             return None
-        speech_end = min(region.end - self.tail, window.end)
+        # An utterance still going on (cut by a flush) is speech up to the end of the window.
+        speech_end = window.end if region.end is None else min(region.end - self.tail, window.end)
         new = self._agreement.fresh(words, after_prefix)
         if new:
             restart = max(self._sample(new[-1].end), region.start)
