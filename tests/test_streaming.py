@@ -379,6 +379,33 @@ def test_held_words_the_partials_keep_disagreeing_on_are_final_once_settled() ->
     assert window is not None and window.prefix == "hello their"
 
 
+HELLO, THERE = ("hello", 0.3, 0.6), ("there.", 0.7, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("heard", "sent"),
+    [  # heard as before, a second into what follows: final at once
+        ((HELLO, THERE, ("how", 2.6, 2.8), ("are", 2.9, 3.4)), [(True, "hello there."), (False, "how are")]),
+        # what follows changed them: they wait
+        ((HELLO, ("there,", 0.7, 1.0), ("how", 2.6, 2.8)), [(False, "hello there, how")]),
+        # none of what follows heard: the previous utterance is let go, its words final as heard
+        ((HELLO, THERE), [(True, "hello there.")]),
+    ],
+)
+def test_held_words_heard_again_alike_after_a_second_of_what_follows_are_final(
+    heard: tuple[tuple[str, float, float], ...], sent: list[tuple[bool, str]]
+) -> None:
+    """The speaker goes on after a pause at 2.5 s; the partial at 3.5 s (a second after the pre-roll)
+    hears the held "hello there." again."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
+    policy.feed(np.zeros(RATE // 2, dtype=np.float32))  # to 3.5 s
+    window = policy.next_window(now=10.0)
+    assert window is not None and (window.kind, window.end) == ("partial", int(3.5 * RATE))
+    assert [(o.is_final, o.text) for o in policy.accept(window, result(*heard))] == sent
+
+
 def test_finals_due_are_not_lost_when_a_partial_is_skipped() -> None:
     """Held words released by a long pause go out with the next answer, even a skipped partial's."""
     policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)

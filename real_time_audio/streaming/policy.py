@@ -57,6 +57,9 @@ PARTIAL_COST_SMOOTHING = 0.5  # weight of the newest round trip in the running e
 CONTEXT_GAP_S = 3.0  # a pause longer than this ends the sentence: the previous utterance's audio is let go
 # A word of a re-heard held utterance may end this much later than it did in the utterance's final.
 HELD_SLACK_S = 0.25
+# Held words that a partial hears again exactly as they were heard (punctuation and case too), after
+# this much of the speech that follows them, are final: what follows did not change them.
+HELD_ALIKE_S = 1.0
 CAP_HOLD_BACK_S = 1.0  # when the buffer is full, words ending this close to its end wait
 # Speech at least this long that a decode left untranscribed (the model ended its text early, as
 # Whisper may at a pause after the sentence it was given as the prefix) is decoded again on its own.
@@ -432,6 +435,9 @@ class UtterancePolicy:
                 self._held = []  # two decodes agreed on what follows the finals: the hold is over
             elif self._held and heard_until >= self._held[-1].end + self._agreement.settle_age_s:
                 confirmed = self._settle_held()
+            elif self._held and (alike := self._held_heard_alike(window.end)):
+                self._held, self._held_deadline = [], None
+                confirmed = self._agreement.commit_head(alike)
             out += self._final(confirmed, language, window.end)
             if window.end - self._decode_start > self.trim_samples and self._buffered_words:
                 self._trim_to(self._sample(self._buffered_words[-1].end))
@@ -573,6 +579,20 @@ class UtterancePolicy:
         if len(self._regions) > 1 and self._regions[1].start - window.end > self.context_gap:
             return None
         return region.start / MODEL_SAMPLE_RATE
+
+    def _held_heard_alike(self, heard_until: int) -> int:
+        """How many words the held ones are, when this partial, having heard `HELD_ALIKE_S` of the
+        speech after its pre-roll, heard them again word for word where they were and went on
+        after them (0 otherwise)."""
+        if not self._regions or heard_until < self._regions[0].start + self.pad + HELD_ALIKE_S * MODEL_SAMPLE_RATE:
+            return 0
+        held, tail = self._held, self._agreement.tail
+        if len(tail) <= len(held):
+            return 0
+        for old, new in zip(held, tail, strict=False):
+            if old.text != new.text or abs(old.end - new.end) > HELD_SLACK_S:
+                return 0
+        return len(held)
 
     def _settle_held(self) -> list[Word]:
         """Held words that a partial has heard again with `settle_age_s` of what follows, and that
