@@ -586,28 +586,8 @@ def test_an_utterance_is_decoded_again_at_most_three_times() -> None:
     assert finals == ["w0", "w1", "w2", "w3"] and policy.stats.heard_again == 3
 
 
-def test_a_partial_after_the_previous_utterance_that_hears_none_of_the_new_one_lets_it_go() -> None:
-    """Partials decoded after "hello there." keep coming back with nothing new though the speaker has
-    talked for over a second: the next partial decodes the new speech on its own, at once."""
-    policy = UtterancePolicy(pad_s=0.2, hold_s=0)
-    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
-    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
-    window = policy.next_window(now=0.0)
-    assert window is not None
-    policy.accept(window, result(("hello", 0.3, 0.6), ("there.", 0.7, 1.0)))
-    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", 3 * RATE)])  # 1.5 s pause
-    policy.feed(np.zeros(int(1.5 * RATE), dtype=np.float32))  # 1.5 s of speech so far
-    partial = policy.next_window(now=10.0)
-    assert partial is not None and partial.kind == "partial" and partial.prefix == "hello there."
-    assert policy.accept(partial, result(after_prefix=True)) == []
-    alone = policy.next_window(now=10.0)
-    assert alone is not None and alone.kind == "partial"
-    assert (alone.start, alone.prefix, alone.context) == (int(2.8 * RATE), "", "hello there.")
-    out = policy.accept(alone, result(("how", 0.3, 0.5), ("are", 0.6, 0.8)))
-    assert [(o.is_final, o.text) for o in out] == [(False, "how are")]
-
-
-def test_a_partial_that_hears_the_new_speech_after_the_previous_utterance_keeps_it() -> None:
+def partial_after_a_pause() -> tuple[UtterancePolicy, Window]:
+    """ "hello there." final (0.5-1.5 s), a 1.5 s pause, 1.5 s of new speech: the partial due now."""
     policy = UtterancePolicy(pad_s=0.2, hold_s=0)
     policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
     policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
@@ -617,7 +597,24 @@ def test_a_partial_that_hears_the_new_speech_after_the_previous_utterance_keeps_
     policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", 3 * RATE)])
     policy.feed(np.zeros(int(1.5 * RATE), dtype=np.float32))
     partial = policy.next_window(now=10.0)
-    assert partial is not None and partial.prefix == "hello there."
+    assert partial is not None and partial.kind == "partial" and partial.prefix == "hello there."
+    return policy, partial
+
+
+def test_a_partial_after_the_previous_utterance_that_hears_none_of_the_new_one_lets_it_go() -> None:
+    """Partials decoded after "hello there." keep coming back with nothing new though the speaker has
+    talked for over a second: the next partial decodes the new speech on its own, at once."""
+    policy, partial = partial_after_a_pause()
+    assert policy.accept(partial, result(after_prefix=True)) == []
+    alone = policy.next_window(now=10.0)
+    assert alone is not None and alone.kind == "partial"
+    assert (alone.start, alone.prefix, alone.context) == (int(2.8 * RATE), "", "hello there.")
+    out = policy.accept(alone, result(("how", 0.3, 0.5), ("are", 0.6, 0.8)))
+    assert [(o.is_final, o.text) for o in out] == [(False, "how are")]
+
+
+def test_a_partial_that_hears_the_new_speech_after_the_previous_utterance_keeps_it() -> None:
+    policy, partial = partial_after_a_pause()
     out = policy.accept(partial, result(("how", 3.1, 3.4), ("are", 3.5, 3.8), after_prefix=True))
     assert [(o.is_final, o.text) for o in out] == [(False, "how are")]
     assert policy.stats.heard_again == 0 and policy.next_window(now=10.0) is None
