@@ -624,10 +624,10 @@ class Session:
                 await self._send_error(
                     "internal", f"the audio at {span} could not be transcribed; it is kept in the recording"
                 )
-        before = self.pipeline.policy.stats.heard_again
+        before = self.pipeline.decoded_again
         segments = self.pipeline.accept(window, result)
-        if self.metrics is not None and self.pipeline.policy.stats.heard_again > before:
-            self.metrics.decoded_again.inc(self.pipeline.policy.stats.heard_again - before)
+        if self.metrics is not None and self.pipeline.decoded_again > before:
+            self.metrics.decoded_again.inc(self.pipeline.decoded_again - before)
         for segment in segments:
             await self._send_segment(segment)
         if window.is_final:

@@ -329,6 +329,11 @@ class SessionPipeline:
         transcriptions to send, finals counted."""
         return self._counted(self.policy.accept(window, result))
 
+    @property
+    def decoded_again(self) -> int:
+        """Times speech a decode left untranscribed was decoded again on its own (for `/metrics`)."""
+        return self.policy.stats.heard_again
+
     def settle(self, now: float, finalize_until: int | None = None) -> list[SegmentText]:
         """Finals due without a decode (held words whose wait is over)."""
         return self._counted(self.policy.settle(now, finalize_until))

@@ -563,7 +563,7 @@ async def _release(
     released = asyncio.get_running_loop().run_in_executor(threads, upload.release, status)
     released.add_done_callback(lambda _: state.session_ended(session_id))
     state.metrics.sessions_ended.labels(status).inc()
-    state.metrics.decoded_again.inc(job.pipeline.policy.stats.heard_again)
+    state.metrics.decoded_again.inc(job.pipeline.decoded_again)
     log.info("upload %s ended: %s, %.2f s of audio, %d segments", session_id, status, job.duration, len(job.finals))
     await asyncio.shield(released)
 
