@@ -8,7 +8,11 @@ English speech with reference transcripts (bench/corpus.py):
 - realtime: the clip streamed to a real server process over /ws/transcribe as 100 ms PCM frames at
   real-time pace, followed by 2 s of silence (the speaker stops; the server finalizes on its own),
   then END;
-- fast: the same frames sent as fast as the server accepts them (its back-pressure paces them).
+- fast: the same frames sent as fast as the server accepts them (its back-pressure paces them);
+- replay: the realtime stream through the server's own session pipeline and backend in this
+  process, on a virtual clock (bench/replay.py): a frame every 100 ms, every decode taking
+  `--replay-decode-s`. The same every run, so two settings can be compared word for word, where
+  the realtime runs of one setting differ by a few words from run to run.
 
 Reported per model and mode:
 
@@ -21,7 +25,8 @@ Reported per model and mode:
   the measure of the first figures (0 for offline by construction);
 - partials and revised partials (a partial whose words do not extend the previous partial of the
   same segment), finals per clip;
-- final latency (realtime): arrival of a clip's last final minus the moment its last sample was sent.
+- final latency (realtime, replay): arrival of a clip's last final minus the moment its last
+  sample was sent (replay: in virtual time).
 
     python bench/accuracy.py                       # both models, all modes (about 15 min on 2 cores)
     python bench/accuracy.py --models tiny.en --modes offline realtime --limit 8
@@ -60,7 +65,8 @@ TRAILING_SILENCE_S = 2.0
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
-MODES = ("offline", "realtime", "fast")
+MODES = ("offline", "realtime", "fast", "replay")
+REPLAY_DECODE_S = 0.3  # a full-window tiny.en decode on two cores takes about this long
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +236,40 @@ def streamed(
         return [asyncio.run(stream_clip(server.url, clip, realtime)) for clip in clips]
 
 
+def replayed(model_folder: Path, clips: list[Clip], env: dict[str, str], decode_s: float) -> list[ClipResult]:
+    """Every clip through the server's session pipeline and backend in this process, on a virtual
+    clock (bench/replay.py), with the server's settings and `env` as a server would read them."""
+    from bench.replay import FRAME_S as REPLAY_FRAME_S
+    from bench.replay import replay_pcm16
+    from real_time_audio.audio.vad import SileroScorer
+    from real_time_audio.config import load_settings
+    from real_time_audio.whisper.backend import WhisperBackend
+
+    overrides: dict[str, Any] = {name.lower(): value for name, value in env.items()}
+    settings = load_settings(**{"transcription_model_id": str(model_folder), "model_fallback": False, **overrides})
+    backend = WhisperBackend.load(settings)
+    scorer = SileroScorer.shared()
+    frame = round(REPLAY_FRAME_S * RATE)
+    results = []
+    for clip in clips:
+        started = time.perf_counter()
+        audio = np.concatenate([clip.audio, np.zeros(int(TRAILING_SILENCE_S * RATE), dtype=np.float32)])
+        heard = replay_pcm16(settings, backend, scorer, audio, decode_s)
+        clip_end = -(-len(clip.audio) // frame) * REPLAY_FRAME_S  # when the frame with its last sample arrived
+        results.append(
+            ClipResult(
+                clip.name,
+                heard.text,
+                finals=len(heard.finals),
+                partials=heard.partials,
+                revised=heard.revised,
+                final_latency_s=max(heard.final_at) - clip_end if heard.final_at else None,
+                seconds=time.perf_counter() - started,
+            )
+        )
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring and reporting
 
@@ -300,15 +340,21 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--corpus", default="full", choices=["core", "full"], help="the clips (bench/corpus.py)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N clips (quick checks)")
+    parser.add_argument("--clips", nargs="+", default=[], metavar="TEXT", help="only clips named with one of these")
     parser.add_argument("--project", type=Path, default=ROOT, help="the checkout to serve (default: this one)")
     parser.add_argument("--tag", default="", help="suffix for the result file (runs with other settings)")
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE", help="server settings for this run")
+    parser.add_argument(
+        "--replay-decode-s", type=float, default=REPLAY_DECODE_S, help="virtual seconds per decode in replay mode"
+    )
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
     if not (SHARED / "whisper-assets" / "english.json").is_file():
         sys.exit(f"needs {SHARED} (the English normalizer and speech clips)")
     env = dict(item.split("=", 1) for item in args.env)
     clips = load_corpus(args.corpus)
+    if args.clips:
+        clips = [c for c in clips if any(text in c.name for text in args.clips)]
     if args.limit:
         clips = clips[: args.limit]
     normalizer = english_normalizer()
@@ -320,6 +366,7 @@ def main() -> None:
         "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "settings": env,
+        "replay_decode_s": args.replay_decode_s,
         "project": str(args.project.resolve()),
         "corpus": {"name": args.corpus, "clips": len(clips), "minutes": round(minutes, 2), "words": words},
         "models": {},
@@ -335,7 +382,12 @@ def main() -> None:
             if mode == "offline":
                 continue
             started = time.perf_counter()
-            runs[mode] = streamed(faster_whisper_folder(name), clips, mode == "realtime", env, args.project)
+            if mode == "replay":
+                if args.project.resolve() != ROOT:
+                    sys.exit("--modes replay runs this checkout's code; it cannot be combined with --project")
+                runs[mode] = replayed(faster_whisper_folder(name), clips, env, args.replay_decode_s)
+            else:
+                runs[mode] = streamed(faster_whisper_folder(name), clips, mode == "realtime", env, args.project)
             print(f"{name} {mode}: {time.perf_counter() - started:.0f} s", flush=True)
         report["models"][name] = {mode: score(clips, r, reference, normalizer) for mode, r in runs.items()}
         report["clips"][name] = {mode: [asdict(x) for x in r] for mode, r in runs.items()}

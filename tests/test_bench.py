@@ -6,6 +6,7 @@ these tests pin down how their figures are computed.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,14 @@ import pytest
 
 from bench.common import parse_metrics
 from bench.load import ClientRecord, Received, analyse, audio_sent_by, sent_time, summarise
+from bench.replay import Replayed, replay
 from bench.report import headline, markdown, write_docs
 from bench.suite import encoder_flops, search_capacity, server_delta, verdict
+from real_time_audio.config import load_settings
+from real_time_audio.messages import SessionConfig
+from real_time_audio.pipeline import SessionPipeline
+from tests.burst_speech import BurstTranscriber, EnergyScorer, speech_block
+from tests.conftest import pcm16
 
 pytestmark = pytest.mark.slow  # integration: real servers, sessions or models
 
@@ -278,3 +285,28 @@ def test_capacity_table_shows_efficiency_where_it_was_measured() -> None:
         "| 1 | 1.11 / 1.44 s | 0 | 0 | 0.79 | 12.3× | 3.39 % |",
         "| 2 | 1.11 / 1.44 s | 0 | 0 | 0.79 | – | 3.39 % |",
     ]
+
+
+def test_a_replay_drives_the_pipeline_on_a_clock_of_its_own(tmp_path: Path) -> None:
+    """bench/replay.py runs a session as the handler does, on a virtual clock: every word spoken
+    comes out final once, in order; partials are one interval apart; no final comes before the
+    audio it covers has arrived; and a second run is the same in every detail."""
+    audio, spoken = speech_block(seed=3, seconds=30.0)
+    settings = load_settings(transcription_model_id="unused", audio_storage_dir=tmp_path, vad="silero")
+
+    def run() -> Replayed:
+        model = BurstTranscriber()
+        pipeline = SessionPipeline(settings, None, SessionConfig(), EnergyScorer())
+        return replay(pipeline, lambda request: model.transcribe_batch([request])[0], pcm16(audio), 0.25)
+
+    first, second = run(), run()
+    assert first.text.split() == [word.text for word in spoken]
+    assert [s.text for s in first.finals] == [s.text for s in second.finals]
+    assert first.final_at == second.final_at
+    assert (first.decodes, first.partials, first.revised) == (second.decodes, second.partials, second.revised)
+    assert all(segment.end <= at for segment, at in zip(first.finals, first.final_at, strict=True))
+    assert first.final_at == sorted(first.final_at)
+    partials = [at for at, kind in first.decodes if kind == "partial"]
+    assert len(partials) >= 10
+    assert min(b - a for a, b in itertools.pairwise(partials)) >= settings.partial_interval_ms / 1000
+    assert sum(kind == "final" for _, kind in first.decodes) >= 3
