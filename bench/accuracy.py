@@ -28,8 +28,9 @@ Reported per model and mode:
 - final latency (realtime, replay): arrival of a clip's last final minus the moment its last
   sample was sent (replay: in virtual time).
 
-    python bench/accuracy.py                       # both models, all modes (about 15 min on 2 cores)
+    python bench/accuracy.py                       # both models, all modes (about 30 min on 2 cores)
     python bench/accuracy.py --models tiny.en --modes offline realtime --limit 8
+    python bench/accuracy.py --modes replay --clips corpus --env COMMIT_DELAY_S=4 --tag d4   # word for word
     python bench/accuracy.py --update-docs         # rewrite the accuracy block of docs/benchmarks.md
     python bench/accuracy.py --corpus core         # the 24 clips of the first figures
     python bench/accuracy.py --project /tmp/old    # serve another checkout (a git worktree of an older commit)
