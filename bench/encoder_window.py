@@ -54,7 +54,7 @@ def measure(model: str, pads: list[float]) -> dict[str, Any]:
     from real_time_audio.config import load_settings
     from real_time_audio.service import TranscriptionRequest
     from real_time_audio.whisper.backend import WhisperBackend
-    from real_time_audio.whisper.decoding import encode_sized
+    from real_time_audio.whisper.decoding import encode_sized, padding_level
 
     clips = [c for c in load_corpus() if len(c.audio) <= 29 * RATE]
     cuts = [c.audio[: int(s * RATE)] for c in clips for s in CUTS_S if len(c.audio) > s * RATE * 1.3]
@@ -72,11 +72,12 @@ def measure(model: str, pads: list[float]) -> dict[str, Any]:
     mel = backend.processor.feature_extractor(
         [clips[0].audio[: 5 * RATE]], sampling_rate=RATE, return_tensors="pt"
     ).input_features
+    silence = backend._silence_at(padding_level(mel)[0])
     timings = {}
     with torch.inference_mode():
         for name, run in (
             ("encoder_30s_s", lambda: encoder(mel)),
-            ("encoder_7s_s", lambda: encode_sized(encoder, mel[..., :700])),
+            ("encoder_7s_s", lambda: encode_sized(encoder, mel, 350, [silence])),
         ):
             run()
             started = time.perf_counter()

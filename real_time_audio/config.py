@@ -103,8 +103,9 @@ class Settings(BaseSettings):
     """A decode whose text compresses better than this is a loop and is dropped."""
     encoder_window: Literal["full", "partials", "sized"] = "full"
     """full: every decode runs the encoder on a 30 s window, as Whisper was trained. sized: on the
-    audio plus ENCODER_PAD_S, the rest of the window read as silence (much less work for the few
-    seconds a live window usually holds). partials: sized for partial decodes, full for finals."""
+    audio plus ENCODER_PAD_S; the rest of the window is read from a precomputed window of padding
+    at the same level (much less work for the few seconds a live window usually holds). partials:
+    sized for partial decodes, full for finals."""
     encoder_pad_s: float = Field(5, ge=1, le=29)
     """With ENCODER_WINDOW=sized, how much silence follows the audio in the encoder's window."""
     tokens_per_second: float = Field(6, gt=0)

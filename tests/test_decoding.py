@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,13 @@ from real_time_audio.config import Settings
 from real_time_audio.service import TranscriptionRequest
 from real_time_audio.whisper.backend import WhisperBackend
 from real_time_audio.whisper.decoding import (
+    DIGITAL_SILENCE_LEVEL,
     Silence,
     cross_attention,
     encode_sized,
     first_step,
     greedy_decode,
+    padding_level,
     sized_window_s,
 )
 from tests.conftest import speech_like
@@ -69,25 +72,57 @@ def test_a_full_length_sized_encoding_is_the_encoder_output(backend: WhisperBack
 
 
 def test_the_cross_attention_of_a_short_encoding_continues_with_silence(backend: WhisperBackend) -> None:
-    """Keys and values are the decoder's own projections of the encoded frames, then the silence's;
-    the first step reads them as transformers' model does from the same encoding."""
+    """Keys and values are the decoder's own projections of the encoded frames, then each row's
+    silence's; the first step reads them as transformers' model does from the same encoding."""
     model = backend.model
     mel = features(backend, [speech_like(5, 4.0), speech_like(7, 1.0)])
     with torch.inference_mode():
-        silence = Silence.of(model, features(backend, [np.zeros(16000, np.float32)]))
-        encoded = encode_sized(model.get_encoder(), mel[..., :800])  # 8 s: 400 frames
-        states = cross_attention(model, encoded, silence)
+        quiet, loud = Silence.of(model, -1.5), Silence.of(model, -0.7)
+        encoded = encode_sized(model.get_encoder(), mel, 400, [quiet, loud])  # 8 s
+        states = cross_attention(model, encoded, [quiet, loud])
         layer = model.get_decoder().layers[1].encoder_attn
         keys, values = states[1]
         assert keys.shape == values.shape == (2, layer.num_heads, 1500, layer.head_dim)
         own = layer.k_proj(encoded).view(2, 400, layer.num_heads, layer.head_dim).transpose(1, 2)
         torch.testing.assert_close(keys[:, :, :400], own)
-        torch.testing.assert_close(keys[1, :, 400:], silence.keys[1][:, 400:])
-        torch.testing.assert_close(values[0, :, 400:], silence.values[1][:, 400:])
+        torch.testing.assert_close(keys[0, :, 400:], quiet.keys[1][:, 400:])
+        torch.testing.assert_close(values[1, :, 400:], loud.values[1][:, 400:])
+        assert not torch.allclose(quiet.keys[1], loud.keys[1], atol=1e-3)  # the level is heard
         full = model.get_encoder()(mel).last_hidden_state
         sot = model.generation_config.decoder_start_token_id
         expected = model(encoder_outputs=(full,), decoder_input_ids=torch.full((2, 1), sot)).logits[:, -1]
         torch.testing.assert_close(first_step(model, cross_attention(model, full), sot), expected)
+
+
+def test_a_sized_window_attends_to_its_own_silence_as_the_whole_window_would(backend: WhisperBackend) -> None:
+    """In a one-layer encoder the padding's keys and values depend on the padding alone, so a sized
+    window that reads its silence's past its end is exactly the whole window's encoding of its
+    frames, for a loud and a soft clip together (each with its own padding level). Without the
+    silence, or with the other row's, it is not."""
+    model = copy.deepcopy(backend.model)
+    encoder = model.get_encoder()
+    encoder.layers = encoder.layers[:1]
+    mel = features(backend, [speech_like(5, 4.0), speech_like(6, 2.0) * 0.05])
+    levels = padding_level(mel)
+    assert levels[0] > levels[1] > DIGITAL_SILENCE_LEVEL
+    with torch.inference_mode():
+        tails = [Silence.of(model, level) for level in levels]
+        expected = encoder(mel).last_hidden_state[:, :300]
+        got = encode_sized(encoder, mel, 300, tails)  # 6 s: the speech, then padding
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for wrong in (encode_sized(encoder, mel, 300), encode_sized(encoder, mel, 300, tails[::-1])):
+            assert (wrong - expected).abs().max() > 5e-4  # fifty times the tolerance
+
+
+def test_the_padding_level_follows_the_loudest_sound_in_the_window(backend: WhisperBackend) -> None:
+    """Digital silence pads at -1.5; louder speech raises the floor its padding is clipped to."""
+    quiet = np.zeros(16000, np.float32)
+    soft, loud = speech_like(3, 2.0) * 0.05, speech_like(3, 2.0)
+    levels = padding_level(features(backend, [quiet, soft, loud]))
+    assert levels[0] == DIGITAL_SILENCE_LEVEL == -1.5
+    assert -1.5 < levels[1] < levels[2] < 0
+    mel = features(backend, [loud])
+    assert float(mel[0, :, -400:].min()) == float(mel[0, :, -400:].max()) == pytest.approx(levels[2])
 
 
 def test_greedy_decode_writes_what_generate_writes(backend: WhisperBackend) -> None:
@@ -160,7 +195,7 @@ def test_rows_heard_in_different_windows_share_a_batch(checkpoint_dir: Path, mon
         TranscriptionRequest(audio=speech_like(32, 3.0), is_final=True),
         TranscriptionRequest(audio=speech_like(33, 9.0), is_final=False),
     ]
-    assert backend._silence is not None  # computed at load, not in the first partial
+    assert list(backend._silences) == [-15]  # digital silence's, computed at load, not in the first partial
     alone = [backend.transcribe_batch([r])[0].text for r in requests]
     windows: list[tuple[int, float]] = []
     encode = backend._cross_attention

@@ -10,8 +10,10 @@ import itertools
 import json
 import logging
 import math
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +37,7 @@ from real_time_audio.whisper.ct2 import (
     write_tokenizer,
 )
 from real_time_audio.whisper.decoding import (
+    DIGITAL_SILENCE_LEVEL,
     FRAMES_PER_SECOND,
     FULL_WINDOW_S,
     MEL_FRAMES_PER_FRAME,
@@ -44,6 +47,7 @@ from real_time_audio.whisper.decoding import (
     first_step,
     greedy_decode,
     join_rows,
+    padding_level,
     sized_window_s,
 )
 from real_time_audio.whisper.source import ModelLoadError, ModelLocation, locate
@@ -59,6 +63,8 @@ MAX_PROMPT_TOKENS = 200
 MAX_PREFIX_TOKENS = 160  # a longer prefix is dropped (the policy keeps it far shorter)
 MAX_DRAFT_TOKENS = 96  # of a draft, only this many tokens are checked at once
 WINDOW_BUCKET_S = 1.0  # sized encoder windows come in whole seconds
+SILENCE_LEVEL_STEP = 0.1  # padding levels this close share one silent window (normalized log-mel)
+SILENCES_KEPT = 8  # silent windows kept, the most recently used (speech pads at -1.5 to about -0.3)
 WORD_START = "\u0120"  # how byte-level BPE marks a token that begins with a space
 
 
@@ -122,7 +128,8 @@ class WhisperBackend:
         self.tokens_per_second = tokens_per_second
         self.encoder_window = encoder_window
         self.encoder_pad_s = encoder_pad_s
-        self._silence: Silence | None = None  # the tail of every sized window
+        self._silences: OrderedDict[int, Silence] = OrderedDict()  # tails of sized windows, by padding level
+        self._silences_lock = threading.Lock()
         self.location: ModelLocation | None = None  # where `load` found the weights
         self.quantization: str | None = None  # "int8" when the linear layers run quantized (CPU)
         self._forced_tokens: int | None = None  # set only while `measure` runs
@@ -224,7 +231,7 @@ class WhisperBackend:
         backend.location = location
         backend.quantization = quantization
         if settings.encoder_window != "full":  # at start-up, not in the first user's decode
-            backend._silence_encoding()
+            backend._silence_at(DIGITAL_SILENCE_LEVEL)
         return backend
 
     def _text_ids(self, text: str) -> list[int]:
@@ -359,21 +366,29 @@ class WhisperBackend:
         """Encode rows of mel features in a window of `window_s` seconds; their cross-attention states."""
         if window_s >= FULL_WINDOW_S:
             return cross_attention(self.model, self.model.get_encoder()(features).last_hidden_state)
-        frames = round(window_s * FRAMES_PER_SECOND * MEL_FRAMES_PER_FRAME)
-        encoded = encode_sized(self.model.get_encoder(), features[..., :frames])
-        return cross_attention(self.model, encoded, self._silence_encoding())
+        frames = round(window_s * FRAMES_PER_SECOND)
+        tails = [self._silence_at(level) for level in padding_level(features)]
+        encoded = encode_sized(self.model.get_encoder(), features, frames, tails)
+        return cross_attention(self.model, encoded, tails)
 
-    def _silence_encoding(self) -> Silence:
-        """What the decoder reads past a sized window's end (computed once, when first asked)."""
-        if self._silence is None:
-            import torch
+    def _silence_at(self, level: float) -> Silence:
+        """The silent window at `level` (to SILENCE_LEVEL_STEP): computed when first asked, and one
+        of the SILENCES_KEPT most recently used."""
+        key = round(level / SILENCE_LEVEL_STEP)
+        with self._silences_lock:
+            silence = self._silences.get(key)
+            if silence is not None:
+                self._silences.move_to_end(key)
+                return silence
+        import torch
 
-            features = self.processor.feature_extractor(
-                [np.zeros(MODEL_SAMPLE_RATE, dtype=np.float32)], sampling_rate=MODEL_SAMPLE_RATE, return_tensors="pt"
-            ).input_features.to(self.device, self.dtype)
-            with torch.inference_mode():
-                self._silence = Silence.of(self.model, features)
-        return self._silence
+        with torch.inference_mode():
+            silence = Silence.of(self.model, key * SILENCE_LEVEL_STEP, self.device, self.dtype)
+        with self._silences_lock:
+            self._silences[key] = silence
+            while len(self._silences) > SILENCES_KEPT:
+                self._silences.popitem(last=False)
+        return silence
 
     def _result(
         self,

@@ -3,13 +3,17 @@
 **Sized windows.** Whisper hears 30 s windows, and a live window usually holds a few seconds of
 speech followed by padding. The encoder's work grows with the window, so most of it goes into the
 padding. `encode_sized` runs the encoder's own modules (convolutions, positional embeddings cut
-to the input, layers, final norm) only on the audio plus some seconds of padding; the decoder's
-cross-attention then reads the rest of the 30 s from `Silence`: the keys and values of the
-encoder's output for a silent window, computed once. So the decoder still sees a full-length
-encoding whose tail is what padding looks like to it. (Cutting the encoding short instead makes
-the decoder lose track of where the audio ends: it repeats itself.) The padding that is computed
-lets the audio's last frames see silence after them as they would in a full window;
-docs/benchmarks.md has what this does to accuracy.
+to the input, layers, final norm) only on the audio plus some seconds of padding. What the rest of
+the window would contribute comes from `Silence`: a window of padding alone, encoded once per
+padding level. In every encoder layer the sized frames attend to their own keys and values and,
+past their end, to the silent window's; the decoder's cross-attention reads the silent window's
+encoding past their end. So each frame still attends over 30 s, and the decoder still sees a
+full-length encoding whose tail is what padding looks like to it. Only the tail's own states are
+approximate (in a full window the padding also attends to the speech). Cutting the encoding short
+instead makes the decoder lose track of where the audio ends: it repeats itself. The padding
+level matters: Whisper's features clip every value 8 (log10) below the window's loudest, so the
+padding of a loud clip is louder than that of a quiet one, and each level has its own silence.
+docs/benchmarks.md has what this does to accuracy and time.
 
 **Cross-attention once.** `cross_attention` computes each decoder layer's cross-attention keys
 and values once per batch (only for the frames that were encoded); the first decoder step, which
@@ -34,6 +38,7 @@ from numpy.typing import NDArray
 FRAMES_PER_SECOND = 50  # encoder frames (after the stride-2 convolution)
 MEL_FRAMES_PER_FRAME = 2
 FULL_WINDOW_S = 30.0
+DIGITAL_SILENCE_LEVEL = -1.5  # the padding level of a quiet window: (log10 of 1e-10, plus 4) / 4
 
 
 def sized_window_s(longest_s: float, pad_s: float, bucket_s: float) -> float:
@@ -43,41 +48,107 @@ def sized_window_s(longest_s: float, pad_s: float, bucket_s: float) -> float:
     return min(FULL_WINDOW_S, max(bucket_s, math.ceil(wanted / bucket_s - 1e-9) * bucket_s))
 
 
-def encode_sized(encoder: Any, features: Any) -> Any:
-    """The encoder's output for mel `features` of any length up to its 30 s window."""
+def encode_sized(encoder: Any, features: Any, frames: int | None = None, tails: list[Silence] | None = None) -> Any:
+    """The encoder's output for the first `frames` encoder frames (all by default) of mel
+    `features` (at most the encoder's 30 s window).
+
+    The convolutions also read the two mel frames after the last one where `features` has them,
+    so the last frames are what they are in the whole window. With `tails` (one per row), every
+    layer's self-attention also reads the keys and values that the rest of the window (past
+    `frames`) has in that row's silent window, so each frame attends over a whole 30 s window as it
+    does in the full encoder."""
     import torch
 
-    if features.shape[-1] // MEL_FRAMES_PER_FRAME > encoder.embed_positions.num_embeddings:
+    rows, window = features.shape[0], encoder.embed_positions.num_embeddings
+    if frames is None:
+        frames = features.shape[-1] // MEL_FRAMES_PER_FRAME
+    if features.shape[-1] > window * MEL_FRAMES_PER_FRAME or frames > window:
         raise ValueError(f"{features.shape[-1]} mel frames is more than the encoder's window")
-    hidden = torch.nn.functional.gelu(encoder.conv1(features))
-    hidden = torch.nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
-    hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
-    for layer in encoder.layers:
-        hidden = layer(hidden, None)
+    mel = features[..., : MEL_FRAMES_PER_FRAME * frames + 2]
+    hidden = torch.nn.functional.gelu(encoder.conv1(mel))
+    hidden = torch.nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)[:, :frames]
+    hidden = hidden + encoder.embed_positions.weight[:frames]
+    if tails is None or frames == window:
+        for layer in encoder.layers:
+            hidden = layer(hidden, None)
+        return encoder.layer_norm(hidden)
+    for index, layer in enumerate(encoder.layers):
+        attention = layer.self_attn
+        normed = layer.self_attn_layer_norm(hidden)
+        shape = (rows, frames, attention.num_heads, attention.head_dim)
+        queries = (attention.q_proj(normed) * attention.scaling).view(shape).transpose(1, 2)
+        keys = _with_tail(attention.k_proj(normed).view(shape).transpose(1, 2), [t.encoder_keys[index] for t in tails])
+        values = _with_tail(
+            attention.v_proj(normed).view(shape).transpose(1, 2), [t.encoder_values[index] for t in tails]
+        )
+        attended = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, scale=1.0)
+        hidden = hidden + attention.out_proj(attended.transpose(1, 2).reshape(rows, frames, -1))
+        hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+        if hidden.dtype == torch.float16:  # as the encoder's own layers keep float16 finite
+            bound = torch.finfo(torch.float16).max - 1000
+            hidden = hidden.clamp(min=-bound, max=bound)
     return encoder.layer_norm(hidden)
+
+
+def _with_tail(own: Any, tails: list[Any]) -> Any:
+    """Keys or values of a row's own frames (rows × heads × frames × head size), each row followed
+    by its tail (heads × all frames × head size) from where its own frames end."""
+    import torch
+
+    frames = own.shape[2]
+    if all(t is tails[0] for t in tails):  # one tail for every row: no copy until the join
+        tail = tails[0][None, :, frames:].expand(own.shape[0], -1, -1, -1)
+    else:
+        tail = torch.stack([t[:, frames:] for t in tails])
+    return torch.cat([own, tail], dim=2)
+
+
+def padding_level(features: Any) -> list[float]:
+    """Each row's padding level: the value of its last mel frame. Whisper's features clip every
+    value at 8 (log10) below the window's loudest, so the padding of a window is as loud as that
+    allows, and a louder clip has louder padding."""
+    return [float(v) for v in features[:, :, -1].mean(dim=-1).tolist()]
 
 
 @dataclass(frozen=True, slots=True)
 class Silence:
-    """Each decoder layer's cross-attention keys and values (heads × frames × head size) for the
-    encoder's output on a silent 30 s window: the tail every sized window continues with."""
+    """A window of padding alone, at one padding level, as the model sees it: each encoder
+    layer's self-attention keys and values, and each decoder layer's cross-attention keys and
+    values for the encoder's output (all heads × frames × head size). A sized window reads the
+    frames past its own end from here."""
 
+    level: float
+    encoder_keys: list[Any]
+    encoder_values: list[Any]
     keys: list[Any]
     values: list[Any]
 
     @classmethod
-    def of(cls, model: Any, features: Any) -> Silence:
-        """From the mel features of a silent clip (one row, padded to 30 s)."""
-        hidden = model.get_encoder()(features).last_hidden_state
-        states = cross_attention(model, hidden)
-        return cls([k[0] for k, _ in states], [v[0] for _, v in states])
+    def of(cls, model: Any, level: float, device: Any = None, dtype: Any = None) -> Silence:
+        """The silent 30 s window whose every mel value is `level`."""
+        import torch
+
+        encoder = model.get_encoder()
+        shape = (1, model.config.num_mel_bins, encoder.embed_positions.num_embeddings * MEL_FRAMES_PER_FRAME)
+        features = torch.full(shape, level, device=device, dtype=dtype)
+        hidden = torch.nn.functional.gelu(encoder.conv1(features))
+        hidden = torch.nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + encoder.embed_positions.weight
+        encoder_keys, encoder_values = [], []
+        for layer in encoder.layers:
+            attention = layer.self_attn
+            normed = layer.self_attn_layer_norm(hidden)
+            split = (hidden.shape[1], attention.num_heads, attention.head_dim)
+            encoder_keys.append(attention.k_proj(normed)[0].view(split).transpose(0, 1).contiguous())
+            encoder_values.append(attention.v_proj(normed)[0].view(split).transpose(0, 1).contiguous())
+            hidden = layer(hidden, None)
+        states = cross_attention(model, encoder.layer_norm(hidden))
+        return cls(level, encoder_keys, encoder_values, [k[0] for k, _ in states], [v[0] for _, v in states])
 
 
-def cross_attention(model: Any, encoded: Any, silence: Silence | None = None) -> list[tuple[Any, Any]]:
+def cross_attention(model: Any, encoded: Any, tails: list[Silence] | None = None) -> list[tuple[Any, Any]]:
     """Each decoder layer's cross-attention keys and values (rows × heads × frames × head size)
-    for `encoded`; when it is shorter than the full window, `silence` gives the rest."""
-    import torch
-
+    for `encoded`; when it is shorter than the full window, each row's tail gives the rest."""
     rows, frames = encoded.shape[:2]
     states: list[tuple[Any, Any]] = []
     for index, layer in enumerate(model.get_decoder().layers):
@@ -85,10 +156,9 @@ def cross_attention(model: Any, encoded: Any, silence: Silence | None = None) ->
         shape = (rows, frames, attention.num_heads, attention.head_dim)
         keys = attention.k_proj(encoded).view(shape).transpose(1, 2)
         values = attention.v_proj(encoded).view(shape).transpose(1, 2)
-        if silence is not None and frames < silence.keys[index].shape[1]:
-            tail = (rows, -1, -1, -1)
-            keys = torch.cat([keys, silence.keys[index][None, :, frames:].expand(tail)], dim=2)
-            values = torch.cat([values, silence.values[index][None, :, frames:].expand(tail)], dim=2)
+        if tails is not None and frames < tails[0].keys[index].shape[1]:
+            keys = _with_tail(keys, [t.keys[index] for t in tails])
+            values = _with_tail(values, [t.values[index] for t in tails])
         states.append((keys.contiguous(), values.contiguous()))
     return states
 
