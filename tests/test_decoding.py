@@ -186,7 +186,7 @@ def test_sized_windows_serve_the_same_request_shape(checkpoint_dir: Path) -> Non
 
 def test_rows_heard_in_different_windows_share_a_batch(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENCODER_WINDOW=partials: partial rows are encoded sized and final rows whole, in one batch
-    whose rows each get what they get alone."""
+    whose rows each get what they get alone (two of them in one window, at different padding levels)."""
     backend = WhisperBackend.load(
         Settings(transcription_model_id=str(checkpoint_dir), warmup=False, encoder_window="partials")
     )
@@ -194,8 +194,9 @@ def test_rows_heard_in_different_windows_share_a_batch(checkpoint_dir: Path, mon
         TranscriptionRequest(audio=speech_like(31, 2.0), is_final=False),
         TranscriptionRequest(audio=speech_like(32, 3.0), is_final=True),
         TranscriptionRequest(audio=speech_like(33, 9.0), is_final=False),
+        TranscriptionRequest(audio=speech_like(34, 1.5) * 0.05, is_final=False),  # softer: its own padding level
     ]
-    assert list(backend._silences) == [-15]  # digital silence's, computed at load, not in the first partial
+    assert list(backend._silences) == [-15, -10, -9, -8, -7, -6, -5, -4]  # at load, not in the first partials
     alone = [backend.transcribe_batch([r])[0].text for r in requests]
     windows: list[tuple[int, float]] = []
     encode = backend._cross_attention
@@ -207,8 +208,8 @@ def test_rows_heard_in_different_windows_share_a_batch(checkpoint_dir: Path, mon
     monkeypatch.setattr(backend, "_cross_attention", spy)
     together = [r.text for r in backend.transcribe_batch(requests)]
     assert together == alone
-    assert len(set(alone)) == 3
-    assert windows == [(1, 7.0), (1, 14.0), (1, 30.0)]
+    assert len(set(alone)) == 4
+    assert windows == [(2, 7.0), (1, 14.0), (1, 30.0)]
 
 
 def test_a_draft_changes_the_number_of_steps_never_the_tokens(

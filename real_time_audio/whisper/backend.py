@@ -65,6 +65,7 @@ MAX_DRAFT_TOKENS = 96  # of a draft, only this many tokens are checked at once
 WINDOW_BUCKET_S = 1.0  # sized encoder windows come in whole seconds
 SILENCE_LEVEL_STEP = 0.1  # padding levels this close share one silent window (normalized log-mel)
 SILENCES_KEPT = 8  # silent windows kept, the most recently used (speech pads at -1.5 to about -0.3)
+SPEECH_PADDING_LEVELS = (DIGITAL_SILENCE_LEVEL, -1.0, -0.9, -0.8, -0.7, -0.6, -0.5, -0.4)  # computed at load
 WORD_START = "\u0120"  # how byte-level BPE marks a token that begins with a space
 
 
@@ -230,8 +231,9 @@ class WhisperBackend:
         )
         backend.location = location
         backend.quantization = quantization
-        if settings.encoder_window != "full":  # at start-up, not in the first user's decode
-            backend._silence_at(DIGITAL_SILENCE_LEVEL)
+        if settings.encoder_window != "full":  # at start-up, not in the first users' decodes
+            for level in SPEECH_PADDING_LEVELS:
+                backend._silence_at(level)
         return backend
 
     def _text_ids(self, text: str) -> list[int]:
