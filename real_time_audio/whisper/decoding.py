@@ -64,10 +64,7 @@ def encode_sized(encoder: Any, features: Any, frames: int | None = None, tails: 
         frames = features.shape[-1] // MEL_FRAMES_PER_FRAME
     if features.shape[-1] > window * MEL_FRAMES_PER_FRAME or frames > window:
         raise ValueError(f"{features.shape[-1]} mel frames is more than the encoder's window")
-    mel = features[..., : MEL_FRAMES_PER_FRAME * frames + 2]
-    hidden = torch.nn.functional.gelu(encoder.conv1(mel))
-    hidden = torch.nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)[:, :frames]
-    hidden = hidden + encoder.embed_positions.weight[:frames]
+    hidden = _embedded(encoder, features[..., : MEL_FRAMES_PER_FRAME * frames + 2], frames)
     if tails is None or frames == window:
         for layer in encoder.layers:
             hidden = layer(hidden, None)
@@ -75,12 +72,9 @@ def encode_sized(encoder: Any, features: Any, frames: int | None = None, tails: 
     for index, layer in enumerate(encoder.layers):
         attention = layer.self_attn
         normed = layer.self_attn_layer_norm(hidden)
-        shape = (rows, frames, attention.num_heads, attention.head_dim)
-        queries = (attention.q_proj(normed) * attention.scaling).view(shape).transpose(1, 2)
-        keys = _with_tail(attention.k_proj(normed).view(shape).transpose(1, 2), [t.encoder_keys[index] for t in tails])
-        values = _with_tail(
-            attention.v_proj(normed).view(shape).transpose(1, 2), [t.encoder_values[index] for t in tails]
-        )
+        queries = _heads(attention, attention.q_proj(normed) * attention.scaling)
+        keys = _with_tail(_heads(attention, attention.k_proj(normed)), [t.encoder_keys[index] for t in tails])
+        values = _with_tail(_heads(attention, attention.v_proj(normed)), [t.encoder_values[index] for t in tails])
         attended = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, scale=1.0)
         hidden = hidden + attention.out_proj(attended.transpose(1, 2).reshape(rows, frames, -1))
         hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
@@ -88,6 +82,23 @@ def encode_sized(encoder: Any, features: Any, frames: int | None = None, tails: 
             bound = torch.finfo(torch.float16).max - 1000
             hidden = hidden.clamp(min=-bound, max=bound)
     return encoder.layer_norm(hidden)
+
+
+def _embedded(encoder: Any, mel: Any, frames: int) -> Any:
+    """What the encoder's first layer reads: its two convolutions over `mel`, the first `frames`
+    of their output, plus the positional embeddings."""
+    import torch
+
+    hidden = torch.nn.functional.gelu(encoder.conv1(mel))
+    hidden = torch.nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)[:, :frames]
+    return hidden + encoder.embed_positions.weight[:frames]
+
+
+def _heads(attention: Any, states: Any) -> Any:
+    """Projected states (rows × frames × width) split into the attention's heads (rows × heads ×
+    frames × head size)."""
+    rows, frames = states.shape[:2]
+    return states.view(rows, frames, attention.num_heads, attention.head_dim).transpose(1, 2)
 
 
 def _with_tail(own: Any, tails: list[Any]) -> Any:
@@ -129,18 +140,15 @@ class Silence:
         import torch
 
         encoder = model.get_encoder()
-        shape = (1, model.config.num_mel_bins, encoder.embed_positions.num_embeddings * MEL_FRAMES_PER_FRAME)
-        features = torch.full(shape, level, device=device, dtype=dtype)
-        hidden = torch.nn.functional.gelu(encoder.conv1(features))
-        hidden = torch.nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
-        hidden = hidden + encoder.embed_positions.weight
+        frames = encoder.embed_positions.num_embeddings
+        shape = (1, model.config.num_mel_bins, frames * MEL_FRAMES_PER_FRAME)
+        hidden = _embedded(encoder, torch.full(shape, level, device=device, dtype=dtype), frames)
         encoder_keys, encoder_values = [], []
         for layer in encoder.layers:
             attention = layer.self_attn
             normed = layer.self_attn_layer_norm(hidden)
-            split = (hidden.shape[1], attention.num_heads, attention.head_dim)
-            encoder_keys.append(attention.k_proj(normed)[0].view(split).transpose(0, 1).contiguous())
-            encoder_values.append(attention.v_proj(normed)[0].view(split).transpose(0, 1).contiguous())
+            encoder_keys.append(_heads(attention, attention.k_proj(normed))[0].contiguous())
+            encoder_values.append(_heads(attention, attention.v_proj(normed))[0].contiguous())
             hidden = layer(hidden, None)
         states = cross_attention(model, encoder.layer_norm(hidden))
         return cls(level, encoder_keys, encoder_values, [k[0] for k, _ in states], [v[0] for _, v in states])
@@ -149,13 +157,12 @@ class Silence:
 def cross_attention(model: Any, encoded: Any, tails: list[Silence] | None = None) -> list[tuple[Any, Any]]:
     """Each decoder layer's cross-attention keys and values (rows × heads × frames × head size)
     for `encoded`; when it is shorter than the full window, each row's tail gives the rest."""
-    rows, frames = encoded.shape[:2]
+    frames = encoded.shape[1]
     states: list[tuple[Any, Any]] = []
     for index, layer in enumerate(model.get_decoder().layers):
         attention = layer.encoder_attn
-        shape = (rows, frames, attention.num_heads, attention.head_dim)
-        keys = attention.k_proj(encoded).view(shape).transpose(1, 2)
-        values = attention.v_proj(encoded).view(shape).transpose(1, 2)
+        keys = _heads(attention, attention.k_proj(encoded))
+        values = _heads(attention, attention.v_proj(encoded))
         if tails is not None and frames < tails[0].keys[index].shape[1]:
             keys = _with_tail(keys, [t.keys[index] for t in tails])
             values = _with_tail(values, [t.values[index] for t in tails])
