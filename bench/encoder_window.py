@@ -73,11 +73,12 @@ def measure(model: str, pads: list[float]) -> dict[str, Any]:
         [clips[0].audio[: 5 * RATE]], sampling_rate=RATE, return_tensors="pt"
     ).input_features
     silence = backend._silence_at(padding_level(mel)[0])
-    timings = {}
+    sinks = backend._padding_sinks()
+    timings: dict[str, Any] = {}
     with torch.inference_mode():
         for name, run in (
             ("encoder_30s_s", lambda: encoder(mel)),
-            ("encoder_7s_s", lambda: encode_sized(encoder, mel, 350, [silence])),
+            ("encoder_7s_s", lambda: encode_sized(encoder, mel, 350, [silence], sinks=sinks)),
         ):
             run()
             started = time.perf_counter()
@@ -85,6 +86,7 @@ def measure(model: str, pads: list[float]) -> dict[str, Any]:
                 run()
             timings[name] = round((time.perf_counter() - started) / 5, 4)
 
+    timings["encoding_error_pct"] = encoding_errors(backend, cuts, sinks)
     full_clips, full_clip_s = decode("full", 0, [c.audio for c in clips])
     full_cuts, full_cut_s = decode("full", 0, cuts)
     errors = [word_errors(c.text, t, normalizer) for c, t in zip(clips, full_clips, strict=True)]
@@ -118,6 +120,30 @@ def measure(model: str, pads: list[float]) -> dict[str, Any]:
     return {"model": model, "machine": machine(), "clips": len(clips), "cuts": len(cuts), **timings, "rows": rows}
 
 
+def encoding_errors(backend: Any, cuts: list[np.ndarray], sinks: list[int]) -> dict[str, float]:
+    """How far the sized encoding of each cut window's own frames (5 s pad) is from the full
+    window's (norm of the difference over the norm, in %, mean over the cuts): as the server
+    computes it, without the sinks, and with only two padding frames computed (nearly the
+    silence alone)."""
+    import torch
+
+    from real_time_audio.whisper.decoding import FRAMES_PER_SECOND, encode_sized, padding_level, sized_window_s
+
+    encoder = backend.model.get_encoder()
+    variants = {"server": {"sinks": sinks}, "no_sinks": {"sinks": []}, "two_frames": {"sinks": [], "stride": 10**6}}
+    errors: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for audio in cuts:
+            mel = backend.processor.feature_extractor([audio], sampling_rate=RATE, return_tensors="pt").input_features
+            frames = round(sized_window_s(len(audio) / RATE, 5.0, 1.0) * FRAMES_PER_SECOND)
+            full = encoder(mel).last_hidden_state[:, :frames]
+            tails = [backend._silence_at(padding_level(mel)[0])]
+            for name, options in variants.items():
+                sized = encode_sized(encoder, mel, frames, tails, **options).encoded
+                errors[name].append(float((sized - full).norm() / full.norm()))
+    return {name: round(100 * float(np.mean(values)), 2) for name, values in errors.items()}
+
+
 def table(reports: list[dict[str, Any]], arguments: str) -> str:
     first = reports[0]
     lines = [
@@ -135,6 +161,17 @@ def table(reports: list[dict[str, Any]], arguments: str) -> str:
             )
     timings = "; ".join(f"{r['model']} {r['encoder_30s_s']} s on 30 s, {r['encoder_7s_s']} s on 7 s" for r in reports)
     lines += ["", f"The encoder alone, one row: {timings}."]
+    errors = "; ".join(
+        f"{r['model']} {e['server']} % (without the sinks {e['no_sinks']} %, "
+        f"two padding frames only {e['two_frames']} %)"
+        for r in reports
+        for e in [r["encoding_error_pct"]]
+    )
+    lines += [
+        "",
+        "The cut windows' encoding at a 5 s pad, off the full window's "
+        f"(norm of the difference over the norm, mean): {errors}.",
+    ]
     return "\n".join(lines)
 
 

@@ -50,8 +50,10 @@ class Settings(BaseSettings):
     """How long a worker waits after the first job for more jobs to join its batch."""
     queue_max_size: int = Field(64, ge=1)
     """Jobs that may wait for a worker; past it partial results are skipped (finals always queue)."""
-    inference_workers: int = Field(1, ge=1, le=16)
-    """Worker threads sharing the model; 1 is right for one GPU or a small CPU."""
+    inference_workers: Annotated[int, Field(ge=1, le=16)] | Literal["auto"] = "auto"
+    """Worker threads sharing the model, each running its own batches; auto: 1 on a GPU, 2 on the CPU."""
+    inference_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    """On the CPU, torch threads per inference worker; auto: one per core, shared among the workers."""
     max_sessions: Annotated[int, Field(ge=1)] | Literal["auto"] = 32
     """Concurrent sessions (uploads and echo loops too); the next gets 1013. `auto`: measured at start-up."""
     max_frame_bytes: int = Field(1024 * 1024, ge=1024, le=UVICORN_WS_MAX_SIZE)
@@ -101,13 +103,15 @@ class Settings(BaseSettings):
     """... and its average token log-probability is below this."""
     compression_ratio_threshold: float = Field(2.4, gt=0)
     """A decode whose text compresses better than this is a loop and is dropped."""
-    encoder_window: Literal["full", "partials", "sized"] = "full"
+    encoder_window: Literal["auto", "full", "partials", "sized"] = "auto"
     """full: every decode runs the encoder on a 30 s window, as Whisper was trained. sized: on the
-    audio plus ENCODER_PAD_S; the rest of the window is read from a precomputed window of padding
-    at the same level (much less work for the few seconds a live window usually holds). partials:
-    sized for partial decodes, full for finals."""
-    encoder_pad_s: float = Field(5, ge=1, le=29)
-    """With ENCODER_WINDOW=sized, how much silence follows the audio in the encoder's window."""
+    audio plus ENCODER_PAD_S and a few frames of the padding after it; the rest of the window is a
+    precomputed window of padding at the same level, corrected by those frames (a fraction of the
+    encoder's work, and the same text on the accuracy corpus). partials: sized for partial
+    decodes, full for finals. auto: sized on the CPU, full on a GPU (which encodes a batch of whole
+    windows in one call; sized windows were not measured there)."""
+    encoder_pad_s: float = Field(2, ge=1, le=29)
+    """With sized windows, how much padding after the audio is encoded in full (past it, every 25th frame)."""
     tokens_per_second: float = Field(6, gt=0)
     """Cap on generated tokens per second of audio (plus a small allowance), against runaway text."""
     warmup: bool = True

@@ -305,13 +305,13 @@ class TranscriptionEngine:
         batch_max_size: int = 8,
         batch_wait_ms: float = 10,
         queue_max_size: int = 64,
-        workers: int = 1,
+        workers: int | None = 1,
         warmup: bool = True,
     ) -> None:
         self._backend_factory = backend_factory
         self.batch_max_size = batch_max_size
         self.batch_wait_s = batch_wait_ms / 1000
-        self.workers = workers
+        self.workers = workers  # None: as many as the backend asks for (its `workers`), else 1
         self.warmup = warmup
         self.queue = JobQueue(queue_max_size)
         self.stats = EngineStats()
@@ -364,6 +364,8 @@ class TranscriptionEngine:
             noise = np.random.default_rng(0).standard_normal(MODEL_SAMPLE_RATE).astype(np.float32) * 0.01
             self.backend.transcribe_batch([TranscriptionRequest(audio=noise, session_id="warmup")])
             logger.info("warm-up inference took %.2f s", time.perf_counter() - started)
+        if self.workers is None:
+            self.workers = int(getattr(self.backend, "workers", 1))
         for index in range(self.workers):
             thread = threading.Thread(target=self._worker, name=f"inference-{index}", daemon=True)
             thread.start()
@@ -409,6 +411,9 @@ class TranscriptionEngine:
         return await asyncio.wrap_future(self.submit(request))
 
     def _worker(self) -> None:
+        prepare = getattr(self.backend, "prepare_worker", None)
+        if prepare is not None:
+            prepare()
         try:
             while (batch := self.queue.take_batch(self.batch_max_size, self.batch_wait_s)) is not None:
                 live = [job for job in batch if job.future.set_running_or_notify_cancel()]

@@ -16,6 +16,7 @@ from real_time_audio.whisper.backend import WhisperBackend
 from real_time_audio.whisper.decoding import (
     DIGITAL_SILENCE_LEVEL,
     Silence,
+    Spread,
     cross_attention,
     encode_sized,
     first_step,
@@ -71,27 +72,46 @@ def test_a_full_length_sized_encoding_is_the_encoder_output(backend: WhisperBack
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_the_cross_attention_of_a_short_encoding_continues_with_silence(backend: WhisperBackend) -> None:
-    """Keys and values are the decoder's own projections of the encoded frames, then each row's
-    silence's; the first step reads them as transformers' model does from the same encoding."""
+def test_a_sized_window_that_computes_all_its_padding_is_the_whole_window(backend: WhisperBackend) -> None:
+    """With every padding frame computed (stride 1), nothing is taken from the silences: the sized
+    encoding and its cross-attention keys and values are the whole window's, for a loud and a soft
+    clip together, whatever silences stand in. The decoder's first step reads them as
+    transformers' model reads the whole encoding."""
     model = backend.model
-    mel = features(backend, [speech_like(5, 4.0), speech_like(7, 1.0)])
+    encoder = model.get_encoder()
+    mel = features(backend, [speech_like(5, 4.0), speech_like(7, 1.0) * 0.05])
     with torch.inference_mode():
         quiet, loud = Silence.of(model, -1.5), Silence.of(model, -0.7)
-        encoded = encode_sized(model.get_encoder(), mel, 400, [quiet, loud])  # 8 s
-        states = cross_attention(model, encoded, [quiet, loud])
+        full = encoder(mel).last_hidden_state
+        sized = encode_sized(encoder, mel, 400, [quiet, loud], stride=1)  # 8 s, then 22 s of padding computed
+        assert sized.spread.positions == list(range(400, 1500))
+        torch.testing.assert_close(sized.encoded, full[:, :400], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sized.padding, full[:, 400:], rtol=1e-4, atol=1e-4)
+        states, expected = cross_attention(model, sized), cross_attention(model, full)
         layer = model.get_decoder().layers[1].encoder_attn
-        keys, values = states[1]
-        assert keys.shape == values.shape == (2, layer.num_heads, 1500, layer.head_dim)
-        own = layer.k_proj(encoded).view(2, 400, layer.num_heads, layer.head_dim).transpose(1, 2)
-        torch.testing.assert_close(keys[:, :, :400], own)
-        torch.testing.assert_close(keys[0, :, 400:], quiet.keys[1][:, 400:])
-        torch.testing.assert_close(values[1, :, 400:], loud.values[1][:, 400:])
+        assert states[1][0].shape == (2, layer.num_heads, 1500, layer.head_dim)
+        for (keys, values), (want_keys, want_values) in zip(states, expected, strict=True):
+            torch.testing.assert_close(keys, want_keys, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(values, want_values, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(quiet.keys[1], loud.keys[1], atol=1e-3)  # the level is heard
-        full = model.get_encoder()(mel).last_hidden_state
         sot = model.generation_config.decoder_start_token_id
-        expected = model(encoder_outputs=(full,), decoder_input_ids=torch.full((2, 1), sot)).logits[:, -1]
-        torch.testing.assert_close(first_step(model, cross_attention(model, full), sot), expected)
+        logits = model(encoder_outputs=(full,), decoder_input_ids=torch.full((2, 1), sot)).logits[:, -1]
+        torch.testing.assert_close(first_step(model, states, sot), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_padding_between_computed_frames_is_the_silence_plus_a_spread_correction() -> None:
+    """Computed frames keep their own keys; between the evenly spaced anchors the difference from
+    the silence is interpolated linearly; a sink is computed but never an anchor, so its
+    neighbours do not take its (large) correction."""
+    spread = Spread.of(frames=10, window=30, stride=5, sinks=[17])
+    assert spread.anchors == [10, 15, 20, 25, 29]
+    assert spread.positions == [10, 15, 17, 20, 25, 29]
+    silence = torch.arange(30, dtype=torch.float32).reshape(1, 30, 1) * 0.1  # heads × frames × size
+    correction = {10: 1.0, 15: 2.0, 17: 100.0, 20: 4.0, 25: 4.0, 29: 0.0}
+    computed = torch.tensor([silence[0, p, 0] + correction[p] for p in spread.positions]).reshape(1, 1, -1, 1)
+    filled = spread.fill(computed, [silence])[0, 0, :, 0] - silence[0, 10:, 0]
+    expected = [1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.4, 100.0, 3.2, 3.6, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    torch.testing.assert_close(filled, torch.tensor(expected), rtol=0, atol=1e-5)
 
 
 def test_a_sized_window_attends_to_its_own_silence_as_the_whole_window_would(backend: WhisperBackend) -> None:
@@ -108,9 +128,10 @@ def test_a_sized_window_attends_to_its_own_silence_as_the_whole_window_would(bac
     with torch.inference_mode():
         tails = [Silence.of(model, level) for level in levels]
         expected = encoder(mel).last_hidden_state[:, :300]
-        got = encode_sized(encoder, mel, 300, tails)  # 6 s: the speech, then padding
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        for wrong in (encode_sized(encoder, mel, 300), encode_sized(encoder, mel, 300, tails[::-1])):
+        got = encode_sized(encoder, mel, 300, tails, stride=10**6)  # 6 s: the speech, then padding
+        torch.testing.assert_close(got.encoded, expected, rtol=1e-5, atol=1e-5)
+        swapped = encode_sized(encoder, mel, 300, tails[::-1], stride=10**6).encoded
+        for wrong in (encode_sized(encoder, mel, 300), swapped):
             assert (wrong - expected).abs().max() > 5e-4  # fifty times the tolerance
 
 
@@ -209,7 +230,7 @@ def test_rows_heard_in_different_windows_share_a_batch(checkpoint_dir: Path, mon
     together = [r.text for r in backend.transcribe_batch(requests)]
     assert together == alone
     assert len(set(alone)) == 4
-    assert windows == [(2, 7.0), (1, 14.0), (1, 30.0)]
+    assert windows == [(2, 4.0), (1, 11.0), (1, 30.0)]
 
 
 def test_a_draft_changes_the_number_of_steps_never_the_tokens(

@@ -26,7 +26,7 @@ from real_time_audio.service import (
     _Job,
     measure_capacity,
 )
-from real_time_audio.whisper.backend import WhisperBackend, token_cap
+from real_time_audio.whisper.backend import WhisperBackend, token_cap, worker_threads
 from tests.conftest import speech_like
 
 
@@ -382,3 +382,38 @@ def test_max_sessions_auto_is_measured_shown_and_enforced(make_settings: Callabl
             assert refused.receive_json()["code"] == "server_busy"
         for ws in opened:
             ws.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("workers", "threads", "device", "expected"),
+    [
+        ("auto", "auto", "cpu", (2, 1)),
+        ("auto", "auto", "cuda:0", (1, 0)),
+        (1, "auto", "cpu", (1, 2)),
+        (3, 4, "cpu", (3, 4)),
+        (2, 4, "cuda:0", (2, 0)),
+    ],
+)
+def test_inference_workers_and_threads_default_by_device(
+    workers: int | str, threads: int | str, device: str, expected: tuple[int, int]
+) -> None:
+    """On two cores: two workers of one thread each on the CPU, one worker on a GPU (threads do not apply)."""
+    settings = Settings(inference_workers=workers, inference_threads=threads)
+    assert worker_threads(settings, device, cores=2) == expected
+
+
+def test_the_engine_runs_as_many_workers_as_the_backend_asks_for() -> None:
+    """INFERENCE_WORKERS=auto leaves the count to the loaded backend; each worker prepares its thread first."""
+    backend = RecordingBackend()
+    prepared: list[str] = []
+    backend.workers = 3  # type: ignore[attr-defined]
+    backend.prepare_worker = lambda: prepared.append(threading.current_thread().name)  # type: ignore[attr-defined]
+    engine = engine_with(backend, workers=None)
+    try:
+        assert engine.workers == 3
+        deadline = time.monotonic() + 10
+        while len(prepared) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(prepared) == ["inference-0", "inference-1", "inference-2"]
+    finally:
+        engine.stop()

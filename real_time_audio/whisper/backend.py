@@ -119,7 +119,9 @@ class WhisperBackend:
         processor: Any,
         tokens_per_second: float,
         encoder_window: str = "full",
-        encoder_pad_s: float = 5.0,
+        encoder_pad_s: float = 2.0,
+        workers: int = 1,
+        threads: int = 0,
     ) -> None:
         self.model_id = model_id
         self.device = device
@@ -129,8 +131,11 @@ class WhisperBackend:
         self.tokens_per_second = tokens_per_second
         self.encoder_window = encoder_window
         self.encoder_pad_s = encoder_pad_s
+        self.workers = workers  # inference workers the engine should run
+        self.threads = threads  # torch threads per inference worker on the CPU (0: torch's default)
         self._silences: OrderedDict[int, Silence] = OrderedDict()  # tails of sized windows, by padding level
         self._silences_lock = threading.Lock()
+        self._sinks: list[int] | None = None  # padding frames a sized window always computes
         self.location: ModelLocation | None = None  # where `load` found the weights
         self.quantization: str | None = None  # "int8" when the linear layers run quantized (CPU)
         self._forced_tokens: int | None = None  # set only while `measure` runs
@@ -219,6 +224,10 @@ class WhisperBackend:
                 logger.info("int8: %d linear layers run as int8 matrix products", quantized)
             else:
                 logger.warning("QUANTIZATION=int8 is for the CPU; on %s the weights stay in %s", device, dtype_name)
+        window = settings.encoder_window
+        if window == "auto":  # the CPU spends most of a decode in the encoder; a GPU batches whole windows
+            window = "sized" if device == "cpu" else "full"
+        logger.info("encoder windows: %s", window)
         backend = cls(
             location.name,
             device,
@@ -226,15 +235,22 @@ class WhisperBackend:
             model,
             processor,
             settings.tokens_per_second,
-            settings.encoder_window,
+            window,
             settings.encoder_pad_s,
+            *worker_threads(settings, device, torch.get_num_threads()),
         )
         backend.location = location
         backend.quantization = quantization
-        if settings.encoder_window != "full":  # at start-up, not in the first users' decodes
-            for level in SPEECH_PADDING_LEVELS:
-                backend._silence_at(level)
+        if window != "full":  # at start-up, not in the first users' decodes
+            backend._padding_sinks()
         return backend
+
+    def prepare_worker(self) -> None:
+        """Called first in each inference worker thread: torch's thread count is per calling thread."""
+        if self.threads and self.device == "cpu":
+            import torch
+
+            torch.set_num_threads(self.threads)
 
     def _text_ids(self, text: str) -> list[int]:
         """Token ids of `text` as plain text: a client's "<|endoftext|>" is spelled out, never the
@@ -370,8 +386,15 @@ class WhisperBackend:
             return cross_attention(self.model, self.model.get_encoder()(features).last_hidden_state)
         frames = round(window_s * FRAMES_PER_SECOND)
         tails = [self._silence_at(level) for level in padding_level(features)]
-        encoded = encode_sized(self.model.get_encoder(), features, frames, tails)
-        return cross_attention(self.model, encoded, tails)
+        encoded = encode_sized(self.model.get_encoder(), features, frames, tails, sinks=self._padding_sinks())
+        return cross_attention(self.model, encoded)
+
+    def _padding_sinks(self) -> list[int]:
+        """The sinks of the silent windows at SPEECH_PADDING_LEVELS, together: the same for every
+        sized window, so that a row is encoded the same whatever else is in its batch."""
+        if self._sinks is None:
+            self._sinks = sorted({p for level in SPEECH_PADDING_LEVELS for p in self._silence_at(level).sinks})
+        return self._sinks
 
     def _silence_at(self, level: float) -> Silence:
         """The silent window at `level` (to SILENCE_LEVEL_STEP): computed when first asked, and one
@@ -476,6 +499,20 @@ def quantize_int8(model: Any, include: Callable[[str], bool] | None = None) -> i
     return len(linear)
 
 
+def worker_threads(settings: Settings, device: str, cores: int) -> tuple[int, int]:
+    """Inference workers and torch threads per worker (0: torch's default) for `device`, from
+    INFERENCE_WORKERS and INFERENCE_THREADS: by default 1 worker on a GPU; 2 on the CPU, sharing
+    torch's `cores` threads."""
+    cpu = device == "cpu"
+    workers = settings.inference_workers
+    if workers == "auto":
+        workers = 2 if cpu else 1
+    if not cpu:
+        return workers, 0
+    threads = settings.inference_threads
+    return workers, max(1, cores // workers) if threads == "auto" else threads
+
+
 def load_engine(settings: Settings) -> TranscriptionEngine:
     """The server's engine: the configured Whisper model behind the batching scheduler."""
     return TranscriptionEngine(
@@ -483,7 +520,7 @@ def load_engine(settings: Settings) -> TranscriptionEngine:
         batch_max_size=settings.batch_max_size,
         batch_wait_ms=settings.batch_wait_ms,
         queue_max_size=settings.queue_max_size,
-        workers=settings.inference_workers,
+        workers=None if settings.inference_workers == "auto" else settings.inference_workers,
         warmup=settings.warmup,
     )
 

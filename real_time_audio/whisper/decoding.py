@@ -3,17 +3,19 @@
 **Sized windows.** Whisper hears 30 s windows, and a live window usually holds a few seconds of
 speech followed by padding. The encoder's work grows with the window, so most of it goes into the
 padding. `encode_sized` runs the encoder's own modules (convolutions, positional embeddings cut
-to the input, layers, final norm) only on the audio plus some seconds of padding. What the rest of
-the window would contribute comes from `Silence`: a window of padding alone, encoded once per
-padding level. In every encoder layer the sized frames attend to their own keys and values and,
-past their end, to the silent window's; the decoder's cross-attention reads the silent window's
-encoding past their end. So each frame still attends over 30 s, and the decoder still sees a
-full-length encoding whose tail is what padding looks like to it. Only the tail's own states are
-approximate (in a full window the padding also attends to the speech). Cutting the encoding short
-instead makes the decoder lose track of where the audio ends: it repeats itself. The padding
-level matters: Whisper's features clip every value 8 (log10) below the window's loudest, so the
-padding of a loud clip is louder than that of a quiet one, and each level has its own silence.
-docs/benchmarks.md has what this does to accuracy and time.
+to the input, layers, final norm) only on the audio plus some seconds of padding, and on a few
+frames of the rest: every 25th, and the *sinks*, frames of the padding whose states grow far
+larger than the others' (base has about 130; attention leans on them). What the other padding
+frames hold comes from `Silence`, a window of padding alone, encoded once per padding level,
+corrected by how much the computed frames differ from it (interpolated between them). In every
+encoder layer the sized frames attend to their own keys and values and to the corrected
+padding's, and so does the decoder's cross-attention. So each frame still attends over 30 s, the
+decoder still sees a full-length encoding whose tail is what padding looks like after this
+speech, and with every padding frame computed it is the full window exactly. Cutting the
+encoding short instead makes the decoder lose track of where the audio ends: it repeats itself.
+The padding level matters: Whisper's features clip every value 8 (log10) below the window's
+loudest, so the padding of a loud clip is louder than that of a quiet one, and each level has its
+own silence. docs/benchmarks.md has what this does to accuracy and time.
 
 **Cross-attention once.** `cross_attention` computes each decoder layer's cross-attention keys
 and values once per batch (only for the frames that were encoded); the first decoder step, which
@@ -29,7 +31,7 @@ tokens at the first, as `generate` does for Whisper, and gives the same tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,8 @@ FRAMES_PER_SECOND = 50  # encoder frames (after the stride-2 convolution)
 MEL_FRAMES_PER_FRAME = 2
 FULL_WINDOW_S = 30.0
 DIGITAL_SILENCE_LEVEL = -1.5  # the padding level of a quiet window: (log10 of 1e-10, plus 4) / 4
+PADDING_STRIDE = 25  # a sized window computes every 25th padding frame (0.5 s) ...
+SINK_NORM = 3.0  # ... and every padding frame whose state is 3 times the median's size in some layer
 
 
 def sized_window_s(longest_s: float, pad_s: float, bucket_s: float) -> float:
@@ -48,15 +52,28 @@ def sized_window_s(longest_s: float, pad_s: float, bucket_s: float) -> float:
     return min(FULL_WINDOW_S, max(bucket_s, math.ceil(wanted / bucket_s - 1e-9) * bucket_s))
 
 
-def encode_sized(encoder: Any, features: Any, frames: int | None = None, tails: list[Silence] | None = None) -> Any:
+def encode_sized(
+    encoder: Any,
+    features: Any,
+    frames: int | None = None,
+    tails: list[Silence] | None = None,
+    stride: int = PADDING_STRIDE,
+    sinks: list[int] | None = None,
+) -> Any:
     """The encoder's output for the first `frames` encoder frames (all by default) of mel
     `features` (at most the encoder's 30 s window).
 
     The convolutions also read the two mel frames after the last one where `features` has them,
-    so the last frames are what they are in the whole window. With `tails` (one per row), every
-    layer's self-attention also reads the keys and values that the rest of the window (past
-    `frames`) has in that row's silent window, so each frame attends over a whole 30 s window as it
-    does in the full encoder."""
+    so the last frames are what they are in the whole window. Without `tails` the result is the
+    encoder output of those frames alone. With `tails` (one silent window per row) it is a
+    `SizedEncoding`: every layer's self-attention also reads keys and values for the rest of the
+    window, so each frame attends over a whole 30 s window as it does in the full encoder. Those
+    are the row's silence's, corrected by what the speech does to the padding: a few padding
+    frames (every `stride`-th, and the `sinks`: by default the rows' silences') go through the
+    layers with the row's own frames, and the difference between their keys and values and the
+    silence's is spread over the padding between them. The frames computed depend only on
+    `frames`, `stride` and `sinks`, so with fixed sinks a row's encoding does not depend on the
+    other rows of its batch."""
     import torch
 
     rows, window = features.shape[0], encoder.embed_positions.num_embeddings
@@ -68,20 +85,98 @@ def encode_sized(encoder: Any, features: Any, frames: int | None = None, tails: 
     if tails is None or frames == window:
         for layer in encoder.layers:
             hidden = layer(hidden, None)
-        return encoder.layer_norm(hidden)
+        encoded = encoder.layer_norm(hidden)
+        return encoded if tails is None else SizedEncoding(encoded, encoded[:, :0], tails, Spread(frames, window, []))
+    if sinks is None:
+        sinks = sorted({p for t in tails for p in t.sinks})
+    spread = Spread.of(frames, window, stride, [p for p in sinks if p >= frames])
+    hidden = torch.cat([hidden, _embedded_at(encoder, features, spread.positions)], dim=1)
+    length = hidden.shape[1]
     for index, layer in enumerate(encoder.layers):
         attention = layer.self_attn
         normed = layer.self_attn_layer_norm(hidden)
         queries = _heads(attention, attention.q_proj(normed) * attention.scaling)
-        keys = _with_tail(_heads(attention, attention.k_proj(normed)), [t.encoder_keys[index] for t in tails])
-        values = _with_tail(_heads(attention, attention.v_proj(normed)), [t.encoder_values[index] for t in tails])
+        keys = _heads(attention, attention.k_proj(normed))
+        values = _heads(attention, attention.v_proj(normed))
+        keys = spread.join(keys[:, :, :frames], keys[:, :, frames:], [t.encoder_keys[index] for t in tails])
+        values = spread.join(values[:, :, :frames], values[:, :, frames:], [t.encoder_values[index] for t in tails])
         attended = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, scale=1.0)
-        hidden = hidden + attention.out_proj(attended.transpose(1, 2).reshape(rows, frames, -1))
+        hidden = hidden + attention.out_proj(attended.transpose(1, 2).reshape(rows, length, -1))
         hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
         if hidden.dtype == torch.float16:  # as the encoder's own layers keep float16 finite
             bound = torch.finfo(torch.float16).max - 1000
             hidden = hidden.clamp(min=-bound, max=bound)
-    return encoder.layer_norm(hidden)
+    encoded = encoder.layer_norm(hidden)
+    return SizedEncoding(encoded[:, :frames], encoded[:, frames:], tails, spread)
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """Which padding frames past `frames` a sized window computes (`positions`), and how their
+    corrections are spread over the rest: linearly between the evenly spaced `anchors`; a sink
+    (a frame whose state is far larger than the others') keeps its own correction only."""
+
+    frames: int
+    window: int
+    positions: list[int]
+    anchors: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, frames: int, window: int, stride: int, sinks: list[int]) -> Spread:
+        sunk = set(sinks)
+        anchors = [p for p in range(frames, window, stride) if p not in sunk]
+        if window - 1 not in sunk and (not anchors or anchors[-1] != window - 1):
+            anchors.append(window - 1)
+        return cls(frames, window, sorted(sunk | set(anchors)), anchors)
+
+    def join(self, own: Any, computed: Any, silences: list[Any]) -> Any:
+        """Keys or values of a whole window: the sized frames' `own`, then the padding (`fill`)."""
+        import torch
+
+        return torch.cat([own, self.fill(computed, silences)], dim=2)
+
+    def fill(self, computed: Any, silences: list[Any]) -> Any:
+        """The padding's keys or values (rows × heads × padding frames × head size): each row's
+        silence's (`silences`, heads × window × head size), plus the correction the `computed`
+        frames (rows × heads × positions × head size) show there."""
+        import torch
+
+        silence = torch.stack([s[:, self.frames :] for s in silences])
+        if not self.positions:
+            return silence
+        offsets = torch.tensor(self.positions, device=computed.device) - self.frames
+        correction = computed - silence.index_select(2, offsets)
+        at = torch.tensor([self.positions.index(a) for a in self.anchors], device=computed.device)
+        spread = _interpolated(correction.index_select(2, at), self.anchors, self.frames, self.window)
+        spread.index_copy_(2, offsets, correction)
+        return silence + spread
+
+
+def _interpolated(values: Any, anchors: list[int], start: int, end: int) -> Any:
+    """`values` (rows × heads × anchors × size) at frames `anchors`, linearly interpolated over
+    frames start..end-1 (constant before the first anchor)."""
+    import torch
+
+    if len(anchors) == 1:
+        return values.expand(-1, -1, end - start, -1).clone()
+    frames = torch.arange(start, end, dtype=torch.float32, device=values.device)
+    at = torch.tensor(anchors, dtype=torch.float32, device=values.device)
+    upper = torch.searchsorted(at, frames).clamp(1, len(anchors) - 1)
+    lower = upper - 1
+    weight = ((frames - at[lower]) / (at[upper] - at[lower])).clamp(0, 1).to(values.dtype)[:, None]
+    return values.index_select(2, lower) * (1 - weight) + values.index_select(2, upper) * weight
+
+
+@dataclass(frozen=True, slots=True)
+class SizedEncoding:
+    """A sized window's encoding: its own frames (`encoded`, rows × frames × width), the padding
+    frames it computed (`padding`, rows × positions × width, at `spread.positions`), and the
+    silent windows (`tails`) that stand for the rest of the padding."""
+
+    encoded: Any
+    padding: Any
+    tails: list[Silence]
+    spread: Spread
 
 
 def _embedded(encoder: Any, mel: Any, frames: int) -> Any:
@@ -94,24 +189,28 @@ def _embedded(encoder: Any, mel: Any, frames: int) -> Any:
     return hidden + encoder.embed_positions.weight[:frames]
 
 
+def _embedded_at(encoder: Any, mel: Any, positions: list[int]) -> Any:
+    """What the encoder's first layer reads at the frames `positions` of the whole window of `mel`
+    (rows × positions × width): the convolutions computed only where those frames need them."""
+    import torch
+
+    rows, bins = mel.shape[:2]
+    # Frame p is the second convolution at mel frames 2p-1..2p+1, each the first at its neighbours:
+    # mel frames 2p-2..2p+2 (zero past the window's ends), read here with one more on each side.
+    padded = torch.nn.functional.pad(mel, (3, 3))
+    index = torch.tensor([[2 * p + k for k in range(7)] for p in positions], device=mel.device)
+    windows = padded[:, :, index].permute(0, 2, 1, 3).reshape(rows * len(positions), bins, 7)
+    first = torch.nn.functional.gelu(encoder.conv1(windows))[..., 2:5]
+    second = torch.nn.functional.conv1d(first, encoder.conv2.weight, encoder.conv2.bias)
+    hidden = torch.nn.functional.gelu(second).reshape(rows, len(positions), -1)
+    return hidden + encoder.embed_positions.weight[positions]
+
+
 def _heads(attention: Any, states: Any) -> Any:
     """Projected states (rows × frames × width) split into the attention's heads (rows × heads ×
     frames × head size)."""
     rows, frames = states.shape[:2]
     return states.view(rows, frames, attention.num_heads, attention.head_dim).transpose(1, 2)
-
-
-def _with_tail(own: Any, tails: list[Any]) -> Any:
-    """Keys or values of a row's own frames (rows × heads × frames × head size), each row followed
-    by its tail (heads × all frames × head size) from where its own frames end."""
-    import torch
-
-    frames = own.shape[2]
-    if all(t is tails[0] for t in tails):  # one tail for every row: no copy until the join
-        tail = tails[0][None, :, frames:].expand(own.shape[0], -1, -1, -1)
-    else:
-        tail = torch.stack([t[:, frames:] for t in tails])
-    return torch.cat([own, tail], dim=2)
 
 
 def padding_level(features: Any) -> list[float]:
@@ -129,6 +228,7 @@ class Silence:
     frames past its own end from here."""
 
     level: float
+    sinks: list[int]
     encoder_keys: list[Any]
     encoder_values: list[Any]
     keys: list[Any]
@@ -144,28 +244,45 @@ class Silence:
         shape = (1, model.config.num_mel_bins, frames * MEL_FRAMES_PER_FRAME)
         hidden = _embedded(encoder, torch.full(shape, level, device=device, dtype=dtype), frames)
         encoder_keys, encoder_values = [], []
+        large = torch.zeros(frames, dtype=torch.bool, device=hidden.device)
         for layer in encoder.layers:
+            norms = hidden[0].float().norm(dim=-1)
+            large |= norms > SINK_NORM * norms.median()
             attention = layer.self_attn
             normed = layer.self_attn_layer_norm(hidden)
             encoder_keys.append(_heads(attention, attention.k_proj(normed))[0].contiguous())
             encoder_values.append(_heads(attention, attention.v_proj(normed))[0].contiguous())
             hidden = layer(hidden, None)
+        norms = hidden[0].float().norm(dim=-1)
+        large |= norms > SINK_NORM * norms.median()
         states = cross_attention(model, encoder.layer_norm(hidden))
-        return cls(level, encoder_keys, encoder_values, [k[0] for k, _ in states], [v[0] for _, v in states])
+        return cls(
+            level,
+            large.nonzero()[:, 0].tolist(),
+            encoder_keys,
+            encoder_values,
+            [k[0] for k, _ in states],
+            [v[0] for _, v in states],
+        )
 
 
-def cross_attention(model: Any, encoded: Any, tails: list[Silence] | None = None) -> list[tuple[Any, Any]]:
+def cross_attention(model: Any, encoded: Any) -> list[tuple[Any, Any]]:
     """Each decoder layer's cross-attention keys and values (rows × heads × frames × head size)
-    for `encoded`; when it is shorter than the full window, each row's tail gives the rest."""
-    frames = encoded.shape[1]
+    for `encoded`: the encoder's output, or a `SizedEncoding`, whose rows continue with their
+    silences' keys and values as its padding frames correct them."""
+    sized = encoded if isinstance(encoded, SizedEncoding) else None
+    own = sized.encoded if sized else encoded
+    frames = own.shape[1]
     states: list[tuple[Any, Any]] = []
     for index, layer in enumerate(model.get_decoder().layers):
         attention = layer.encoder_attn
-        keys = _heads(attention, attention.k_proj(encoded))
-        values = _heads(attention, attention.v_proj(encoded))
-        if tails is not None and frames < tails[0].keys[index].shape[1]:
-            keys = _with_tail(keys, [t.keys[index] for t in tails])
-            values = _with_tail(values, [t.values[index] for t in tails])
+        keys = _heads(attention, attention.k_proj(own))
+        values = _heads(attention, attention.v_proj(own))
+        if sized is not None and frames < sized.spread.window:
+            padding_keys = _heads(attention, attention.k_proj(sized.padding))
+            padding_values = _heads(attention, attention.v_proj(sized.padding))
+            keys = sized.spread.join(keys, padding_keys, [t.keys[index] for t in sized.tails])
+            values = sized.spread.join(values, padding_values, [t.values[index] for t in sized.tails])
         states.append((keys.contiguous(), values.contiguous()))
     return states
 
