@@ -89,7 +89,7 @@ def encode_sized(
         return encoded if tails is None else SizedEncoding(encoded, encoded[:, :0], tails, Spread(frames, window, []))
     if sinks is None:
         sinks = sorted({p for t in tails for p in t.sinks})
-    spread = Spread.of(frames, window, stride, [p for p in sinks if p >= frames])
+    spread = Spread.of(frames, window, stride, [p for p in sinks if p >= frames], features.device)
     hidden = torch.cat([hidden, _embedded_at(encoder, features, spread.positions)], dim=1)
     length = hidden.shape[1]
     for index, layer in enumerate(encoder.layers):
@@ -114,20 +114,45 @@ def encode_sized(
 class Spread:
     """Which padding frames past `frames` a sized window computes (`positions`), and how their
     corrections are spread over the rest: linearly between the evenly spaced `anchors`; a sink
-    (a frame whose state is far larger than the others') keeps its own correction only."""
+    (a frame whose state is far larger than the others') keeps its own correction only. The
+    index tensors that `fill` uses are made once, on the window's device."""
 
     frames: int
     window: int
     positions: list[int]
     anchors: list[int] = field(default_factory=list)
+    _offsets: Any = None  # positions - frames
+    _anchored: Any = None  # where each anchor is among the positions
+    _lower: Any = None  # for each padding frame: the anchor before it, the one after, and the weight
+    _upper: Any = None
+    _weight: Any = None
 
     @classmethod
-    def of(cls, frames: int, window: int, stride: int, sinks: list[int]) -> Spread:
+    def of(cls, frames: int, window: int, stride: int, sinks: list[int], device: Any = None) -> Spread:
+        import torch
+
         sunk = set(sinks)
         anchors = [p for p in range(frames, window, stride) if p not in sunk]
         if window - 1 not in sunk and (not anchors or anchors[-1] != window - 1):
             anchors.append(window - 1)
-        return cls(frames, window, sorted(sunk | set(anchors)), anchors)
+        positions = sorted(sunk | set(anchors))
+        index = {p: i for i, p in enumerate(positions)}
+        padding = torch.arange(frames, window, dtype=torch.float32, device=device)
+        at = torch.tensor(anchors, dtype=torch.float32, device=device)
+        upper = torch.searchsorted(at, padding).clamp(min=min(1, len(anchors) - 1), max=len(anchors) - 1)
+        lower = (upper - 1).clamp(min=0)
+        span = (at[upper] - at[lower]).clamp(min=1)
+        return cls(
+            frames,
+            window,
+            positions,
+            anchors,
+            torch.tensor(positions, device=device) - frames,
+            torch.tensor([index[a] for a in anchors], device=device),
+            lower,
+            upper,
+            ((padding - at[lower]) / span).clamp(0, 1)[:, None],
+        )
 
     def join(self, own: Any, computed: Any, silences: list[Any]) -> Any:
         """Keys or values of a whole window: the sized frames' `own`, then the padding (`fill`)."""
@@ -138,33 +163,19 @@ class Spread:
     def fill(self, computed: Any, silences: list[Any]) -> Any:
         """The padding's keys or values (rows × heads × padding frames × head size): each row's
         silence's (`silences`, heads × window × head size), plus the correction the `computed`
-        frames (rows × heads × positions × head size) show there."""
+        frames (rows × heads × positions × head size) show there (constant before the first
+        anchor, linear between two)."""
         import torch
 
         silence = torch.stack([s[:, self.frames :] for s in silences])
         if not self.positions:
             return silence
-        offsets = torch.tensor(self.positions, device=computed.device) - self.frames
-        correction = computed - silence.index_select(2, offsets)
-        at = torch.tensor([self.positions.index(a) for a in self.anchors], device=computed.device)
-        spread = _interpolated(correction.index_select(2, at), self.anchors, self.frames, self.window)
-        spread.index_copy_(2, offsets, correction)
+        correction = computed - silence.index_select(2, self._offsets)
+        anchored = correction.index_select(2, self._anchored)
+        weight = self._weight.to(correction.dtype)
+        spread = anchored.index_select(2, self._lower) * (1 - weight) + anchored.index_select(2, self._upper) * weight
+        spread.index_copy_(2, self._offsets, correction)
         return silence + spread
-
-
-def _interpolated(values: Any, anchors: list[int], start: int, end: int) -> Any:
-    """`values` (rows × heads × anchors × size) at frames `anchors`, linearly interpolated over
-    frames start..end-1 (constant before the first anchor)."""
-    import torch
-
-    if len(anchors) == 1:
-        return values.expand(-1, -1, end - start, -1).clone()
-    frames = torch.arange(start, end, dtype=torch.float32, device=values.device)
-    at = torch.tensor(anchors, dtype=torch.float32, device=values.device)
-    upper = torch.searchsorted(at, frames).clamp(1, len(anchors) - 1)
-    lower = upper - 1
-    weight = ((frames - at[lower]) / (at[upper] - at[lower])).clamp(0, 1).to(values.dtype)[:, None]
-    return values.index_select(2, lower) * (1 - weight) + values.index_select(2, upper) * weight
 
 
 @dataclass(frozen=True, slots=True)
