@@ -520,7 +520,7 @@ def load_engine(settings: Settings) -> TranscriptionEngine:
         batch_max_size=settings.batch_max_size,
         batch_wait_ms=settings.batch_wait_ms,
         queue_max_size=settings.queue_max_size,
-        workers=None if settings.inference_workers == "auto" else settings.inference_workers,
+        workers=None,  # the backend's: INFERENCE_WORKERS resolved for its device (`worker_threads`)
         warmup=settings.warmup,
     )
 

@@ -167,9 +167,12 @@ class Spread:
         anchor, linear between two)."""
         import torch
 
-        silence = torch.stack([s[:, self.frames :] for s in silences])
+        if all(s is silences[0] for s in silences):  # one silence for every row: read, not copied per row
+            silence = silences[0][None, :, self.frames :]
+        else:
+            silence = torch.stack([s[:, self.frames :] for s in silences])
         if not self.positions:
-            return silence
+            return silence.expand(len(silences), -1, -1, -1)
         correction = computed - silence.index_select(2, self._offsets)
         anchored = correction.index_select(2, self._anchored)
         weight = self._weight.to(correction.dtype)
