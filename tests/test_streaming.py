@@ -358,25 +358,65 @@ def test_held_words_the_partials_keep_disagreeing_on_are_final_once_settled() ->
     held_utterance(policy)  # "hello there." held, ending at 1.3 s
     policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
     hypotheses = [
-        (("hello", 0.3, 0.6), ("their", 0.7, 1.0), ("how", 2.6, 2.8)),
-        (("hello", 0.3, 0.6), ("there", 0.7, 1.05), ("how", 2.6, 2.8), ("are", 2.9, 3.1)),
-        (("hello", 0.3, 0.6), ("their", 0.7, 1.05), ("how", 2.6, 2.8), ("are", 2.9, 3.1), ("you", 3.2, 3.4)),
+        (0.5, (("hello", 0.3, 0.6), ("their", 0.7, 1.0), ("how", 2.6, 2.8))),
+        (0.2, (("hello", 0.3, 0.6), ("there", 0.7, 1.05), ("how", 2.6, 2.8), ("are", 2.9, 3.1))),
+        (0.3, (("hello", 0.3, 0.6), ("their", 0.7, 1.05), ("how", 2.6, 2.8), ("are", 2.9, 3.1), ("you", 3.2, 3.4))),
     ]
     sent = []
-    for step, words in enumerate(hypotheses):
-        if step:
-            policy.feed(np.zeros(RATE // 2, dtype=np.float32))
+    for step, (more_s, words) in enumerate(hypotheses):
+        policy.feed(np.zeros(round(more_s * RATE), dtype=np.float32))
         window = policy.next_window(now=10.0 * step)
         assert window is not None and (window.kind, window.start) == ("partial", int(0.3 * RATE))
         sent.append([(o.is_final, o.text) for o in policy.accept(window, result(*words))])
     assert sent == [
-        [(False, "hello their how")],  # heard to 3.0 s
-        [(False, "hello there how are")],  # to 3.5 s: not yet 2.5 s past 1.3 s
+        [(False, "hello their how")],  # heard to 3.5 s
+        [(False, "hello there how are")],  # to 3.7 s: not yet 2.5 s past 1.3 s
         [(True, "hello their"), (False, "how are you")],  # to 4.0 s
     ]
     policy.feed(np.zeros(RATE // 2, dtype=np.float32))
     window = policy.next_window(now=30.0)
     assert window is not None and window.prefix == "hello their"
+
+
+def test_held_words_get_the_partials_they_wait_for_whatever_the_cadence() -> None:
+    """Partials spaced an hour apart: the held "hello there." (ending at 1.3 s) still gets a partial
+    once the speech that follows has gone on for HELD_ALIKE_S after its pre-roll (3.5 s; none
+    before, as a partial of less would not hear that speech after them), and another once
+    COMMIT_DELAY_S has passed after them (3.8 s); none in between."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5, partial_interval_s=3600.0, max_partial_interval_s=3600.0)
+    held_utterance(policy)
+    policy.feed(np.zeros(RATE // 2, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
+    hypotheses = {
+        3.5: (("hello", 0.3, 0.6), ("their", 0.7, 1.0), ("how", 2.6, 2.8), ("are", 2.9, 3.1)),
+        3.8: (("hello", 0.3, 0.6), ("there", 0.7, 1.05), ("how", 2.6, 2.8), ("are", 2.9, 3.1), ("you", 3.2, 3.4)),
+    }
+    sent, due = [], []
+    for tenth in range(26, 41):  # 2.6 s to 4.0 s, a tenth at a time
+        policy.feed(np.zeros(RATE // 10, dtype=np.float32))
+        if policy.seconds_until_partial(now=100.0) == 0.0:
+            due.append(tenth / 10)
+        window = policy.next_window(now=100.0)
+        if window is not None:
+            assert window.kind == "partial" and window.end == tenth * RATE // 10
+            sent.append([(o.is_final, o.text) for o in policy.accept(window, result(*hypotheses[tenth / 10]))])
+    assert due == [3.5, 3.8]
+    assert sent == [
+        [(False, "hello their how are")],  # not heard alike: they wait
+        [(True, "hello there"), (False, "how are you")],  # 2.5 s past them: final as this partial heard them
+    ]
+
+
+def test_the_first_partial_of_an_utterance_waits_for_half_a_second_of_speech() -> None:
+    """Speech heard from 0.9 s (its pre-roll from 0.5 s): no partial of the pre-roll and the first
+    tenths of a second; the first one at 1.4 s, covering the pre-roll too."""
+    policy = UtterancePolicy(pad_s=0.4)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(0.9 * RATE))])
+    for _ in range(4):  # 1.0 s to 1.3 s
+        assert policy.next_window(now=10.0) is None and policy.seconds_until_partial(now=10.0) is None
+        policy.feed(np.zeros(RATE // 10, dtype=np.float32))
+    assert policy.seconds_until_partial(now=10.0) == 0.0
+    window = policy.next_window(now=10.0)
+    assert window is not None and (window.kind, window.start, window.end) == ("partial", RATE // 2, int(1.4 * RATE))
 
 
 HELLO, THERE = ("hello", 0.3, 0.6), ("there.", 0.7, 1.0)
@@ -750,32 +790,38 @@ def test_a_repeated_word_after_a_commit_is_kept_but_a_reheard_tail_is_not() -> N
 
 
 def test_the_partial_cadence_follows_the_round_trip_within_its_bounds() -> None:
-    """Twice the running round-trip estimate, never below the setting nor above the ceiling; a
-    refused partial backs off at once; a fast engine brings the interval back down."""
+    """Twice the running round-trip estimate while no words are shown, four times once a partial
+    shows words; never below the setting nor above the ceiling; a refused partial backs off at
+    once; a fast engine brings the intervals back down."""
     policy = UtterancePolicy(partial_interval_s=1.0, max_partial_interval_s=4.0)
     policy.partial_round_trip(0.2)
-    assert policy.partial_interval_s == 1.0  # fast: the setting stands
+    assert (policy.partial_interval_s, policy.refresh_interval_s) == (1.0, 1.0)  # fast: the setting stands
     policy.partial_round_trip(1.0)  # estimate 0.6 s
-    assert policy.partial_interval_s == pytest.approx(1.2)
+    assert (policy.partial_interval_s, policy.refresh_interval_s) == pytest.approx((1.2, 2.4))
     policy.partial_round_trip(None)  # refused: counted as a round trip of the current interval
-    assert policy.partial_interval_s == pytest.approx(1.8)
+    assert (policy.partial_interval_s, policy.refresh_interval_s) == pytest.approx((1.8, 3.6))
     for _ in range(10):
         policy.partial_round_trip(5.0)
-    assert policy.partial_interval_s == 4.0
+    assert (policy.partial_interval_s, policy.refresh_interval_s) == (4.0, 4.0)
     for _ in range(20):
         policy.partial_round_trip(0.1)
-    assert policy.partial_interval_s == 1.0
-    started = started_policy(partial_interval_s=1.0, max_partial_interval_s=4.0)
-    started.partial_round_trip(1.5)
+    assert (policy.partial_interval_s, policy.refresh_interval_s) == (1.0, 1.0)
+    started = started_policy(partial_interval_s=1.0, max_partial_interval_s=8.0)
+    started.partial_round_trip(1.0)  # 2 s while nothing is shown, 4 s once something is
     first = started.next_window(now=10.0)
     assert first is not None and first.kind == "partial"
-    started.accept(first, result(("a", 0.1, 0.4)))
+    started.accept(first, result(("a", 0.1, 0.4)))  # "a" is shown
     started.feed(np.full(RATE, 0.1, dtype=np.float32))
-    assert started.next_window(now=12.9) is None and started.seconds_until_partial(12.9) == pytest.approx(0.1)
-    assert started.next_window(now=13.0) is not None
+    assert started.next_window(now=13.5) is None and started.seconds_until_partial(13.5) == 0.5
+    second = started.next_window(now=14.0)
+    assert second is not None
+    started.accept(second, result())  # nothing heard: nothing shown
+    started.feed(np.full(RATE, 0.1, dtype=np.float32))
+    assert started.next_window(now=15.5) is None and started.seconds_until_partial(15.5) == 0.5
+    assert started.next_window(now=16.0) is not None
     slow = UtterancePolicy(partial_interval_s=3600.0, max_partial_interval_s=4.0)  # the ceiling is never below it
     slow.partial_round_trip(0.5)
-    assert slow.partial_interval_s == 3600.0
+    assert (slow.partial_interval_s, slow.refresh_interval_s) == (3600.0, 3600.0)
 
 
 def cut_and_finalize(policy: UtterancePolicy, heard: TranscriptionResult) -> list[SegmentText]:

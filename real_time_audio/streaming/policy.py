@@ -50,9 +50,15 @@ if TYPE_CHECKING:
     from real_time_audio.service import TranscriptionResult
 
 MIN_PARTIAL_S = 0.3  # too little new audio for a useful partial decode
+# An utterance's first partial waits for this much speech after its onset (the pre-roll before the
+# onset is not speech): a decode of the first tenth of a second of it hears nothing or a word.
+FIRST_PARTIAL_SPEECH_S = 0.5
 # A session's partials are spaced at least this many times their recent round trip (queue wait and
-# decode), so that under load each session asks for less and finals keep their pace.
+# decode), so that under load each session asks for less and finals keep their pace: while the
+# utterance shows no words yet, and (more widely) once a partial shows words, which later partials
+# only refresh.
 PARTIAL_COST_FACTOR = 2.0
+REFRESH_COST_FACTOR = 4.0
 PARTIAL_COST_SMOOTHING = 0.5  # weight of the newest round trip in the running estimate
 CONTEXT_GAP_S = 3.0  # a pause longer than this ends the sentence: the previous utterance's audio is let go
 # A word of a re-heard held utterance may end this much later than it did in the utterance's final.
@@ -122,6 +128,7 @@ class _Region:
 
     start: int
     end: int | None = None
+    onset: int = 0  # where the voice activity heard the speech begin (after the pre-roll)
 
 
 @dataclass(slots=True)
@@ -157,6 +164,7 @@ class UtterancePolicy:
         guards: GuardThresholds | None = None,
     ) -> None:
         self.partial_interval_s = partial_interval_s
+        self.refresh_interval_s = partial_interval_s
         self.base_partial_interval_s = partial_interval_s
         self.max_partial_interval_s = max(partial_interval_s, max_partial_interval_s or partial_interval_s)
         self.partial_cost_s = 0.0  # running estimate of a partial's round trip
@@ -254,7 +262,7 @@ class UtterancePolicy:
                 start = max(event.sample - self.pad, self._floor, self._buffer_start)
                 if self._regions and (previous := self._regions[-1]).end is not None and previous.end > start:
                     previous.end = max(start, previous.start)  # its tail ends where this pre-roll begins
-                self._regions.append(_Region(start))
+                self._regions.append(_Region(start, onset=event.sample))
                 if len(self._regions) == 1:
                     if self._carry_end is not None and start - self._carry_end > self.context_gap:
                         self._release_carry()
@@ -317,12 +325,7 @@ class UtterancePolicy:
                 return self._window(start, start + self.max_samples, "cap")
             if closing is not None:
                 return self._window(start, closing, "final")
-            if (
-                self.interim_results
-                and now - self._last_partial_at >= self.partial_interval_s
-                and self.received > self._last_partial_end
-                and self.received - max(start, region.start) >= MIN_PARTIAL_S * MODEL_SAMPLE_RATE
-            ):
+            if self._partial_ready() and (now - self._last_partial_at >= self._interval() or self._held_check_due()):
                 self._last_partial_at = now
                 return self._window(start, self.received, "partial")
             return None
@@ -343,7 +346,8 @@ class UtterancePolicy:
 
     def partial_round_trip(self, seconds: float | None) -> None:
         """How long the last partial took from request to result (None: the engine refused it as
-        too busy). The interval follows: twice the running estimate, within its bounds."""
+        too busy). The intervals follow: PARTIAL_COST_FACTOR and REFRESH_COST_FACTOR times the
+        running estimate, within their bounds."""
         if seconds is None:  # refused: as if it had taken the whole interval
             seconds = max(self.partial_cost_s, self.partial_interval_s)
         if self.partial_cost_s == 0.0:
@@ -352,18 +356,45 @@ class UtterancePolicy:
             self.partial_cost_s += PARTIAL_COST_SMOOTHING * (seconds - self.partial_cost_s)
         wanted = PARTIAL_COST_FACTOR * self.partial_cost_s
         self.partial_interval_s = min(self.max_partial_interval_s, max(self.base_partial_interval_s, wanted))
+        wanted = REFRESH_COST_FACTOR * self.partial_cost_s
+        self.refresh_interval_s = min(self.max_partial_interval_s, max(self.base_partial_interval_s, wanted))
+
+    def _interval(self) -> float:
+        """The spacing of partials now: wider while a partial shows words that the next would refresh."""
+        return self.refresh_interval_s if self._agreement.tail else self.partial_interval_s
 
     def seconds_until_partial(self, now: float) -> float | None:
         """How long until a partial decode may be due (None: nothing new to decode)."""
-        if (
-            not self.interim_results
-            or not self._regions
-            or self._regions[0].end is not None
-            or self.received <= self._last_partial_end
-            or self.received - max(self._decode_start, self._regions[0].start) < MIN_PARTIAL_S * MODEL_SAMPLE_RATE
-        ):
+        if not self._partial_ready() or self._regions[0].end is not None:
             return None  # new audio will wake the session
-        return max(0.0, self._last_partial_at + self.partial_interval_s - now)
+        if self._held_check_due():
+            return 0.0
+        return max(0.0, self._last_partial_at + self._interval() - now)
+
+    def _held_check_due(self) -> bool:
+        """Whether held words wait for a partial that no partial has yet made: one that has heard
+        HELD_ALIKE_S of the speech that follows them, or `settle_age_s` past them. Such a partial
+        is due at once, whatever the cadence, so that held words are never kept waiting by it."""
+        if not self._held or not self._regions:
+            return False
+        alike = self._regions[0].start + self.pad + round(HELD_ALIKE_S * MODEL_SAMPLE_RATE)
+        settled = self._sample(self._held[-1].end + self._agreement.settle_age_s)
+        return any(self._last_partial_end < at <= self.received for at in (alike, settled))
+
+    def _partial_ready(self) -> bool:
+        """Whether there is new audio enough for a partial of the current utterance: at least
+        MIN_PARTIAL_S past where the decode starts, and FIRST_PARTIAL_SPEECH_S past the onset.
+        Decoded after the previous utterance's audio, the first partial waits for the
+        UNHEARD_SPEECH_S that it takes to tell whether the model hears the new speech there (less
+        of it comes back with nothing new)."""
+        if not self.interim_results or not self._regions or self.received <= self._last_partial_end:
+            return False
+        region = self._regions[0]
+        heard = max(self._decode_start, region.start) + MIN_PARTIAL_S * MODEL_SAMPLE_RATE
+        first = region.onset + round(FIRST_PARTIAL_SPEECH_S * MODEL_SAMPLE_RATE)
+        if self._decode_start < region.start <= region.onset:  # a new utterance, after the previous one's audio
+            first = max(first, region.start + self.pad + round(UNHEARD_SPEECH_S * MODEL_SAMPLE_RATE))
+        return self.received >= max(heard, first)
 
     def settle(self, now: float, finalize_until: int | None = None) -> list[SegmentText]:
         """Finals due without a decode: held words whose wait is over (when finalizing, at once).
