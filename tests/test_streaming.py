@@ -406,6 +406,22 @@ def test_held_words_get_the_partials_they_wait_for_whatever_the_cadence() -> Non
     ]
 
 
+def test_a_refused_partial_that_held_words_waited_for_is_not_asked_again_at_once() -> None:
+    """The engine is too busy for the partial due at 3.5 s: the policy does not ask for it again
+    and again; the next one held words wait for (at 3.8 s) is asked for once its audio is there."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5, partial_interval_s=3600.0, max_partial_interval_s=3600.0)
+    held_utterance(policy)
+    policy.feed(np.zeros(int(1.5 * RATE), dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])  # to 3.5 s
+    window = policy.next_window(now=100.0)
+    assert window is not None and (window.kind, window.end) == ("partial", int(3.5 * RATE))
+    assert policy.accept(window, None) == []  # refused
+    policy.feed(np.zeros(RATE // 10, dtype=np.float32))
+    assert policy.next_window(now=100.0) is None and policy.seconds_until_partial(now=100.0) == pytest.approx(3600.0)
+    policy.feed(np.zeros(RATE // 5, dtype=np.float32))  # to 3.8 s
+    window = policy.next_window(now=100.0)
+    assert window is not None and (window.kind, window.end) == ("partial", int(3.8 * RATE))
+
+
 def test_the_first_partial_of_an_utterance_waits_for_half_a_second_of_speech() -> None:
     """Speech heard from 0.9 s (its pre-roll from 0.5 s): no partial of the pre-roll and the first
     tenths of a second; the first one at 1.4 s, covering the pre-roll too."""

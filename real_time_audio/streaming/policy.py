@@ -206,6 +206,7 @@ class UtterancePolicy:
         self._last_word_end = 0.0
         self._last_partial_at = -math.inf
         self._last_partial_end = 0
+        self._last_partial_asked = 0  # the end of the last partial window handed out, answered or not
         # Where the server stopped reading this stream (a shutdown) and whether speech was going on
         # there; and the point a client may resend from in another session (segment id, sample).
         self._cut: int | None = None
@@ -326,7 +327,7 @@ class UtterancePolicy:
             if closing is not None:
                 return self._window(start, closing, "final")
             if self._partial_ready() and (now - self._last_partial_at >= self._interval() or self._held_check_due()):
-                self._last_partial_at = now
+                self._last_partial_at, self._last_partial_asked = now, self.received
                 return self._window(start, self.received, "partial")
             return None
         return None
@@ -374,12 +375,14 @@ class UtterancePolicy:
     def _held_check_due(self) -> bool:
         """Whether held words wait for a partial that no partial has yet made: one that has heard
         HELD_ALIKE_S of the speech that follows them, or `settle_age_s` past them. Such a partial
-        is due at once, whatever the cadence, so that held words are never kept waiting by it."""
+        is due at once, whatever the cadence, so that held words are never kept waiting by it.
+        Once asked for, it is not asked for again should the engine refuse it (the cadence then
+        decides), so a full queue is never asked again and again."""
         if not self._held or not self._regions:
             return False
         alike = self._regions[0].start + self.pad + round(HELD_ALIKE_S * MODEL_SAMPLE_RATE)
         settled = self._sample(self._held[-1].end + self._agreement.settle_age_s)
-        return any(self._last_partial_end < at <= self.received for at in (alike, settled))
+        return any(self._last_partial_asked < at <= self.received for at in (alike, settled))
 
     def _partial_ready(self) -> bool:
         """Whether there is new audio enough for a partial of the current utterance: at least
