@@ -54,10 +54,12 @@ def final_texts(result: dict[str, Any]) -> list[str]:
 def test_sessions_are_isolated_and_batched(make_settings: Callable[..., Settings]) -> None:
     """N concurrent sessions with different audio each get exactly the text they get alone,
     and the engine ran batches larger than one to serve them."""
-    # No partial decodes: finals then depend only on the flush points, not on timing.
+    # No partial decodes (`interim_results` off; a long interval alone still lets the first one run,
+    # and whether its draft reaches a final decode depends on timing): finals then depend only on
+    # the flush points.
     settings = make_settings(batch_wait_ms=100, batch_max_size=8, partial_interval_ms=3_600_000)
     clips = [pcm16(speech_like(100 + i, 2.0 + 0.25 * i)) for i in range(N_SESSIONS)]
-    options = {"frame_bytes": 8000, "flush_every": 4}
+    options: dict[str, Any] = {"frame_bytes": 8000, "flush_every": 4, "config": {"interim_results": False}}
     with LiveServer(create_app(settings)) as server:
         alone = [run(stream_session(server.url, clip, **options)) for clip in clips]
         engine = server.app.state.server.engine

@@ -378,12 +378,20 @@ def test_held_words_the_partials_keep_disagreeing_on_are_final_once_settled() ->
     assert window is not None and window.prefix == "hello their"
 
 
+def stretched_policy() -> UtterancePolicy:
+    """Partials every 0.2 s as configured, stretched to an hour by a (very) busy engine."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5, partial_interval_s=0.2, max_partial_interval_s=3600.0)
+    policy.partial_round_trip(5000.0)
+    assert (policy.partial_interval_s, policy.refresh_interval_s) == (3600.0, 3600.0)
+    return policy
+
+
 def test_held_words_get_the_partials_they_wait_for_whatever_the_cadence() -> None:
-    """Partials spaced an hour apart: the held "hello there." (ending at 1.3 s) still gets a partial
-    once the speech that follows has gone on for HELD_ALIKE_S after its pre-roll (3.5 s; none
-    before, as a partial of less would not hear that speech after them), and another once
+    """The cadence stretched to an hour: the held "hello there." (ending at 1.3 s) still gets a
+    partial once the speech that follows has gone on for HELD_ALIKE_S after its pre-roll (3.5 s;
+    none before, as a partial of less would not hear that speech after them), and another once
     COMMIT_DELAY_S has passed after them (3.8 s); none in between."""
-    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5, partial_interval_s=3600.0, max_partial_interval_s=3600.0)
+    policy = stretched_policy()
     held_utterance(policy)
     policy.feed(np.zeros(RATE // 2, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
     hypotheses = {
@@ -393,9 +401,9 @@ def test_held_words_get_the_partials_they_wait_for_whatever_the_cadence() -> Non
     sent, due = [], []
     for tenth in range(26, 41):  # 2.6 s to 4.0 s, a tenth at a time
         policy.feed(np.zeros(RATE // 10, dtype=np.float32))
-        if policy.seconds_until_partial(now=100.0) == 0.0:
+        if policy.seconds_until_partial(now=tenth / 10) == 0.0:
             due.append(tenth / 10)
-        window = policy.next_window(now=100.0)
+        window = policy.next_window(now=tenth / 10)
         if window is not None:
             assert window.kind == "partial" and window.end == tenth * RATE // 10
             sent.append([(o.is_final, o.text) for o in policy.accept(window, result(*hypotheses[tenth / 10]))])
@@ -409,17 +417,30 @@ def test_held_words_get_the_partials_they_wait_for_whatever_the_cadence() -> Non
 def test_a_refused_partial_that_held_words_waited_for_is_not_asked_again_at_once() -> None:
     """The engine is too busy for the partial due at 3.5 s: the policy does not ask for it again
     and again; the next one held words wait for (at 3.8 s) is asked for once its audio is there."""
-    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5, partial_interval_s=3600.0, max_partial_interval_s=3600.0)
+    policy = stretched_policy()
     held_utterance(policy)
     policy.feed(np.zeros(int(1.5 * RATE), dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])  # to 3.5 s
-    window = policy.next_window(now=100.0)
+    window = policy.next_window(now=3.5)
     assert window is not None and (window.kind, window.end) == ("partial", int(3.5 * RATE))
     assert policy.accept(window, None) == []  # refused
     policy.feed(np.zeros(RATE // 10, dtype=np.float32))
-    assert policy.next_window(now=100.0) is None and policy.seconds_until_partial(now=100.0) == pytest.approx(3600.0)
+    assert policy.next_window(now=3.7) is None and policy.seconds_until_partial(now=3.7) == pytest.approx(3599.8)
     policy.feed(np.zeros(RATE // 5, dtype=np.float32))  # to 3.8 s
-    window = policy.next_window(now=100.0)
+    window = policy.next_window(now=3.8)
     assert window is not None and (window.kind, window.end) == ("partial", int(3.8 * RATE))
+
+
+def test_held_word_partials_keep_the_configured_interval() -> None:
+    """PARTIAL_INTERVAL_MS is the least spacing of partials, for the ones held words wait for too:
+    with an hour configured, the held words get none after the first partial of the utterance."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5, partial_interval_s=3600.0)
+    held_utterance(policy)
+    policy.feed(np.zeros(int(1.5 * RATE), dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])  # to 3.5 s
+    window = policy.next_window(now=3.5)
+    assert window is not None and window.kind == "partial"
+    policy.accept(window, result(("hello", 0.3, 0.6), ("their", 0.7, 1.0), ("how", 2.6, 2.8)))
+    policy.feed(np.zeros(RATE, dtype=np.float32))  # to 4.5 s: 2.5 s past the held words and more
+    assert policy.next_window(now=4.5) is None and policy.seconds_until_partial(now=4.5) == pytest.approx(3599.0)
 
 
 def test_the_first_partial_of_an_utterance_waits_for_half_a_second_of_speech() -> None:

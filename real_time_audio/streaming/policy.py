@@ -326,7 +326,10 @@ class UtterancePolicy:
                 return self._window(start, start + self.max_samples, "cap")
             if closing is not None:
                 return self._window(start, closing, "final")
-            if self._partial_ready() and (now - self._last_partial_at >= self._interval() or self._held_check_due()):
+            waited = now - self._last_partial_at
+            if self._partial_ready() and (
+                waited >= self._interval() or (waited >= self.base_partial_interval_s and self._held_check_due())
+            ):
                 self._last_partial_at, self._last_partial_asked = now, self.received
                 return self._window(start, self.received, "partial")
             return None
@@ -368,16 +371,15 @@ class UtterancePolicy:
         """How long until a partial decode may be due (None: nothing new to decode)."""
         if not self._partial_ready() or self._regions[0].end is not None:
             return None  # new audio will wake the session
-        if self._held_check_due():
-            return 0.0
-        return max(0.0, self._last_partial_at + self._interval() - now)
+        interval = self.base_partial_interval_s if self._held_check_due() else self._interval()
+        return max(0.0, self._last_partial_at + interval - now)
 
     def _held_check_due(self) -> bool:
         """Whether held words wait for a partial that no partial has yet made: one that has heard
         HELD_ALIKE_S of the speech that follows them, or `settle_age_s` past them. Such a partial
-        is due at once, whatever the cadence, so that held words are never kept waiting by it.
-        Once asked for, it is not asked for again should the engine refuse it (the cadence then
-        decides), so a full queue is never asked again and again."""
+        is due once the configured interval has passed, however far a busy server has stretched
+        the cadence, so that held words are not kept waiting by it. Once asked for, it is not
+        asked for again should the engine refuse it (the cadence then decides)."""
         if not self._held or not self._regions:
             return False
         alike = self._regions[0].start + self.pad + round(HELD_ALIKE_S * MODEL_SAMPLE_RATE)
