@@ -326,10 +326,7 @@ class UtterancePolicy:
                 return self._window(start, start + self.max_samples, "cap")
             if closing is not None:
                 return self._window(start, closing, "final")
-            waited = now - self._last_partial_at
-            if self._partial_ready() and (
-                waited >= self._interval() or (waited >= self.base_partial_interval_s and self._held_check_due())
-            ):
+            if self._partial_wait(now) == 0.0:
                 self._last_partial_at, self._last_partial_asked = now, self.received
                 return self._window(start, self.received, "partial")
             return None
@@ -369,8 +366,15 @@ class UtterancePolicy:
 
     def seconds_until_partial(self, now: float) -> float | None:
         """How long until a partial decode may be due (None: nothing new to decode)."""
-        if not self._partial_ready() or self._regions[0].end is not None:
-            return None  # new audio will wake the session
+        if not self._regions or self._regions[0].end is not None:
+            return None
+        return self._partial_wait(now)
+
+    def _partial_wait(self, now: float) -> float | None:
+        """Seconds until the next partial (0: due now; None: not enough new audio, which will wake
+        the session). The one held words wait for keeps only the configured interval."""
+        if not self._partial_ready():
+            return None
         interval = self.base_partial_interval_s if self._held_check_due() else self._interval()
         return max(0.0, self._last_partial_at + interval - now)
 
