@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     """Worker threads sharing the model, each running its own batches; auto: 1 on a GPU, 2 on the CPU."""
     inference_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
     """On the CPU, torch threads per inference worker; auto: one per core, shared among the workers."""
+    preempt_partials: bool | Literal["auto"] = "auto"
+    """Finals never wait for partials (they stop a running batch of partials, and never share one); auto: on the CPU."""
     max_sessions: Annotated[int, Field(ge=1)] | Literal["auto"] = 32
     """Concurrent sessions (uploads and echo loops too); the next gets 1013. `auto`: measured at start-up."""
     max_frame_bytes: int = Field(1024 * 1024, ge=1024, le=UVICORN_WS_MAX_SIZE)

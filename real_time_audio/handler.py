@@ -608,8 +608,8 @@ class Session:
             result = await self.engine.transcribe(request)
             if not window.is_final:
                 self.pipeline.policy.partial_round_trip(time.monotonic() - asked)
-        except QueueFullError:
-            self.log.debug("partial skipped: queue full")
+        except QueueFullError as exc:  # refused, or stopped for a final (PartialPreemptedError)
+            self.log.debug("partial skipped: %s", exc)
             self.pipeline.policy.partial_round_trip(None)
         except EngineUnavailableError as exc:
             self._status = "engine_unavailable"

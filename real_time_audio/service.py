@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import math
 import threading
@@ -57,6 +58,7 @@ class BatchReport:
     seconds: float  # wall time of the model call
     audio_seconds: float  # audio in the batch
     kinds: list[str]  # "final" or "partial", per job
+    preempted: bool = False  # a batch of partials stopped for a final: its jobs got no result
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,6 +123,17 @@ class EngineUnavailableError(EngineError):
     """The engine is stopped, still starting, or dead."""
 
 
+class PartialPreemptedError(QueueFullError):
+    """A partial job gave its worker up to a final that would otherwise have waited for it.
+
+    Handled as a partial refused for load: the session skips it and spaces its partials wider.
+    """
+
+
+class Interrupted(Exception):
+    """Raised by a backend that stops a batch because the engine asked it to (see `Backend`)."""
+
+
 @dataclass(slots=True)
 class TranscriptionRequest:
     """One piece of 16 kHz mono audio to transcribe, with the options that decide its batch."""
@@ -172,6 +185,18 @@ class Backend(Protocol):
     def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]: ...
 
 
+# A backend whose `transcribe_batch` also takes `interrupt` (a callable that turns true when the
+# engine wants the worker back) and raises `Interrupted` soon after it does, and whose
+# `preempt_partials` is true, lets a final take the worker of a batch of partials at once: on a
+# CPU, where one decode holds a core for a third of a second, a final that finds every worker busy
+# would otherwise wait for one of them.
+
+
+def takes_interrupt(backend: Backend) -> bool:
+    """Whether `backend.transcribe_batch` takes `interrupt` (see below)."""
+    return "interrupt" in inspect.signature(backend.transcribe_batch).parameters
+
+
 def is_fatal(exc: BaseException) -> bool:
     """Errors after which the device cannot be trusted (the process must be restarted)."""
     text = str(exc)
@@ -207,6 +232,16 @@ class JobQueue:
         self._partials: deque[_Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
+        self._idle = 0  # workers waiting for a first job
+        # Finals and partials never share a batch: on a CPU a batch costs about the sum of its rows,
+        # so a final batched with partials would wait for them (set by the engine with `preempt`).
+        self.separate_finals = False
+
+    @property
+    def idle(self) -> int:
+        """Workers waiting for a job now (a final queued now starts at once when there is one)."""
+        with self._ready:
+            return self._idle
 
     def __len__(self) -> int:
         with self._ready:
@@ -236,8 +271,10 @@ class JobQueue:
                 jobs.clear()
                 jobs.extend(live)
 
-    def _pop(self, key: str | None) -> _Job | None:
-        for jobs in (self._finals, self._partials):
+    def _pop(self, key: str | None, final: bool | None = None) -> _Job | None:
+        """The first waiting job (finals first) with batch key `key`, of kind `final` (any: None)."""
+        kinds = {None: (self._finals, self._partials), True: (self._finals,), False: (self._partials,)}[final]
+        for jobs in kinds:
             for job in jobs:
                 if key is None or job.request.batch_key == key:
                     jobs.remove(job)
@@ -253,14 +290,19 @@ class JobQueue:
             while not (self._finals or self._partials):
                 if self._closed:
                     return None
-                self._ready.wait()
+                self._idle += 1
+                try:
+                    self._ready.wait()
+                finally:
+                    self._idle -= 1
             first = self._pop(None)
             assert first is not None
             batch = [first]
             key = first.request.batch_key
+            kind = first.request.is_final if self.separate_finals else None
             deadline = time.monotonic() + wait_s
             while len(batch) < max_size:
-                job = self._pop(key)
+                job = self._pop(key, kind)
                 if job is not None:
                     batch.append(job)
                     continue
@@ -281,6 +323,15 @@ class JobQueue:
             return left
 
 
+@dataclass(slots=True, eq=False)
+class _Running:
+    """The batch one worker is running: whether a final may take its worker, and the flag that asks."""
+
+    partials_only: bool
+    started: float
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
 @dataclass
 class EngineStats:
     """Counters for tests, logs and (later) metrics. Updated by worker threads."""
@@ -291,6 +342,7 @@ class EngineStats:
     jobs_failed: int = 0
     jobs_dropped: int = 0  # their session left before a worker reached them
     partials_skipped: int = 0
+    partials_preempted: int = 0  # stopped part-way so that a final could have their worker
     model_seconds: float = 0.0
     audio_seconds: float = 0.0
 
@@ -322,6 +374,8 @@ class TranscriptionEngine:
         self._lock = threading.Lock()
         self.on_batch: Callable[[BatchReport], None] | None = None  # metrics; called by the workers
         self.capacity: Capacity | None = None  # measured (MAX_SESSIONS=auto)
+        self.preempt = False  # finals may stop batches of partials (the backend's `preempt_partials`)
+        self._running: dict[int, _Running] = {}  # per worker index, while it runs a batch
 
     @property
     def model_id(self) -> str:
@@ -366,8 +420,10 @@ class TranscriptionEngine:
             logger.info("warm-up inference took %.2f s", time.perf_counter() - started)
         if self.workers is None:
             self.workers = int(getattr(self.backend, "workers", 1))
+        self.preempt = bool(getattr(self.backend, "preempt_partials", False)) and takes_interrupt(self.backend)
+        self.queue.separate_finals = self.preempt
         for index in range(self.workers):
-            thread = threading.Thread(target=self._worker, name=f"inference-{index}", daemon=True)
+            thread = threading.Thread(target=self._worker, args=(index,), name=f"inference-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
         self.ready = True
@@ -404,13 +460,30 @@ class TranscriptionEngine:
             with self._lock:
                 self.stats.partials_skipped += 1
             raise
+        if request.is_final and self.preempt:
+            self._make_room_for_final()
         return job.future
+
+    def _make_room_for_final(self) -> None:
+        """A final was queued. When no worker is free for it and no worker has been asked already
+        for each final waiting, the batch of partials that started last (the least work lost) is
+        asked to stop, and its worker takes the final next (finals are taken first)."""
+        if self.queue.idle:
+            return
+        finals, _ = self.queue.depth()
+        with self._lock:
+            running = list(self._running.values())
+            if sum(1 for r in running if r.stop.is_set()) >= finals:
+                return
+            candidates = [r for r in running if r.partials_only and not r.stop.is_set()]
+            if candidates:
+                max(candidates, key=lambda r: r.started).stop.set()
 
     async def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
         """Submit and await; cancelling the await cancels the job if no worker has started it."""
         return await asyncio.wrap_future(self.submit(request))
 
-    def _worker(self) -> None:
+    def _worker(self, index: int = 0) -> None:
         prepare = getattr(self.backend, "prepare_worker", None)
         if prepare is not None:
             prepare()
@@ -421,7 +494,14 @@ class TranscriptionEngine:
                     self.stats.jobs_dropped += len(batch) - len(live)
                 if live:
                     started, waited = time.perf_counter(), time.monotonic()
-                    self._run(live)
+                    running = _Running(not any(job.request.is_final for job in live), waited)
+                    with self._lock:
+                        self._running[index] = running
+                    try:
+                        preempted = self._run(live, running.stop if running.partials_only else None)
+                    finally:
+                        with self._lock:
+                            del self._running[index]
                     if self.on_batch is not None:
                         self.on_batch(
                             BatchReport(
@@ -430,17 +510,29 @@ class TranscriptionEngine:
                                 seconds=time.perf_counter() - started,
                                 audio_seconds=sum(job.request.duration for job in live),
                                 kinds=["final" if job.request.is_final else "partial" for job in live],
+                                preempted=preempted,
                             )
                         )
         except BaseException as exc:  # the worker itself broke: nothing can be trusted
             logger.exception("worker %s crashed", threading.current_thread().name)
             self._die(f"worker {threading.current_thread().name} crashed: {exc!r}")
 
-    def _run(self, jobs: list[_Job]) -> None:
+    def _run(self, jobs: list[_Job], stop: threading.Event | None = None) -> bool:
+        """Run one batch and settle its jobs' futures; True when it was stopped for a final."""
         assert self.backend is not None
         started = time.perf_counter()
         try:
-            results = self.backend.transcribe_batch([job.request for job in jobs])
+            if stop is not None and takes_interrupt(self.backend):
+                results = self.backend.transcribe_batch([job.request for job in jobs], interrupt=stop.is_set)  # type: ignore[call-arg]
+            else:
+                results = self.backend.transcribe_batch([job.request for job in jobs])
+        except Interrupted:
+            with self._lock:
+                self.stats.partials_preempted += len(jobs)
+                self.stats.model_seconds += time.perf_counter() - started  # spent, though nothing came of it
+            for job in jobs:
+                job.future.set_exception(PartialPreemptedError("a final took this partial's worker"))
+            return True
         except Exception as exc:
             if len(jobs) > 1 and not is_fatal(exc):
                 # One bad row must not fail its neighbours: run each job alone, so that only the
@@ -453,7 +545,7 @@ class TranscriptionEngine:
                     with self._lock:  # an earlier retry found the device broken
                         self.stats.jobs_failed += 1
                     job.future.set_exception(EngineUnavailableError(self.dead_reason))
-                return
+                return False
             if len(jobs) == 1:
                 logger.exception("job of session %s failed", jobs[0].request.session_id)
             else:
@@ -464,7 +556,7 @@ class TranscriptionEngine:
                 self._die(f"device failure: {exc}")
             for job in jobs:
                 job.future.set_exception(exc)
-            return
+            return False
         elapsed = time.perf_counter() - started
         with self._lock:
             self.stats.batches += 1
@@ -474,6 +566,7 @@ class TranscriptionEngine:
             self.stats.audio_seconds += sum(job.request.duration for job in jobs)
         for job, result in zip(jobs, results, strict=True):
             job.future.set_result(result)
+        return False
 
     def _die(self, reason: str) -> None:
         """Mark the engine dead: /ready turns 503 and every waiting job fails."""

@@ -222,9 +222,9 @@ def test_rows_heard_in_different_windows_share_a_batch(checkpoint_dir: Path, mon
     windows: list[tuple[int, float]] = []
     encode = backend._cross_attention
 
-    def spy(features: torch.Tensor, window_s: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def spy(features: torch.Tensor, window_s: float, interrupt: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
         windows.append((len(features), window_s))
-        return encode(features, window_s)
+        return encode(features, window_s, interrupt)  # type: ignore[arg-type]
 
     monkeypatch.setattr(backend, "_cross_attention", spy)
     together = [r.text for r in backend.transcribe_batch(requests)]

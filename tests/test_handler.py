@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from main import create_app
 from real_time_audio.config import Settings
-from real_time_audio.service import TranscriptionEngine, TranscriptionRequest, TranscriptionResult
+from real_time_audio.service import Interrupted, TranscriptionEngine, TranscriptionRequest, TranscriptionResult
 from tests.burst_speech import RATE, VOCABULARY, BurstTranscriber, EnergyScorer, burst, speech_block
 from tests.conftest import (
     LiveServer,
@@ -320,3 +320,47 @@ def test_burst_speech_through_the_server_is_transcribed_exactly(make_settings: C
     assert messages[-1]["text"] == " ".join(w.text for w in spoken)
     assert any(not m["is_final"] for m in messages if m["type"] == "transcription")
     assert max(model.window_seconds) <= 30.0
+
+
+class PreemptedEveryOtherPartial(BurstTranscriber):
+    """The burst model, with every other batch of partials stopped part-way (as a final would stop it)."""
+
+    preempt_partials = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partial_batches = 0
+
+    def transcribe_batch(  # type: ignore[override]
+        self, requests: Sequence[TranscriptionRequest], interrupt: Callable[[], bool] | None = None
+    ) -> list[TranscriptionResult]:
+        if not any(r.is_final for r in requests):
+            self.partial_batches += 1
+            if self.partial_batches % 2:
+                raise Interrupted
+        return super().transcribe_batch(requests)
+
+
+def test_preempted_partials_are_skipped_without_a_word_lost(make_settings: Callable[..., Settings]) -> None:
+    """A partial stopped for a final is skipped like one refused for load: the client gets no error,
+    partials still come, and the finals are exactly the spoken words."""
+    settings = make_settings(vad="silero", partial_interval_ms=100)
+    audio, spoken = speech_block(seed=12, seconds=40.0)
+    model = PreemptedEveryOtherPartial()
+    engines: list[TranscriptionEngine] = []
+
+    def engine_factory(_: Settings) -> TranscriptionEngine:
+        engines.append(TranscriptionEngine(lambda: model, warmup=False, batch_wait_ms=0))
+        return engines[-1]
+
+    app = create_app(settings, engine_factory=engine_factory, vad_factory=EnergyScorer)
+    with TestClient(app) as client, client.websocket_connect("/ws/transcribe") as ws:
+        ws.receive_json()
+        send_paced(ws, pcm16(audio), 16000, pause_s=0.05)
+        ws.send_text("END")
+        messages = receive_until(ws, is_status("completed"))
+    assert [m for m in messages if m["type"] == "error"] == []
+    assert [w["word"] for m in finals(messages) for w in m["words"]] == [w.text for w in spoken]
+    assert any(not m["is_final"] for m in messages if m["type"] == "transcription")
+    assert engines[0].preempt
+    assert engines[0].stats.partials_preempted == (model.partial_batches + 1) // 2 >= 3

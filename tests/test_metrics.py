@@ -8,11 +8,14 @@ from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from main import create_app
 from real_time_audio.config import Settings
 from real_time_audio.ops.logs import JsonFormatter, RedactSecrets, TextFormatter, escape_controls, redact
+from real_time_audio.ops.metrics import Metrics
+from real_time_audio.service import BatchReport
 from tests.conftest import finals, pcm16, receive_until, speech_like
 from tests.test_routes import end_session
 
@@ -100,8 +103,26 @@ def test_metrics_describe_sessions_engine_and_errors(make_settings: Callable[...
     assert after[("rta_real_time_factor", ())] == pytest.approx(rtf, rel=1e-9)
     assert after[("rta_partials_skipped_total", ())] == stats.partials_skipped == 0
     assert after[("rta_speech_decoded_again_total", ())] == 0
+    assert after[("rta_partials_preempted_total", ())] == stats.partials_preempted == 0
     assert after[("rta_queue_depth", (("kind", "final"),))] == 0
     assert after[("rta_draining", ())] == 0
+
+
+def test_a_preempted_batch_counts_its_time_but_not_its_audio() -> None:
+    """A batch of partials stopped for a final: its model time was spent, its audio not decoded."""
+    metrics = Metrics()
+    metrics.observe_batch(BatchReport(2, [0.1, 0.2], 0.5, 6.0, ["partial", "partial"], preempted=True))
+    metrics.observe_batch(BatchReport(1, [0.0], 0.25, 3.0, ["final"]))
+    values = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for sample in family.samples
+    }
+    assert values[("rta_partials_preempted_total", ())] == 2
+    assert values[("rta_model_seconds_total", ())] == 0.75
+    assert values[("rta_audio_decoded_seconds_total", ())] == 3.0
+    assert values[("rta_batch_size_count", ())] == 2
+    assert metrics.real_time_factor() == 0.25
 
 
 def test_log_lines_carry_the_session_id() -> None:

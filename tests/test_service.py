@@ -18,7 +18,9 @@ from real_time_audio.config import Settings
 from real_time_audio.service import (
     Capacity,
     EngineUnavailableError,
+    Interrupted,
     JobQueue,
+    PartialPreemptedError,
     QueueFullError,
     TranscriptionEngine,
     TranscriptionRequest,
@@ -83,6 +85,17 @@ def test_finals_are_served_before_partials() -> None:
     batch = queue.take_batch(max_size=10, wait_s=0)
     assert batch is not None
     assert [j.request.session_id for j in batch] == ["f1", "f2", "p1", "p2"]
+
+
+def test_finals_and_partials_can_be_kept_in_separate_batches() -> None:
+    """With `separate_finals` (the engine sets it where finals preempt partials) a batch holds
+    finals only or partials only, so a final never waits for partials batched with it."""
+    queue = JobQueue(maxsize=10)
+    queue.separate_finals = True
+    for session, final in [("p1", False), ("f1", True), ("p2", False), ("f2", True)]:
+        queue.put(job(request(final=final, session=session)))
+    batches = [queue.take_batch(max_size=10, wait_s=0) for _ in range(2)]
+    assert [[j.request.session_id for j in b or []] for b in batches] == [["f1", "f2"], ["p1", "p2"]]
 
 
 def test_full_queue_refuses_partials_but_never_finals() -> None:
@@ -239,6 +252,78 @@ def test_device_failure_kills_the_engine() -> None:
         engine.stop()
 
 
+class InterruptibleBackend(RecordingBackend):
+    """Test double: every batch runs until `release` is set, or, when the engine passes
+    `interrupt`, until that turns true (then it raises `Interrupted`, as the Whisper backend does)."""
+
+    preempt_partials = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.stopped: list[list[str]] = []
+
+    def transcribe_batch(  # type: ignore[override]
+        self, requests: Sequence[TranscriptionRequest], interrupt: Callable[[], bool] | None = None
+    ) -> list[TranscriptionResult]:
+        sessions = [r.session_id for r in requests]
+        self.entered.set()
+        deadline = time.monotonic() + 10
+        while not self.release.wait(0.005) and time.monotonic() < deadline:
+            if interrupt is not None and interrupt():
+                self.stopped.append(sessions)
+                raise Interrupted
+        self.batches.append(sessions)
+        return [TranscriptionResult(text=s, language="en", tokens=1) for s in sessions]
+
+
+def test_a_final_takes_the_worker_of_a_running_partial() -> None:
+    """With every worker busy on partials, a final stops the one that started last and runs next;
+    the stopped partial is refused as under load (PartialPreemptedError, a QueueFullError)."""
+    backend = InterruptibleBackend()
+    engine = engine_with(backend, workers=1, batch_wait_ms=0)
+    try:
+        assert engine.preempt
+        partial = engine.submit(request(final=False, session="p1"))
+        assert backend.entered.wait(5)
+        final = engine.submit(request(final=True, session="f1"))
+        with pytest.raises(PartialPreemptedError):
+            partial.result(timeout=5)
+        backend.release.set()
+        assert final.result(timeout=5).text == "f1"
+        assert backend.stopped == [["p1"]]
+        assert backend.batches == [["f1"]]
+        assert engine.stats.partials_preempted == 1
+        assert engine.stats.jobs_completed == 1
+        assert issubclass(PartialPreemptedError, QueueFullError)
+    finally:
+        backend.release.set()
+        engine.stop()
+
+
+@pytest.mark.parametrize("case", ["free worker", "batch with a final", "preemption off"])
+def test_a_final_waits_when_preempting_would_not_help_or_is_off(case: str) -> None:
+    """No partial is stopped when a worker is free for the final, when the running batch holds a
+    final itself, or when the backend does not allow it (PREEMPT_PARTIALS=false)."""
+    backend = InterruptibleBackend()
+    if case == "preemption off":
+        backend.preempt_partials = False
+    engine = engine_with(backend, workers=2 if case == "free worker" else 1, batch_wait_ms=0)
+    try:
+        first = engine.submit(request(final=case == "batch with a final", session="first"))
+        assert backend.entered.wait(5)
+        final = engine.submit(request(final=True, session="f1"))
+        time.sleep(0.2)
+        assert backend.stopped == [] and not first.done()
+        backend.release.set()
+        assert first.result(timeout=5).text == "first"
+        assert final.result(timeout=5).text == "f1"
+        assert engine.stats.partials_preempted == 0
+    finally:
+        backend.release.set()
+        engine.stop()
+
+
 @pytest.fixture(scope="module")
 def backend(checkpoint_dir: Path) -> WhisperBackend:
     return WhisperBackend.load(Settings(transcription_model_id=str(checkpoint_dir), warmup=False))
@@ -251,6 +336,30 @@ def test_batched_results_equal_single_results(backend: WhisperBackend) -> None:
     together = [r.text for r in backend.transcribe_batch([TranscriptionRequest(audio=c) for c in clips])]
     assert together == alone
     assert len(set(alone)) == len(alone), alone
+
+
+def test_the_whisper_backend_stops_between_model_calls_when_interrupted(backend: WhisperBackend) -> None:
+    """`interrupt` is polled before each encoder layer and decoder step: true at once, or only
+    after some calls, raises Interrupted; never true gives exactly the uninterrupted result."""
+    clip = TranscriptionRequest(audio=speech_like(21, 3.0), is_final=False)
+    plain = backend.transcribe_batch([clip])[0]
+    polls: list[int] = []
+
+    def after(calls: int) -> Callable[[], bool]:
+        def interrupt() -> bool:
+            polls.append(calls)
+            return len([p for p in polls if p == calls]) > calls
+
+        return interrupt
+
+    with pytest.raises(Interrupted):
+        backend.transcribe_batch([clip], interrupt=lambda: True)
+    with pytest.raises(Interrupted):
+        backend.transcribe_batch([clip], interrupt=after(6))  # in the decoder (tiny: 4 encoder layers)
+    assert polls.count(6) == 7
+    unasked = backend.transcribe_batch([clip], interrupt=after(10_000))[0]
+    assert (unasked.text, unasked.tokens) == (plain.text, plain.tokens)
+    assert 4 + 2 < polls.count(10_000) < 10_000  # every layer and step asked
 
 
 def test_rows_with_different_prompts_and_languages_share_a_batch(backend: WhisperBackend) -> None:

@@ -350,6 +350,26 @@ def test_speech_resuming_within_the_hold_decodes_the_held_words_again_with_what_
     assert [(o.is_final, o.text, o.segment_id) for o in policy.settle(now=0.0)] == [(True, "how are you?", 1)]
 
 
+@pytest.mark.parametrize(("resumed_s", "held"), [(2.8, True), (3.2, False)])
+def test_whether_held_words_wait_depends_on_when_the_speaker_went_on_not_on_the_decode(
+    resumed_s: float, held: bool
+) -> None:
+    """The final decode of "hello there." (speech ended at 1.5 s, hold 1.5 s) comes back only at
+    3.5 s, after the speaker has gone on. Speech that resumed inside the hold (2.8 s) keeps the
+    words for the next decode; speech that resumed after it (3.2 s) does not: they are final at
+    once, as on a server whose decode had come back sooner."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final"
+    policy.feed(np.zeros(RATE + RATE // 2, dtype=np.float32), [SpeechEvent("start", int(resumed_s * RATE))])
+    out = policy.accept(window, result(("hello", 0.3, 0.6), ("there.", 0.7, 1.0)))
+    assert [(o.is_final, o.text) for o in out] == [(False, "hello there.")]
+    out = policy.settle(now=0.0)
+    assert [(o.is_final, o.text, o.segment_id) for o in out] == ([] if held else [(True, "hello there.", 0)])
+
+
 def test_held_words_the_partials_keep_disagreeing_on_are_final_once_settled() -> None:
     """The speaker goes on after a pause, and the partials keep hearing the held words differently
     ("their", "there", "their"): once a partial has heard COMMIT_DELAY_S (2.5 s) past them, they are

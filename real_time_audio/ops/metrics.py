@@ -92,6 +92,11 @@ class Metrics:
             "and that speech was decoded again on its own.",
             registry=registry,
         )
+        self.preempted = Counter(
+            "rta_partials_preempted",
+            "Partial decodes stopped part-way so that a final could have their worker at once.",
+            registry=registry,
+        )
         self.errors = Counter("rta_errors", "Error messages sent to clients, by code.", ["code"], registry=registry)
         self.sessions_ended = Counter(
             "rta_sessions_ended", "Sessions that ended, by final status.", ["status"], registry=registry
@@ -109,11 +114,14 @@ class Metrics:
         self.inference.observe(report.seconds)
         for wait, kind in zip(report.queue_waits, report.kinds, strict=True):
             self.queue_wait.labels(kind).observe(wait)
-        self.audio_decoded.inc(report.audio_seconds)
         self.model_time.inc(report.seconds)
+        audio = 0.0 if report.preempted else report.audio_seconds  # stopped part-way: none of it was decoded
+        if report.preempted:
+            self.preempted.inc(report.size)
+        self.audio_decoded.inc(audio)
         now = time.monotonic()
         with self._lock:
-            self._recent.append((now, report.seconds, report.audio_seconds))
+            self._recent.append((now, report.seconds, audio))
             self._expire(now)
 
     def real_time_factor(self) -> float:

@@ -409,7 +409,8 @@ class UtterancePolicy:
         """Finals due without a decode: held words whose wait is over (when finalizing, at once).
 
         The wait ends after `hold_s` of silence in the audio or, should the audio stop coming,
-        `hold_s` of wall-clock time after it was first asked about here.
+        `hold_s` of wall-clock time after it was first asked about here. Speech that began only
+        after `hold_s` of silence does not keep them (however late their own decode came back).
         """
         if self._held:
             if self._held_deadline is None:
@@ -418,7 +419,8 @@ class UtterancePolicy:
             # them (its decode, due next, hears them again with what follows).
             finalizing = finalize_until is not None and (not self._regions or self._regions[0].start >= finalize_until)
             waited = now >= self._held_deadline or self.received >= self._held_until
-            if finalizing or (waited and not self._regions):
+            resumed_late = bool(self._regions) and self._regions[0].onset >= self._held_until
+            if finalizing or (waited and (not self._regions or resumed_late)):
                 self._release_held()
         return self._take_due()
 

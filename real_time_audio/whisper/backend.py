@@ -42,6 +42,7 @@ from real_time_audio.whisper.decoding import (
     FULL_WINDOW_S,
     MEL_FRAMES_PER_FRAME,
     Silence,
+    check,
     cross_attention,
     encode_sized,
     first_step,
@@ -133,6 +134,7 @@ class WhisperBackend:
         self.encoder_pad_s = encoder_pad_s
         self.workers = workers  # inference workers the engine should run
         self.threads = threads  # torch threads per inference worker on the CPU (0: torch's default)
+        self.preempt_partials = False  # a final may stop a batch of partials (the engine's `preempt`)
         self._silences: OrderedDict[int, Silence] = OrderedDict()  # tails of sized windows, by padding level
         self._silences_lock = threading.Lock()
         self._sinks: list[int] | None = None  # padding frames a sized window always computes
@@ -241,6 +243,8 @@ class WhisperBackend:
         )
         backend.location = location
         backend.quantization = quantization
+        preempt = settings.preempt_partials
+        backend.preempt_partials = device == "cpu" if preempt == "auto" else preempt
         if window != "full":  # at start-up, not in the first users' decodes
             backend._padding_sinks()
         return backend
@@ -300,8 +304,12 @@ class WhisperBackend:
         finally:
             self._forced_tokens = None
 
-    def transcribe_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResult]:
-        """One batched feature extraction, encoder pass and greedy decode for all requests (same task)."""
+    def transcribe_batch(
+        self, requests: Sequence[TranscriptionRequest], interrupt: Callable[[], bool] | None = None
+    ) -> list[TranscriptionResult]:
+        """One batched feature extraction, encoder pass and greedy decode for all requests (same
+        task). `interrupt`: the engine's request for this worker back; when it turns true, the
+        call raises `Interrupted` before its next model call (an encoder layer or decoder step)."""
         import torch
 
         features = self.processor.feature_extractor(
@@ -320,13 +328,14 @@ class WhisperBackend:
             for window_s, members in itertools.groupby(order, key=lambda i: windows[i]):
                 rows = list(members)
                 placed += rows
-                groups.append(self._cross_attention(input_features[rows], window_s))
+                groups.append(self._cross_attention(input_features[rows], window_s, interrupt))
             cross = join_rows(groups)
             if placed != list(range(len(requests))):
                 back = torch.tensor([placed.index(i) for i in range(len(requests))], device=self.device)
                 cross = [(k.index_select(0, back), v.index_select(0, back)) for k, v in cross]
             # One decoder step on <|startoftranscript|> gives both the no-speech probability and,
             # for rows without a language, the detected language.
+            check(interrupt)
             first = first_step(self.model, cross, self._sot)
             probabilities = first.softmax(dim=-1)
             no_speech = (
@@ -360,6 +369,7 @@ class WhisperBackend:
                 heads=generation.alignment_heads,
                 drafts=[self._text_ids(" " + r.draft)[:MAX_DRAFT_TOKENS] if r.draft else [] for r in requests],
                 forced_tokens=self._forced_tokens,
+                interrupt=interrupt,
             )
         frames = (features.attention_mask.sum(dim=-1) // MEL_FRAMES_PER_FRAME).tolist()  # encoder frames of each clip
         return [
@@ -380,13 +390,18 @@ class WhisperBackend:
         sized = self.encoder_window == "sized" or (self.encoder_window == "partials" and not request.is_final)
         return sized_window_s(request.duration, self.encoder_pad_s, WINDOW_BUCKET_S) if sized else FULL_WINDOW_S
 
-    def _cross_attention(self, features: Any, window_s: float) -> list[tuple[Any, Any]]:
+    def _cross_attention(
+        self, features: Any, window_s: float, interrupt: Callable[[], bool] | None = None
+    ) -> list[tuple[Any, Any]]:
         """Encode rows of mel features in a window of `window_s` seconds; their cross-attention states."""
+        check(interrupt)
         if window_s >= FULL_WINDOW_S:
             return cross_attention(self.model, self.model.get_encoder()(features).last_hidden_state)
         frames = round(window_s * FRAMES_PER_SECOND)
         tails = [self._silence_at(level) for level in padding_level(features)]
-        encoded = encode_sized(self.model.get_encoder(), features, frames, tails, sinks=self._padding_sinks())
+        encoded = encode_sized(
+            self.model.get_encoder(), features, frames, tails, sinks=self._padding_sinks(), interrupt=interrupt
+        )
         return cross_attention(self.model, encoded)
 
     def _padding_sinks(self) -> list[int]:

@@ -31,11 +31,14 @@ tokens at the first, as `generate` does for Whisper, and gives the same tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from real_time_audio.service import Interrupted
 
 FRAMES_PER_SECOND = 50  # encoder frames (after the stride-2 convolution)
 MEL_FRAMES_PER_FRAME = 2
@@ -43,6 +46,12 @@ FULL_WINDOW_S = 30.0
 DIGITAL_SILENCE_LEVEL = -1.5  # the padding level of a quiet window: (log10 of 1e-10, plus 4) / 4
 PADDING_STRIDE = 25  # a sized window computes every 25th padding frame (0.5 s) ...
 SINK_NORM = 3.0  # ... and every padding frame whose state is 3 times the median's size in some layer
+
+
+def check(interrupt: Callable[[], bool] | None) -> None:
+    """Raise `Interrupted` when the engine has asked for this worker back (between model calls)."""
+    if interrupt is not None and interrupt():
+        raise Interrupted
 
 
 def sized_window_s(longest_s: float, pad_s: float, bucket_s: float) -> float:
@@ -59,6 +68,7 @@ def encode_sized(
     tails: list[Silence] | None = None,
     stride: int = PADDING_STRIDE,
     sinks: list[int] | None = None,
+    interrupt: Callable[[], bool] | None = None,
 ) -> Any:
     """The encoder's output for the first `frames` encoder frames (all by default) of mel
     `features` (at most the encoder's 30 s window).
@@ -73,7 +83,7 @@ def encode_sized(
     layers with the row's own frames, and the difference between their keys and values and the
     silence's is spread over the padding between them. The frames computed depend only on
     `frames`, `stride` and `sinks`, so with fixed sinks a row's encoding does not depend on the
-    other rows of its batch."""
+    other rows of its batch. `interrupt` is checked between layers (`check`)."""
     import torch
 
     rows, window = features.shape[0], encoder.embed_positions.num_embeddings
@@ -84,6 +94,7 @@ def encode_sized(
     hidden = _embedded(encoder, features[..., : MEL_FRAMES_PER_FRAME * frames + 2], frames)
     if tails is None or frames == window:
         for layer in encoder.layers:
+            check(interrupt)
             hidden = layer(hidden, None)
         encoded = encoder.layer_norm(hidden)
         return encoded if tails is None else SizedEncoding(encoded, encoded[:, :0], tails, Spread(frames, window, []))
@@ -93,6 +104,7 @@ def encode_sized(
     hidden = torch.cat([hidden, _embedded_at(encoder, features, spread.positions)], dim=1)
     length = hidden.shape[1]
     for index, layer in enumerate(encoder.layers):
+        check(interrupt)
         attention = layer.self_attn
         normed = layer.self_attn_layer_norm(hidden)
         queries = _heads(attention, attention.q_proj(normed) * attention.scaling)
@@ -364,6 +376,7 @@ def greedy_decode(
     heads: list[list[int]],
     drafts: list[list[int]] | None = None,
     forced_tokens: int | None = None,
+    interrupt: Callable[[], bool] | None = None,
 ) -> list[Decoded]:
     """Greedy decoding of every row at once, one decoder call per step, until every row has
     written end-of-text or `max_new_tokens` tokens.
@@ -375,7 +388,7 @@ def greedy_decode(
     decoding would choose, adds the token chosen where they part, and goes on one step at a time
     from there. A good draft saves most steps; any draft gives the tokens greedy decoding gives.
     `forced_tokens`: every row writes exactly that many tokens (a capacity measurement; drafts
-    are then ignored).
+    are then ignored). `interrupt` is checked before every decoder call (`check`).
     """
     import torch
 
@@ -405,6 +418,7 @@ def greedy_decode(
     decoder = model.get_decoder()
     step = 0
     while True:
+        check(interrupt)
         out = decoder(
             input_ids=ids,
             attention_mask=mask,
