@@ -137,26 +137,38 @@ def offline_seconds(
     model: str, env: dict[str, str], clips: list[Clip], runs: list[dict[str, Any]], seconds: float
 ) -> None:
     """Time one offline pass over each run's audio (30 s windows, batches of OFFLINE_BATCH) with the
-    server's backend and settings, and set each run's `offline_model_s` and `efficiency`."""
+    server's backend and settings, as one of its inference workers runs it (the same torch threads:
+    `INFERENCE_THREADS`), and set each run's `offline_model_s` and `efficiency`."""
     from real_time_audio.config import load_settings
     from real_time_audio.service import TranscriptionRequest
     from real_time_audio.whisper.backend import WhisperBackend
 
     fields = {name.lower(): value for name, value in env.items() if name.lower() in SETTINGS_FIELDS}
     settings = load_settings(**{**fields, "transcription_model_id": str(faster_whisper_folder(model)), "warmup": False})
+    import torch
+
     backend = WhisperBackend.load(settings)
+    cores = torch.get_num_threads()
     step = int(WINDOW_S * RATE)
+
+    def timed(requests: list[TranscriptionRequest]) -> float:
+        backend.transcribe_batch(requests[:OFFLINE_BATCH])  # warm-up
+        started = time.perf_counter()
+        for offset in range(0, len(requests), OFFLINE_BATCH):
+            backend.transcribe_batch(requests[offset : offset + OFFLINE_BATCH])
+        return round(time.perf_counter() - started, 3)
+
     for summary in runs:
         windows = []
         for client in range(summary["clients"]):
             audio = client_speech(clips, client, seconds)[0]
             windows += [audio[offset : offset + step] for offset in range(0, len(audio), step)]
         requests = [TranscriptionRequest(audio=w, language="en") for w in windows]
-        backend.transcribe_batch(requests[:OFFLINE_BATCH])  # warm-up
-        started = time.perf_counter()
-        for offset in range(0, len(requests), OFFLINE_BATCH):
-            backend.transcribe_batch(requests[offset : offset + OFFLINE_BATCH])
-        summary["offline_model_s"] = round(time.perf_counter() - started, 3)
+        # Also on all cores, as earlier versions of this script timed it (for comparison only).
+        torch.set_num_threads(cores)
+        summary["offline_model_s_all_cores"] = timed(requests)
+        backend.prepare_worker()  # the threads of one worker: model seconds on both sides are a worker's
+        summary["offline_model_s"] = timed(requests)
         summary["efficiency"] = round(summary["model_s"] / summary["offline_model_s"], 2)
 
 

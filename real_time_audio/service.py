@@ -323,12 +323,16 @@ class JobQueue:
             return left
 
 
+STOPPED_SESSIONS_KEPT = 1024  # bounds the memory of which sessions' partials were stopped last
+
+
 @dataclass(slots=True, eq=False)
 class _Running:
     """The batch one worker is running: whether a final may take its worker, and the flag that asks."""
 
     partials_only: bool
     started: float
+    sessions: frozenset[str] = frozenset()
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -376,6 +380,7 @@ class TranscriptionEngine:
         self.capacity: Capacity | None = None  # measured (MAX_SESSIONS=auto)
         self.preempt = False  # finals may stop batches of partials (the backend's `preempt_partials`)
         self._running: dict[int, _Running] = {}  # per worker index, while it runs a batch
+        self._stopped_last: set[str] = set()  # sessions whose latest partial was stopped for a final
 
     @property
     def model_id(self) -> str:
@@ -475,7 +480,10 @@ class TranscriptionEngine:
             running = list(self._running.values())
             if sum(1 for r in running if r.stop.is_set()) >= finals:
                 return
-            candidates = [r for r in running if r.partials_only and not r.stop.is_set()]
+            # A session is never stopped twice in a row: under overload every partial could be.
+            candidates = [
+                r for r in running if r.partials_only and not r.stop.is_set() and not r.sessions & self._stopped_last
+            ]
             if candidates:
                 max(candidates, key=lambda r: r.started).stop.set()
 
@@ -494,14 +502,25 @@ class TranscriptionEngine:
                     self.stats.jobs_dropped += len(batch) - len(live)
                 if live:
                     started, waited = time.perf_counter(), time.monotonic()
-                    running = _Running(not any(job.request.is_final for job in live), waited)
+                    running = _Running(
+                        not any(job.request.is_final for job in live),
+                        waited,
+                        frozenset(job.request.session_id for job in live),
+                    )
                     with self._lock:
                         self._running[index] = running
+                    preempted = False
                     try:
                         preempted = self._run(live, running.stop if running.partials_only else None)
                     finally:
                         with self._lock:
                             del self._running[index]
+                            if running.partials_only and not preempted:
+                                self._stopped_last -= running.sessions
+                            elif preempted:
+                                if len(self._stopped_last) > STOPPED_SESSIONS_KEPT:  # sessions that left
+                                    self._stopped_last.clear()
+                                self._stopped_last |= running.sessions
                     if self.on_batch is not None:
                         self.on_batch(
                             BatchReport(

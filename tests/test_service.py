@@ -301,6 +301,38 @@ def test_a_final_takes_the_worker_of_a_running_partial() -> None:
         engine.stop()
 
 
+def test_a_session_s_partials_are_never_stopped_twice_in_a_row() -> None:
+    """Under overload every partial could be stopped: a session whose latest partial was stopped
+    keeps its next one (the final waits); once that one has run, the session may be stopped again."""
+    backend = InterruptibleBackend()
+    engine = engine_with(backend, workers=1, batch_wait_ms=0)
+
+    def stopped_by_a_final(session: str) -> bool:
+        backend.entered.clear()
+        partial = engine.submit(request(final=False, session=session))
+        assert backend.entered.wait(5)
+        final = engine.submit(request(final=True, session="f"))
+        try:
+            partial.result(timeout=1)
+        except PartialPreemptedError:
+            stopped = True
+        except concurrent.futures.TimeoutError:
+            stopped = False
+        backend.release.set()
+        assert final.result(timeout=5).text == "f"
+        if not stopped:
+            assert partial.result(timeout=5).text == session
+        backend.release.clear()
+        return stopped
+
+    try:
+        assert [stopped_by_a_final("a") for _ in range(3)] == [True, False, True]
+        assert stopped_by_a_final("b")  # another session's partial
+    finally:
+        backend.release.set()
+        engine.stop()
+
+
 @pytest.mark.parametrize("case", ["free worker", "batch with a final", "preemption off"])
 def test_a_final_waits_when_preempting_would_not_help_or_is_off(case: str) -> None:
     """No partial is stopped when a worker is free for the final, when the running batch holds a
