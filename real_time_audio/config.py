@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     encoder's work, and the same text on the accuracy corpus). partials: sized for partial
     decodes, full for finals. auto: sized on the CPU, full on a GPU (which encodes a batch of whole
     windows in one call; sized windows were not measured there)."""
-    encoder_pad_s: float = Field(2, ge=1, le=29)
+    encoder_pad_s: float = Field(1, ge=1, le=29)
     """With sized windows, how much padding after the audio is encoded in full (past it, every 25th frame)."""
     tokens_per_second: float = Field(6, gt=0)
     """Cap on generated tokens per second of audio (plus a small allowance), against runaway text."""

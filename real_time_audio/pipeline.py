@@ -304,8 +304,9 @@ class SessionPipeline:
     # -- transcription (event loop) ------------------------------------------------------------
 
     def feed(self, samples: NDArray[np.float32], events: list[SpeechEvent]) -> None:
-        """Decoded audio and its voice activity, in order, to the streaming policy."""
-        self.policy.feed(samples, events)
+        """Decoded audio and its voice activity, in order, to the streaming policy (with the pause
+        the speaker is in, if any: a partial waits for what follows it)."""
+        self.policy.feed(samples, events, self._vad.silent_since if self._vad is not None else None)
 
     def next_window(self, now: float, finalize_until: int | None = None) -> Window | None:
         return self.policy.next_window(now, finalize_until)

@@ -209,7 +209,7 @@ def test_rows_heard_in_different_windows_share_a_batch(checkpoint_dir: Path, mon
     """ENCODER_WINDOW=partials: partial rows are encoded sized and final rows whole, in one batch
     whose rows each get what they get alone (two of them in one window, at different padding levels)."""
     backend = WhisperBackend.load(
-        Settings(transcription_model_id=str(checkpoint_dir), warmup=False, encoder_window="partials")
+        Settings(transcription_model_id=str(checkpoint_dir), warmup=False, encoder_window="partials", encoder_pad_s=2)
     )
     requests = [
         TranscriptionRequest(audio=speech_like(31, 2.0), is_final=False),

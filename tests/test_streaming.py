@@ -476,6 +476,23 @@ def test_the_first_partial_of_an_utterance_waits_for_half_a_second_of_speech() -
     assert window is not None and (window.kind, window.start, window.end) == ("partial", RATE // 2, int(1.4 * RATE))
 
 
+def test_no_partial_is_cut_in_a_pause_of_the_speaker() -> None:
+    """Speech from 0.5 s; a partial is due from 1.0 s, but the speaker has paused since 0.9 s (the
+    voice activity says so): none is cut while the pause lasts a tenth of a second or more, and the
+    first frame of speech after it brings it back at once."""
+    policy = UtterancePolicy(pad_s=0.2)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    assert policy.seconds_until_partial(now=10.0) == 0.0
+    policy.feed(np.zeros(0, dtype=np.float32), (), silent_since=int(0.95 * RATE))  # 50 ms into a pause
+    assert policy.seconds_until_partial(now=10.0) == 0.0
+    policy.feed(np.zeros(RATE // 10, dtype=np.float32), (), silent_since=int(0.95 * RATE))
+    assert policy.seconds_until_partial(now=10.0) is None and policy.next_window(now=10.0) is None
+    policy.feed(np.zeros(RATE // 10, dtype=np.float32), (), silent_since=None)  # speech again
+    window = policy.next_window(now=10.0)
+    assert window is not None
+    assert (window.kind, window.start, window.end) == ("partial", int(0.3 * RATE), int(1.2 * RATE))
+
+
 HELLO, THERE = ("hello", 0.3, 0.6), ("there.", 0.7, 1.0)
 
 

@@ -66,6 +66,19 @@ def test_speech_ends_after_the_silence_length_dated_where_silence_began() -> Non
     assert events == [SpeechEvent("start", 0), SpeechEvent("end", 23 * FRAME_SAMPLES)]
 
 
+def test_the_detector_says_where_the_pause_inside_speech_began() -> None:
+    """`silent_since`: the first silent frame of a pause inside speech; None before speech, while it
+    is heard, and once the pause has ended it."""
+    script = [0.9] * 5 + [0.1] * 3 + [0.9] * 2 + [0.1] * 16
+    vad = VoiceActivityDetector(ScriptedScorer(script), silence_ms=500)  # type: ignore[arg-type]
+    seen = []
+    for _ in script:
+        vad.process(np.zeros(FRAME_SAMPLES, dtype=np.float32))
+        seen.append(vad.silent_since)
+    frame = FRAME_SAMPLES
+    assert seen == [None] * 5 + [5 * frame] * 3 + [None] * 2 + [10 * frame] * 15 + [None]
+
+
 def test_hysteresis_keeps_speech_through_uncertain_frames() -> None:
     """Frames between the two thresholds neither end speech nor start a silence."""
     script = [0.9] * 4 + [0.4] * 40 + [0.1] * 16

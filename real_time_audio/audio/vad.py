@@ -301,6 +301,12 @@ class VoiceActivityDetector:
                 return SpeechEvent("end", end)
         return None
 
+    @property
+    def silent_since(self) -> int | None:
+        """Where the silence inside speech that is going on now began (None: no such silence; the
+        speech is heard, or it has ended)."""
+        return self._silence_start if self.in_speech else None
+
     @classmethod
     def from_settings(cls, scorer: FrameScorer, settings: Settings) -> VoiceActivityDetector:
         return cls(

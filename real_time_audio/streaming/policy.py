@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from real_time_audio.service import TranscriptionResult
 
 MIN_PARTIAL_S = 0.3  # too little new audio for a useful partial decode
+PAUSE_S = 0.1  # no partial is cut while the speaker has been silent this long (until speech or the final)
 # An utterance's first partial waits for this much speech after its onset (the pre-roll before the
 # onset is not speech): a decode of the first tenth of a second of it hears nothing or a word.
 FIRST_PARTIAL_SPEECH_S = 0.5
@@ -206,6 +207,7 @@ class UtterancePolicy:
         self._last_word_end = 0.0
         self._last_partial_at = -math.inf
         self._last_partial_end = 0
+        self._silent_since: int | None = None  # the pause the speaker is in (from the voice activity)
         self._last_partial_asked = 0  # the end of the last partial window handed out, answered or not
         # Where the server stopped reading this stream (a shutdown) and whether speech was going on
         # there; and the point a client may resend from in another session (segment id, sample).
@@ -253,8 +255,12 @@ class UtterancePolicy:
     def in_speech(self) -> bool:
         return bool(self._regions)
 
-    def feed(self, samples: NDArray[np.float32], events: Sequence[SpeechEvent] = ()) -> None:
-        """Add audio and the voice-activity events found in it (or before it)."""
+    def feed(
+        self, samples: NDArray[np.float32], events: Sequence[SpeechEvent] = (), silent_since: int | None = None
+    ) -> None:
+        """Add audio and the voice-activity events found in it (or before it); `silent_since`:
+        where the pause that the speaker is in now began (None: speech is heard, or no VAD)."""
+        self._silent_since = silent_since
         if len(samples):
             self._chunks.append(samples)
             self.received += len(samples)
@@ -375,8 +381,16 @@ class UtterancePolicy:
         the session). The one held words wait for keeps only the configured interval."""
         if not self._partial_ready():
             return None
-        interval = self.base_partial_interval_s if self._held_check_due() else self._interval()
+        held_check = self._held_check_due()
+        if not held_check and self._pausing():
+            return None  # what the pause ends in (more speech, or the utterance's final) is decoded instead
+        interval = self.base_partial_interval_s if held_check else self._interval()
         return max(0.0, self._last_partial_at + interval - now)
+
+    def _pausing(self) -> bool:
+        """Whether the speaker has paused for PAUSE_S or more: a partial now would hear nothing
+        new, and if the pause lasts the utterance's final decode comes within VAD_SILENCE_MS."""
+        return self._silent_since is not None and self.received - self._silent_since >= PAUSE_S * MODEL_SAMPLE_RATE
 
     def _held_check_due(self) -> bool:
         """Whether held words wait for a partial that no partial has yet made: one that has heard

@@ -120,7 +120,7 @@ class WhisperBackend:
         processor: Any,
         tokens_per_second: float,
         encoder_window: str = "full",
-        encoder_pad_s: float = 2.0,
+        encoder_pad_s: float = 1.0,
         workers: int = 1,
         threads: int = 0,
     ) -> None:
