@@ -193,7 +193,7 @@ class Backend(Protocol):
 
 
 def takes_interrupt(backend: Backend) -> bool:
-    """Whether `backend.transcribe_batch` takes `interrupt` (see below)."""
+    """Whether `backend.transcribe_batch` takes `interrupt` (see above)."""
     return "interrupt" in inspect.signature(backend.transcribe_batch).parameters
 
 
