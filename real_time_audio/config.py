@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     goes on. Longer: fewer mid-utterance finals, each decided with more of what follows (Whisper often
     hears a word right only once it has heard the rest of the sentence); the end of an utterance finalizes
     everything whatever this is."""
-    final_hold_ms: int = Field(1500, ge=0, le=3000)
+    final_hold_ms: int = Field(1200, ge=0, le=3000)
     """How long the words of an utterance that just ended wait for the speaker to go on before they become
     final: if speech resumes within it they are decoded again with what follows (a pause inside a sentence
     then gets a comma, not a period). Counted from the start of the silence; 0 finalizes at once."""
@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     vad_tail_ms: int = Field(1000, ge=0, le=2000)
     """Audio kept after a speech end: the utterance's final decode waits for it, so a last word the detector
     scores as silence (a whispered or unvoiced ending) is heard whole."""
+    vad_quiet_tail_ms: int = Field(500, ge=0, le=2000)
+    """The tail instead, when the silence that ended the utterance had no trace of voice in it (no frame after
+    its first 0.1 s scored 0.1 or more): nothing is left to hear, so the final decode need not wait for more.
+    Never longer than VAD_TAIL_MS; set it equal to VAD_TAIL_MS to always wait for the whole tail."""
     vad_min_speech_ms: int = Field(96, ge=32, le=2000)
     """Shortest sound that starts an utterance; shorter clicks and bumps are ignored."""
     no_speech_threshold: float = Field(0.6, ge=0, le=1)

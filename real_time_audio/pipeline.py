@@ -357,6 +357,7 @@ class RecordingTranscription:
         self.pipeline = pipeline
         self.policy = pipeline.policy
         self.policy.interim_results = False
+        self.policy.hold_longest()  # a recording's finals have no latency to keep
         self.finals: list[FinalSegment] = []
         self._queued: deque[NDArray[np.float32]] = deque()
         self._queued_samples = 0

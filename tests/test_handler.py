@@ -274,7 +274,9 @@ def test_a_client_that_goes_quiet_inside_the_tail_still_gets_its_final(make_sett
     """An utterance and 0.6 s of silence (the detector ends the utterance after 0.5 s; the 1 s tail
     is not complete), then nothing, not even END: the final comes once the rest of the tail would
     have arrived, decoded from the audio there is; the session stays open."""
-    settings = make_settings(vad="silero", final_hold_ms=0, vad_tail_ms=1000, partial_interval_ms=60000)
+    settings = make_settings(
+        vad="silero", final_hold_ms=0, vad_tail_ms=1000, vad_quiet_tail_ms=1000, partial_interval_ms=60000
+    )
     model = BurstTranscriber()
 
     def engine_factory(_: Settings) -> TranscriptionEngine:

@@ -253,6 +253,48 @@ def test_the_final_waits_for_the_tail_after_the_speech_end() -> None:
     assert policy.seconds_until_tail(now=0.05) is None
 
 
+def test_after_a_silent_pause_the_final_waits_only_for_the_quiet_tail() -> None:
+    """VAD_QUIET_TAIL_MS: a pause with no trace of voice in it ends the region that much after the
+    speech end (here as soon as the detector ends the speech); a voiced one keeps the whole tail.
+    Either way the words are held for FINAL_HOLD_MS counted from the speech end."""
+    for voiced, end in ((False, 1.5 + 0.5), (True, 1.5 + 1.0)):
+        policy = UtterancePolicy(pad_s=0.2, tail_s=1.0, quiet_tail_s=0.5, hold_s=1.2)
+        policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+        policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2, voiced=voiced)])
+        if voiced:  # received: 2.0 s
+            assert policy.next_window(now=0.0) is None
+            policy.feed(np.zeros(int(end * RATE) - policy.received, dtype=np.float32))
+        window = policy.next_window(now=0.0)
+        assert window is not None and (window.kind, window.end) == ("final", int(end * RATE))
+        out = policy.accept(window, result(("hello", 0.5, 1.0), ("there.", 1.1, 1.5)))
+        assert [(o.is_final, o.text) for o in out] == [(False, "hello there.")]  # held
+        policy.feed(np.zeros(int(2.7 * RATE) - 1 - policy.received, dtype=np.float32))
+        assert policy.settle(now=0.0) == []  # 1.2 s after the speech end at 1.5 s is 2.7 s
+        policy.feed(np.zeros(1, dtype=np.float32))
+        assert [(o.is_final, o.text) for o in policy.settle(now=0.0)] == [(True, "hello there.")]
+
+
+def test_a_recording_holds_words_across_every_pause_the_context_spans() -> None:
+    """`hold_longest` (whole recordings: no latency to keep): the words wait until the silence
+    reaches CONTEXT_GAP_S instead of FINAL_HOLD_MS; with holding off they stay final at once."""
+    for hold_s in (1.2, 0.0):
+        policy = UtterancePolicy(pad_s=0.2, tail_s=0.5, hold_s=hold_s)
+        policy.hold_longest()
+        policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+        policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
+        window = policy.next_window(now=0.0)
+        assert window is not None and window.kind == "final"
+        out = policy.accept(window, result(("hello", 0.5, 1.0), ("there.", 1.1, 1.5)))
+        if hold_s == 0:
+            assert [(o.is_final, o.text) for o in out] == [(True, "hello there.")]
+            continue
+        assert [(o.is_final, o.text) for o in out] == [(False, "hello there.")]
+        policy.feed(np.zeros(int((1.5 + 3.0) * RATE) - 1 - policy.received, dtype=np.float32))
+        assert policy.settle(now=0.0) == []  # past FINAL_HOLD_MS, short of the 3 s gap
+        policy.feed(np.zeros(1, dtype=np.float32))
+        assert [(o.is_final, o.text) for o in policy.settle(now=0.0)] == [(True, "hello there.")]
+
+
 def test_a_tail_that_never_arrives_is_waited_for_only_as_long_as_it_would_take() -> None:
     """A client that goes quiet after an utterance (no END): the final comes once the rest of the
     tail would have arrived at real-time pace (plus a little), decoded with what there is."""
@@ -268,7 +310,7 @@ def test_a_tail_that_never_arrives_is_waited_for_only_as_long_as_it_would_take()
         RATE // 2 - 3200,
         policy.received,
     )
-    out = policy.accept(window, result(("hello", 0.3, 0.6)))
+    out = policy.accept(window, result(("hello", 0.3, 1.5)))  # the speech (0.5-2.0 s) heard to its end
     assert [(o.is_final, o.text) for o in out] == [(True, "hello")]
     assert policy.next_window(now=11.0) is None and policy.seconds_until_tail(now=11.0) is None
 

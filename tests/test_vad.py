@@ -15,6 +15,8 @@ from numpy.typing import NDArray
 
 from real_time_audio.audio.vad import (
     FRAME_SAMPLES,
+    QUIET_SKIP_FRAMES,
+    VOICE_TRACE,
     BatchingScorer,
     SileroScorer,
     SpeechEvent,
@@ -64,6 +66,22 @@ def test_speech_ends_after_the_silence_length_dated_where_silence_began() -> Non
     script = [0.9] * 5 + [0.1] * 15 + [0.9] * 3 + [0.1] * 16
     events = detect(script, silence_ms=500)
     assert events == [SpeechEvent("start", 0), SpeechEvent("end", 23 * FRAME_SAMPLES)]
+
+
+@pytest.mark.parametrize(
+    ("pause", "voiced"),
+    [
+        ([0.3, 0.15] + [0.02] * 14, False),  # the last word fading out in the first frames: silent
+        ([0.02] * 9 + [0.12] + [0.02] * 6, True),  # a released consonant or a breath well after it
+        ([0.3, 0.15, 0.05] + [0.09] * 13, False),  # just under the trace
+    ],
+)
+def test_an_end_says_whether_its_pause_had_a_trace_of_voice(pause: list[float], voiced: bool) -> None:
+    """After its first QUIET_SKIP_FRAMES, a frame of the ending silence that scores VOICE_TRACE or
+    more makes the pause voiced (the policy then waits for the whole tail)."""
+    assert QUIET_SKIP_FRAMES == 3 and VOICE_TRACE == 0.1
+    events = detect([0.9] * 5 + pause, silence_ms=500)
+    assert events == [SpeechEvent("start", 0), SpeechEvent("end", 5 * FRAME_SAMPLES, voiced=voiced)]
 
 
 def test_the_detector_says_where_the_pause_inside_speech_began() -> None:

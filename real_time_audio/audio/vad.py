@@ -35,14 +35,21 @@ FRAME_SAMPLES = 512  # Silero's frame at 16 kHz (32 ms)
 SCORE_FRAMES = 256  # frames scored per model call (8 s of audio), however much arrives at once
 CONTEXT_SAMPLES = 64  # samples of the previous frame the model sees before each frame
 NEGATIVE_MARGIN = 0.15  # speech continues until the probability drops this far below the threshold
+# A pause is silent when no frame of it after its first QUIET_SKIP_FRAMES (where the last word
+# fades out) scores VOICE_TRACE or more; otherwise something voice-like (a breath, a whispered or
+# released final consonant) is in it, and the utterance's final waits for its whole tail.
+QUIET_SKIP_FRAMES = 3
+VOICE_TRACE = 0.1
 
 
 @dataclass(slots=True, frozen=True)
 class SpeechEvent:
-    """Speech began or ended at `sample` (16 kHz samples from the session start)."""
+    """Speech began or ended at `sample` (16 kHz samples from the session start). For an end:
+    `voiced`, whether the pause that ended it had a trace of voice in it (see VOICE_TRACE)."""
 
     kind: Literal["start", "end"]
     sample: int
+    voiced: bool = True
 
     @property
     def at(self) -> float:
@@ -222,7 +229,8 @@ class VoiceActivityDetector:
 
     Speech starts once `min_speech_ms` of consecutive frames score at least `threshold` (the event
     is dated at the first of them). It ends once `silence_ms` of frames score below
-    `threshold - 0.15` (the event is dated where that silence began).
+    `threshold - 0.15` (the event is dated where that silence began, and says whether any of that
+    silence after its first frames scored VOICE_TRACE or more).
     """
 
     def __init__(
@@ -241,6 +249,7 @@ class VoiceActivityDetector:
         self._candidate_frames = 0
         self._silence_start: int | None = None
         self._silence_frames = 0
+        self._silence_peak = 0.0  # the highest score in the silence after its first frames
 
     def process(self, samples: NDArray[np.float32]) -> list[SpeechEvent]:
         """Score every whole frame now available; returns the events they caused, in order."""
@@ -293,12 +302,14 @@ class VoiceActivityDetector:
             self._silence_start, self._silence_frames = None, 0
         elif probability < self.negative_threshold or self._silence_start is not None:
             if self._silence_start is None:
-                self._silence_start = self._position
+                self._silence_start, self._silence_peak = self._position, 0.0
+            if self._silence_frames >= QUIET_SKIP_FRAMES:
+                self._silence_peak = max(self._silence_peak, probability)
             self._silence_frames += 1
             if self._silence_frames >= self.silence_frames:
                 self.in_speech = False
                 end, self._silence_start, self._silence_frames = self._silence_start, None, 0
-                return SpeechEvent("end", end)
+                return SpeechEvent("end", end, voiced=self._silence_peak >= VOICE_TRACE)
         return None
 
     @property

@@ -130,6 +130,7 @@ class _Region:
     start: int
     end: int | None = None
     onset: int = 0  # where the voice activity heard the speech begin (after the pre-roll)
+    speech_end: int | None = None  # where it heard the speech end (`end` adds the tail)
 
 
 @dataclass(slots=True)
@@ -156,9 +157,10 @@ class UtterancePolicy:
         trim_s: float = 15.0,
         pad_s: float = 0.4,
         tail_s: float | None = None,
+        quiet_tail_s: float | None = None,
         context_chars: int = 200,
         context_audio_s: float = 10.0,
-        hold_s: float = 1.5,
+        hold_s: float = 1.2,
         settle_age_s: float = SETTLE_AGE_S,
         interim_results: bool = True,
         vad_enabled: bool = True,
@@ -173,6 +175,7 @@ class UtterancePolicy:
         self.trim_samples = int(min(trim_s, max_window_s) * MODEL_SAMPLE_RATE)
         self.pad = int(pad_s * MODEL_SAMPLE_RATE)
         self.tail = self.pad if tail_s is None else int(tail_s * MODEL_SAMPLE_RATE)
+        self.quiet_tail = self.tail if quiet_tail_s is None else int(quiet_tail_s * MODEL_SAMPLE_RATE)
         self.context_chars = context_chars
         self.context_audio = int(context_audio_s * MODEL_SAMPLE_RATE)
         self.context_gap = int(CONTEXT_GAP_S * MODEL_SAMPLE_RATE)
@@ -231,6 +234,7 @@ class UtterancePolicy:
             trim_s=settings.buffer_trim_s,
             pad_s=settings.vad_pad_ms / 1000,
             tail_s=settings.vad_tail_ms / 1000,
+            quiet_tail_s=settings.vad_quiet_tail_ms / 1000,
             context_chars=settings.context_prompt_chars,
             context_audio_s=settings.context_audio_s,
             hold_s=settings.final_hold_ms / 1000,
@@ -245,6 +249,14 @@ class UtterancePolicy:
         )
 
     # -- input ----------------------------------------------------------------------------------
+
+    def hold_longest(self) -> None:
+        """Hold an ended utterance's words across every pause that the next utterance can still be
+        decoded after (CONTEXT_GAP_S), unless holding is off: for whole recordings, whose finals
+        have no latency to keep, so a sentence that goes on after a long breath is heard whole."""
+        if self.hold > 0:
+            self.hold_s = CONTEXT_GAP_S
+            self.hold = int(CONTEXT_GAP_S * MODEL_SAMPLE_RATE)
 
     @property
     def pending(self) -> int:
@@ -278,7 +290,11 @@ class UtterancePolicy:
                     self._carry_end = None  # the kept audio now leads into this utterance
             elif self._regions and self._regions[-1].end is None:
                 # The tail may reach past what has been received: the final decode waits for it.
-                self._regions[-1].end = max(event.sample + self.tail, self._regions[-1].start)
+                # A silent pause has nothing more to hear: its tail is what the detector took to end it.
+                tail = self.tail if event.voiced else min(self.tail, self.quiet_tail)
+                region = self._regions[-1]
+                region.end = max(event.sample + tail, region.start)
+                region.speech_end = event.sample
                 self._last_speech_end = max(min(event.sample + self.pad, self.received), self._regions[-1].start)
         if not self._regions:  # silence: keep only the pre-roll (and the previous utterance, for a while)
             self.transcribed = self.received
@@ -529,11 +545,13 @@ class UtterancePolicy:
             committed, held = committed + held, []
         out += self._final(committed, language, window.end)
         self.transcribed = max(self.transcribed, window.end)
+        speech_end = self._regions[0].speech_end
         self._finish_region(window.end, held)
         if held:
             self._agreement.tail = held
             self._held, self._held_language, self._held_deadline = held, language, None
-            self._held_until = window.end - self.tail + self.hold
+            assert speech_end is not None  # only an utterance the detector ended holds words (_hold_from)
+            self._held_until = speech_end + self.hold
             self._floor = min(self._floor, self._sample(held[0].start))
             if self.interim_results:
                 out.append(self._segment(held, False, language, window.end))
@@ -555,7 +573,7 @@ class UtterancePolicy:
         if (region.end is not None and window.end < region.end) or self._heard_again >= MAX_HEARD_AGAIN:
             return None
         # An utterance still going on (cut by a flush) is speech up to the end of the window.
-        speech_end = window.end if region.end is None else min(region.end - self.tail, window.end)
+        speech_end = window.end if region.speech_end is None else min(region.speech_end, window.end)
         new = self._agreement.fresh(words, after_prefix)
         if new:
             restart = max(self._sample(new[-1].end), region.start)
