@@ -24,6 +24,7 @@ frames sent when their audio would exist, then `END`. For each number of clients
     python bench/capacity.py --env PARTIAL_INTERVAL_MAX_MS=1000 --tag fixed-cadence
     python bench/capacity.py --update-docs            # rewrite the capacity block of docs/benchmarks.md
     python bench/capacity.py --plot now drafts        # no run: plot saved runs (docs/images/)
+    python bench/capacity.py --plot a b --image capacity-latest.png
 """
 
 from __future__ import annotations
@@ -245,9 +246,10 @@ def main() -> None:
     parser.add_argument(
         "--plot", nargs="+", metavar="TAG", help="no run: draw the runs saved under these tags into docs/images/"
     )
+    parser.add_argument("--image", default="", help="with --plot: the image's name (default capacity-MODEL.png)")
     args = parser.parse_args()
     if args.plot:
-        path = DOCS.parent / "images" / f"capacity-{args.model}.png"
+        path = DOCS.parent / "images" / (args.image or f"capacity-{args.model}.png")
         plot(args.model, args.plot, path)
         print(f"wrote {path}")
         return
