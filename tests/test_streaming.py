@@ -392,6 +392,31 @@ def test_speech_resuming_within_the_hold_decodes_the_held_words_again_with_what_
     assert [(o.is_final, o.text, o.segment_id) for o in policy.settle(now=0.0)] == [(True, "how are you?", 1)]
 
 
+@pytest.mark.parametrize(
+    "words",
+    [
+        # "there," timed across the pause (1.5 s to 2.5 s): it lies mostly before it, so it is final.
+        (("hello", 0.3, 0.6), ("there,", 0.7, 2.2), ("how", 2.2, 2.5), ("are", 2.6, 2.8), ("you?", 2.9, 3.1)),
+        # "how" timed from the end of "there," (as Whisper often does): mostly after it, so it waits.
+        (("hello", 0.3, 0.6), ("there,", 0.7, 1.0), ("how", 1.0, 3.1), ("are", 3.1, 3.3), ("you?", 3.3, 3.4)),
+    ],
+)
+def test_a_word_timed_across_the_pause_goes_with_the_utterance_it_mostly_lies_in(
+    words: tuple[tuple[str, float, float], ...],
+) -> None:
+    """Which words of the next utterance's final decode wait as the held words is decided by the
+    middle of the pause between the two (speech ended at 1.5 s, went on at 2.5 s), not by the
+    padded start of the new one: a word timed across the pause belongs where most of it is."""
+    policy = UtterancePolicy(pad_s=0.2, hold_s=1.5)
+    held_utterance(policy)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", int(3.5 * RATE))])
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final" and window.start < int(2.3 * RATE)
+    out = policy.accept(window, result(*words))
+    assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "hello there,", 0), (False, "how are you?", 1)]
+
+
 @pytest.mark.parametrize(("resumed_s", "held"), [(2.8, True), (3.2, False)])
 def test_whether_held_words_wait_depends_on_when_the_speaker_went_on_not_on_the_decode(
     resumed_s: float, held: bool

@@ -104,13 +104,15 @@ class LocalAgreement:
     def finish(self, words: Sequence[Word], after_prefix: bool = False, hold_from: float | None = None) -> list[Word]:
         """The audio is over (end of utterance, flush or end of stream): commit every new word.
 
-        `hold_from`: new words starting at or after this time are not committed but kept as the
-        tail (the utterance that just ended, waiting to hear whether the speaker goes on).
+        `hold_from`: new words whose middle is at or after this time are not committed but kept as
+        the tail (the utterance that just ended, waiting to hear whether the speaker goes on). The
+        middle, not the start: Whisper often times the word on one side of a pause across all of
+        it, and such a word belongs to the side it mostly lies on.
         """
         new = self.fresh(words, after_prefix)
         count = len(new)
         if hold_from is not None:
-            while count and new[count - 1].start >= hold_from:
+            while count and new[count - 1].start + new[count - 1].end >= 2 * hold_from:
                 count -= 1
         committed, self.tail = new[:count], new[count:]
         self._commit(committed)

@@ -220,6 +220,7 @@ class UtterancePolicy:
         # The latest finals: id, first word's start, last word's start, last word's end (seconds).
         self._recent_finals: deque[tuple[int, float, float, float]] = deque(maxlen=RECENT_FINALS)
         self._last_speech_end = 0  # where the latest utterance ended, its padding included
+        self._previous_speech_end: int | None = None  # where the detector heard the last finished utterance end
         self._tail_deadline: float | None = None  # when a region's final stops waiting for its tail
         self._heard_again = 0  # decodes of the current utterance's untranscribed speech
         if not vad_enabled:
@@ -652,6 +653,11 @@ class UtterancePolicy:
             return None  # cut short by a flush or the end of the stream: everything is final now
         if len(self._regions) > 1 and self._regions[1].start - window.end > self.context_gap:
             return None
+        # After the previous utterance's audio, the words of this one are those mostly after the
+        # middle of the pause between them (Whisper times a word at the edge of a pause across it).
+        previous_end = self._previous_speech_end
+        if previous_end is not None and window.start < region.start and previous_end < region.onset:
+            return (previous_end + region.onset) / 2 / MODEL_SAMPLE_RATE
         return region.start / MODEL_SAMPLE_RATE
 
     def _held_heard_alike(self, heard_until: int) -> int:
@@ -781,6 +787,7 @@ class UtterancePolicy:
         self._heard_again = 0
         region = self._regions[0]
         if region.end is not None and end >= region.end:
+            self._previous_speech_end = region.speech_end
             self._regions.popleft()
             if self._regions:
                 self._regions[0].start = max(self._regions[0].start, end)
