@@ -174,6 +174,34 @@ def test_a_decode_that_did_not_take_the_prefix_is_filtered_by_time() -> None:
     assert [(o.is_final, o.text) for o in out] == [(False, "c d.")]  # "a b," is not sent again
 
 
+def test_a_hypothesis_confirms_words_heard_alike_two_hypotheses_before_it() -> None:
+    """The model hears "sick corpus.", then "set corpus.", then "sick corpus." again: the third
+    decode confirms the words the first one heard alike. One further back confirms nothing."""
+    agreement = LocalAgreement()
+
+    def heard(second: str) -> list[Word]:
+        return [Word("the", 0.0, 0.3), Word(second, 0.3, 0.6), Word("corpus.", 0.6, 1.0), Word("I", 1.2, 1.3)]
+
+    assert agreement.insert(heard("sick"), heard_until=5.0) == []
+    assert agreement.insert(heard("set"), heard_until=5.0) == []
+    assert agreement.insert(heard("sick"), heard_until=5.0) == heard("sick")[:3]
+    assert agreement.tail == [Word("I", 1.2, 1.3)]
+
+    # "cold," is confirmed by neither of the two hypotheses before it, only by the one before those.
+    def then(second: str) -> list[Word]:
+        return [Word("I", 1.2, 1.3), Word("a", 1.4, 1.5), Word(second, 1.5, 2.0), Word("so", 2.1, 2.3)]
+
+    for second in ("cold,", "code,", "goal,", "cold,"):
+        assert agreement.insert(then(second), heard_until=5.0) == []
+    assert agreement.insert(then("cold,"), heard_until=5.0) == then("cold,")[:3]
+    # Words set from outside (held words) start a new history: the hypothesis before them is gone.
+    agreement = LocalAgreement()
+    for second in ("cold,", "goal,"):
+        assert agreement.insert(then(second), heard_until=5.0) == []
+    agreement.tail = then("goal,")
+    assert agreement.insert(then("cold,"), heard_until=5.0) == []
+
+
 def test_agreed_words_are_committed_only_once_audio_after_them_was_heard() -> None:
     """A word is settled only when 2.5 s of audio after it went into the decode that agreed on it."""
     agreement = LocalAgreement()

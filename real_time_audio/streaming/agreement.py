@@ -1,9 +1,10 @@
-"""Words with timings, and LocalAgreement-2: commit what two consecutive hypotheses agree on.
+"""Words with timings, and LocalAgreement-2: commit what two hypotheses agree on.
 
 The same growing stretch of audio is decoded again and again while the speaker talks. The words
-at its end change between decodes (the model has heard only part of them); the words both of the
-last two decodes begin with are stable and are committed. Committed words are never sent again:
-later hypotheses are cut to what follows the last committed word, by time and by text.
+at its end change between decodes (the model has heard only part of them); the words a decode
+begins with alike with the decode before it, or with the one before that, are stable and are
+committed. Committed words are never sent again: later hypotheses are cut to what follows the
+last committed word, by time and by text.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ OVERLAP_TOLERANCE_S = 0.1  # a word starting up to this much before the committe
 # starts later is the speaker saying it again.
 REPEAT_SLACK_S = 0.03
 MAX_OVERLAP_WORDS = 5
+# A hypothesis confirms the words it begins with alike with any of the AGREEMENT_HISTORY before it
+# (not only the last): a word the model hears one way, then another, then the first way again is
+# settled as it heard it twice.
+AGREEMENT_HISTORY = 2
 RECENT_WORDS = 8
 # Agreed words are committed a phrase at a time: up to the last one that ends a phrase (its
 # punctuation has been seen with the words after it), or all of them once this many are waiting.
@@ -28,6 +33,16 @@ MAX_HELD_WORDS = 6
 # An agreed word is committed only once this much audio after it has been heard (by default): until
 # then the words that follow it (and its own punctuation) are still being decided.
 SETTLE_AGE_S = 2.5
+
+
+def _agreement(old: Sequence[Word], new: Sequence[Word]) -> int:
+    """How many words two hypotheses begin with alike (same word, start within the tolerance)."""
+    count = 0
+    for a, b in zip(old, new, strict=False):
+        if a.key != b.key or abs(a.start - b.start) > MATCH_TOLERANCE_S:
+            break
+        count += 1
+    return count
 
 
 def join_words(words: Sequence[Word]) -> str:
@@ -55,8 +70,18 @@ class LocalAgreement:
     def __init__(self, settle_age_s: float = SETTLE_AGE_S) -> None:
         self.settle_age_s = settle_age_s
         self.committed_end = 0.0  # end of the last committed word
-        self.tail: list[Word] = []  # the latest hypothesis's words that are not committed
+        self._tail: list[Word] = []  # the latest hypothesis's words that are not committed
+        self._earlier: list[list[Word]] = []  # the uncommitted words of the hypotheses before it
         self._recent: list[Word] = []  # the last committed words, to recognise a repeat of them
+
+    @property
+    def tail(self) -> list[Word]:
+        """The latest hypothesis's words that are not committed."""
+        return self._tail
+
+    @tail.setter
+    def tail(self, words: list[Word]) -> None:
+        self._tail, self._earlier = words, []  # hypotheses from before this one no longer apply
 
     def fresh(self, words: Sequence[Word], after_prefix: bool = False) -> list[Word]:
         """The words of a hypothesis that come after everything committed.
@@ -79,15 +104,16 @@ class LocalAgreement:
         `settle_age_s` before it may be committed: the model has heard what follows them.
         """
         new = self.fresh(words, after_prefix)
-        agreed = 0
-        for old, word in zip(self.tail, new, strict=False):
-            if old.key != word.key or abs(old.start - word.start) > MATCH_TOLERANCE_S:
-                break
-            if heard_until is not None and word.end > heard_until - self.settle_age_s:
-                break
-            agreed += 1
-        count = phrase_length(new[:agreed])
-        committed, self.tail = new[:count], new[count:]
+        limit = len(new)
+        if heard_until is not None:
+            limit = next((i for i, w in enumerate(new) if w.end > heard_until - self.settle_age_s), limit)
+        hypotheses = [self._tail, *self._earlier]
+        agreements = [_agreement(h, new) for h in hypotheses]
+        count = phrase_length(new[: min(max(agreements), limit)])
+        committed = new[:count]
+        # The earlier hypotheses that began with the committed words stay, as what follows them.
+        kept = [h[count:] for h, agreed in zip(hypotheses, agreements, strict=True) if agreed >= count]
+        self._tail, self._earlier = new[count:], kept[: AGREEMENT_HISTORY - 1]
         self._commit(committed)
         return committed
 
