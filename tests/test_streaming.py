@@ -958,6 +958,30 @@ def test_a_repeated_word_after_a_commit_is_kept_but_a_reheard_tail_is_not() -> N
     assert agreement.finish([Word("on", 2.0, 2.1), Word("now", 2.2, 2.5)]) == [Word("now", 2.2, 2.5)]
 
 
+def test_a_repeat_at_the_commit_is_read_the_way_the_hypothesis_before_it_continued() -> None:
+    """ "more words, words," is committed while the last hypothesis has two more "words" after it.
+    A decode forced to continue after it writes three: one of them is the committed word heard
+    again, not two. A decode that catches the tail of "more" drops that one."""
+
+    def words(*texts: str, start: float = 1.0) -> list[Word]:
+        return [Word(text, start + 0.4 * i, start + 0.4 * i + 0.35) for i, text in enumerate(texts)]
+
+    agreement = LocalAgreement()
+    heard = words("more", "words,", "words,", "words,", "words.")
+    agreement.insert(heard, heard_until=4.8)
+    assert agreement.insert(heard, heard_until=4.8) == heard[:3]  # "words." ends too late to settle
+    assert agreement.tail == heard[3:]
+    after = words("words,", "words,", "words.", start=2.15)
+    assert agreement.fresh(after, after_prefix=True) == after[1:]
+
+    agreement = LocalAgreement()
+    agreement.insert(words("some", "more", "words", "and"), heard_until=1.0)
+    assert agreement.insert(words("some", "more,", "words", "and"), heard_until=4.5) == words("some", "more,")
+    assert agreement.fresh(words("more", "words", "and", start=1.75), after_prefix=True) == words(
+        "words", "and", start=2.15
+    )
+
+
 def test_the_partial_cadence_follows_the_round_trip_within_its_bounds() -> None:
     """Twice the running round-trip estimate while no words are shown, four times once a partial
     shows words; never below the setting nor above the ceiling; a refused partial backs off at

@@ -91,10 +91,18 @@ class LocalAgreement:
         """
         new = list(words) if after_prefix else [w for w in words if w.start >= self.committed_end - OVERLAP_TOLERANCE_S]
         if new and self._recent and new[0].start <= self.committed_end + REPEAT_SLACK_S:
-            for size in range(min(MAX_OVERLAP_WORDS, len(new), len(self._recent)), 0, -1):
-                if [w.key for w in self._recent[-size:]] == [w.key for w in new[:size]]:
-                    new = new[size:]
-                    break
+            # Of the ways to read the start as the last committed words heard again (the longest
+            # first, or none), the one that agrees best with what the last hypothesis said follows
+            # them: "words, words, words" after a committed "more words, words," is one word more
+            # when the hypothesis before had two left, not the same two heard again.
+            sizes = [
+                size
+                for size in range(min(MAX_OVERLAP_WORDS, len(new), len(self._recent)), 0, -1)
+                if [w.key for w in self._recent[-size:]] == [w.key for w in new[:size]]
+            ]
+            if sizes:
+                best = max([*sizes, 0], key=lambda size: _agreement(self._tail, new[size:]))
+                new = new[best:]
         return new
 
     def insert(self, words: Sequence[Word], after_prefix: bool = False, heard_until: float | None = None) -> list[Word]:
