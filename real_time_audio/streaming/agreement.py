@@ -35,7 +35,7 @@ MAX_HELD_WORDS = 6
 SETTLE_AGE_S = 2.5
 
 
-def _agreement(old: Sequence[Word], new: Sequence[Word]) -> int:
+def _shared_start(old: Sequence[Word], new: Sequence[Word]) -> int:
     """How many words two hypotheses begin with alike (same word, start within the tolerance)."""
     count = 0
     for a, b in zip(old, new, strict=False):
@@ -101,7 +101,7 @@ class LocalAgreement:
                 if [w.key for w in self._recent[-size:]] == [w.key for w in new[:size]]
             ]
             if sizes:
-                best = max([*sizes, 0], key=lambda size: _agreement(self._tail, new[size:]))
+                best = max([*sizes, 0], key=lambda size: _shared_start(self._tail, new[size:]))
                 new = new[best:]
         return new
 
@@ -116,7 +116,7 @@ class LocalAgreement:
         if heard_until is not None:
             limit = next((i for i, w in enumerate(new) if w.end > heard_until - self.settle_age_s), limit)
         hypotheses = [self._tail, *self._earlier]
-        agreements = [_agreement(h, new) for h in hypotheses]
+        agreements = [_shared_start(h, new) for h in hypotheses]
         count = phrase_length(new[: min(max(agreements), limit)])
         committed = new[:count]
         # The earlier hypotheses that began with the committed words stay, as what follows them.
