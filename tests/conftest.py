@@ -72,6 +72,11 @@ def make_settings(checkpoint_dir: Path, tmp_path: Path) -> Callable[..., Setting
             "vad": "off",
         }
         values.update(overrides)
+        if values["transcription_model_id"] == str(checkpoint_dir):
+            # The random checkpoint babbles ("tovavavava to tova"); how well that compresses, and so
+            # whether the loop guard drops it as degenerate, changes with the CPU's floating point
+            # (2.5 on one machine, 2.2 on another). The guard has its own tests; real weights keep it.
+            values.setdefault("compression_ratio_threshold", 1000.0)
         return load_settings(**values)
 
     return make
