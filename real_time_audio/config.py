@@ -71,7 +71,11 @@ class Settings(BaseSettings):
     segment_max_s: float = Field(30, ge=1, le=30)
     """Longest stretch of audio one decode covers; speech that runs on is committed and cut there."""
     buffer_trim_s: float = Field(15, ge=1, le=30)
-    """Once a session's decode buffer is longer than this (or SEGMENT_MAX_S), it is cut at the last committed word."""
+    """Once a session's decode buffer is longer than this (or SEGMENT_MAX_S), it is cut at a committed word."""
+    buffer_keep_s: float = Field(6, ge=0, le=15)
+    """When the buffer is cut, up to this much of its committed audio (from a word boundary) stays at its start,
+    its words forced as the decodes' prefix, so the model goes on hearing the sentence it is in; 0 cuts at
+    the last committed word and leaves only the text as the prompt."""
     context_prompt_chars: int = Field(200, ge=0, le=1000)
     """Committed text (that has left the buffer) given to the model as context; 0 turns it off."""
     context_audio_s: float = Field(10, ge=0, le=20)

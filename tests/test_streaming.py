@@ -884,7 +884,7 @@ def test_silence_verdicts_and_loops_are_guarded() -> None:
 
 def test_committed_text_that_leaves_the_buffer_becomes_the_bounded_prompt() -> None:
     """Trimmed committed words become context: the most recent ≤ context_chars characters."""
-    policy = UtterancePolicy(trim_s=2.0, context_chars=14)
+    policy = UtterancePolicy(trim_s=2.0, keep_s=0, context_chars=14)
     policy.feed(np.zeros(0, dtype=np.float32), [SpeechEvent("start", 0)])
     words = [(f"word{i}.", i * 0.5, i * 0.5 + 0.4) for i in range(8)]
     seconds = 0
@@ -898,6 +898,40 @@ def test_committed_text_that_leaves_the_buffer_becomes_the_bounded_prompt() -> N
     assert window is not None
     assert window.context == "word1. word2."
     assert len(window.context) <= 14
+
+
+@pytest.mark.parametrize(
+    ("keep_s", "start_s", "prefix", "context"),
+    [
+        (1.5, 1.4, "w3. w4. w5.", "w0. w1. w2."),  # the words starting in the last 1.5 s stay
+        (10.0, 0.9, "w2. w3. w4. w5.", "w0. w1."),  # at most half the 4 s buffer stays
+        (0.0, 2.9, "", "w0. w1. w2. w3. w4. w5."),  # cut at the last committed word: text only
+    ],
+)
+def test_a_long_buffer_is_cut_keeping_the_audio_of_its_last_committed_words(
+    keep_s: float, start_s: float, prefix: str, context: str
+) -> None:
+    """Past `trim_s` the buffer is cut at a committed word's end; the committed words of the last
+    `keep_s` (at most half the buffer) stay in it as the prefix, the earlier ones become the prompt."""
+    words = [(f"w{i}.", i * 0.5, i * 0.5 + 0.4) for i in range(9)]
+    policy = started_policy(seconds=3.0, trim_s=4.0, keep_s=keep_s, settle_age_s=0.0)
+    first = policy.next_window(now=1.0)
+    assert first is not None and (first.start, first.end) == (0, 3 * RATE)
+    policy.accept(first, result(*words[:6]))
+    policy.feed(np.full(int(1.5 * RATE), 0.1, dtype=np.float32))
+    second = policy.next_window(now=2.0)
+    assert second is not None and (second.start, second.end) == (0, int(4.5 * RATE))
+    out = policy.accept(second, result(*words))
+    assert [(o.is_final, o.text) for o in out] == [
+        (True, "w0. w1. w2. w3. w4. w5."),
+        (False, "w6. w7. w8."),
+    ]
+    policy.feed(np.full(RATE, 0.1, dtype=np.float32))
+    third = policy.next_window(now=3.0)
+    assert third is not None and third.kind == "partial"
+    assert (third.start, third.end) == (round(start_s * RATE), int(5.5 * RATE))
+    assert (third.prefix, third.context) == (prefix, context)
+    assert len(third.audio) == third.end - third.start
 
 
 def test_interim_results_off_decodes_nothing_until_the_utterance_ends() -> None:

@@ -15,9 +15,10 @@ How a session's audio becomes text:
   final (LocalAgreement-2); the rest is sent as the partial. A session without partials
   (`interim_results` off) has none of these decodes: its utterances are decoded once they end, or
   when they fill the buffer.
-- Once the buffer is longer than `trim_s`, its start moves up to the end of the last committed
-  word; a decode never covers more than `max_window_s`. Committed text that leaves the buffer
-  becomes the prompt (at most `context_chars` characters) for the next decodes.
+- Once the buffer is longer than `trim_s`, its start moves up to the end of a committed word,
+  keeping the last `keep_s` of committed audio (whose words the decodes are made to begin with);
+  a decode never covers more than `max_window_s`. Committed text that leaves the buffer becomes
+  the prompt (at most `context_chars` characters) for the next decodes.
 - When the region ends, on flush and at the end of the stream, the buffer is decoded one last
   time and every word not yet committed is sent as a final.
 - After a short pause the next utterance is decoded as the continuation of the previous one: the
@@ -155,6 +156,7 @@ class UtterancePolicy:
         max_partial_interval_s: float | None = None,
         max_window_s: float = 30.0,
         trim_s: float = 15.0,
+        keep_s: float = 6.0,
         pad_s: float = 0.4,
         tail_s: float | None = None,
         quiet_tail_s: float | None = None,
@@ -173,6 +175,8 @@ class UtterancePolicy:
         self.partial_cost_s = 0.0  # running estimate of a partial's round trip
         self.max_samples = int(max_window_s * MODEL_SAMPLE_RATE)
         self.trim_samples = int(min(trim_s, max_window_s) * MODEL_SAMPLE_RATE)
+        # At most half the buffer stays when it is cut, so that a cut always makes room.
+        self.keep = min(int(keep_s * MODEL_SAMPLE_RATE), self.trim_samples // 2)
         self.pad = int(pad_s * MODEL_SAMPLE_RATE)
         self.tail = self.pad if tail_s is None else int(tail_s * MODEL_SAMPLE_RATE)
         self.quiet_tail = self.tail if quiet_tail_s is None else int(quiet_tail_s * MODEL_SAMPLE_RATE)
@@ -233,6 +237,7 @@ class UtterancePolicy:
             max_partial_interval_s=settings.partial_interval_max_ms / 1000,
             max_window_s=settings.segment_max_s,
             trim_s=settings.buffer_trim_s,
+            keep_s=settings.buffer_keep_s,
             pad_s=settings.vad_pad_ms / 1000,
             tail_s=settings.vad_tail_ms / 1000,
             quiet_tail_s=settings.vad_quiet_tail_ms / 1000,
@@ -513,7 +518,7 @@ class UtterancePolicy:
                 confirmed = self._agreement.commit_head(alike)
             out += self._final(confirmed, language, window.end)
             if window.end - self._decode_start > self.trim_samples and self._buffered_words:
-                self._trim_to(self._sample(self._buffered_words[-1].end))
+                self._trim_to(self._trim_point())
             if self.interim_results and self._agreement.tail:
                 out.append(self._segment(self._agreement.tail, False, language, window.end))
             return out
@@ -818,11 +823,30 @@ class UtterancePolicy:
         held word), or None to keep none."""
         if self.context_audio <= 0 or not (committed or held):
             return None
-        earliest = end - self.context_audio
+        return self._kept_start(end - self.context_audio, [*committed, *held[:1]])
+
+    def _trim_point(self) -> int:
+        """Where a long buffer is cut: at the end of a committed word, keeping up to `keep` of the
+        committed audio before the last committed word's end (those words stay the decodes' prefix).
+
+        Cut right at the last committed word, the next decodes would start in the middle of a
+        sentence with only its text as the prompt, and Whisper then often skips the words that
+        follow the cut (base drops "I think" after "…a bunch of different words." in a clip of the
+        accuracy corpus): with the audio of the sentence so far it continues it.
+        """
+        last = self._sample(self._buffered_words[-1].end)
+        if self.keep <= 0:
+            return last
+        kept = self._kept_start(last - self.keep, self._buffered_words)
+        return last if kept is None else kept
+
+    def _kept_start(self, earliest: int, words: Sequence[Word]) -> int | None:
+        """The earliest end of one of `words` (but the last) after which the next word starts at
+        `earliest` or later: the buffer may start there with the words after it as the prefix.
+        The current decode start if that is already after `earliest`; None if no word fits."""
         if self._decode_start >= earliest:
             return self._decode_start
-        candidates = [*committed, *held[:1]]
-        for previous, word in itertools.pairwise(candidates):
+        for previous, word in itertools.pairwise(words):
             if self._sample(word.start) >= earliest:
                 return self._sample(previous.end)
         return None
