@@ -445,6 +445,50 @@ def test_a_word_timed_across_the_pause_goes_with_the_utterance_it_mostly_lies_in
     assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "hello there,", 0), (False, "how are you?", 1)]
 
 
+@pytest.mark.parametrize(
+    ("words", "final", "held"),
+    [
+        # Words ending 2.5 s before the end of the decoded audio (the window is 0.3-7.0 s; word
+        # times count from its start) are final at once, up to the last phrase among them
+        # ("cold,"); what follows waits for the speaker.
+        (
+            (("I", 0.6, 0.8), ("have", 0.9, 1.1), ("a", 1.2, 1.3), ("cold,", 1.4, 1.9), ("so", 2.4, 4.4)),
+            "I have a cold,",
+            "so I probably sound different.",
+        ),
+        # Six or more settled words go out without waiting for a phrase to end.
+        (
+            (("I", 0.6, 0.8), ("have", 0.9, 1.1), ("a", 1.2, 1.3), ("bad", 1.4, 1.6), ("cold", 1.7, 4.0)),
+            "I have a bad cold so",
+            "I probably sound different.",
+        ),
+    ],
+)
+def test_only_the_words_near_the_pause_of_a_long_utterance_are_held(
+    words: tuple[tuple[str, float, float], ...], final: str, held: str
+) -> None:
+    """Held words wait to hear how the sentence goes on, which decides only the words next to the
+    pause. The final decode of a 6 s utterance (speech 0.5-6.5 s, decoded to 7.0 s) makes the words
+    it heard `COMMIT_DELAY_S` of audio after final at once, as a partial's agreed words would be; a
+    later decode (with the next utterance, often longer) cannot rewrite them."""
+    policy = UtterancePolicy(pad_s=0.2, tail_s=0.5, hold_s=1.5)
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(6 * RATE, dtype=np.float32), [SpeechEvent("end", int(6.5 * RATE))])
+    window = policy.next_window(now=0.0)
+    assert window is not None and (window.kind, window.end) == ("final", 7 * RATE)
+    rest = (("so", 4.05, 4.2), ("I", 4.5, 4.6), ("probably", 4.6, 5.0), ("sound", 5.1, 5.5), ("different.", 5.6, 6.4))
+    if words[-1][0] == "so":
+        rest = rest[1:]
+    out = policy.accept(window, result(*words, *rest))
+    assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, final, 0), (False, held, 1)]
+    # The speaker goes on within the hold: the next decode continues after the final words, with
+    # their audio, and hears the held ones again with what follows.
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", int(7.5 * RATE))])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", int(8.5 * RATE))])
+    window = policy.next_window(now=0.0)
+    assert window is not None and (window.kind, window.start, window.prefix) == ("final", int(0.3 * RATE), final)
+
+
 @pytest.mark.parametrize(("resumed_s", "held"), [(2.8, True), (3.2, False)])
 def test_whether_held_words_wait_depends_on_when_the_speaker_went_on_not_on_the_decode(
     resumed_s: float, held: bool

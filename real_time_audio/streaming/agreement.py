@@ -135,19 +135,35 @@ class LocalAgreement:
         self._commit(committed)
         return committed
 
-    def finish(self, words: Sequence[Word], after_prefix: bool = False, hold_from: float | None = None) -> list[Word]:
+    def finish(
+        self,
+        words: Sequence[Word],
+        after_prefix: bool = False,
+        hold_from: float | None = None,
+        heard_until: float | None = None,
+    ) -> list[Word]:
         """The audio is over (end of utterance, flush or end of stream): commit every new word.
 
         `hold_from`: new words whose middle is at or after this time are not committed but kept as
         the tail (the utterance that just ended, waiting to hear whether the speaker goes on). The
         middle, not the start: Whisper often times the word on one side of a pause across all of
         it, and such a word belongs to the side it mostly lies on.
+
+        `heard_until` (with `hold_from`): the end of the decoded audio. The words before the held
+        ones that end `settle_age_s` before it are committed anyway, a phrase at a time, as
+        agreed words of a partial that heard as much would be: what follows the pause decides
+        only the words near it.
         """
         new = self.fresh(words, after_prefix)
         count = len(new)
         if hold_from is not None:
             while count and new[count - 1].start + new[count - 1].end >= 2 * hold_from:
                 count -= 1
+            if heard_until is not None:
+                settled = 0
+                while settled < len(new) and new[settled].end <= heard_until - self.settle_age_s:
+                    settled += 1
+                count = max(count, phrase_length(new[:settled]))
         committed, self.tail = new[:count], new[count:]
         self._commit(committed)
         return committed

@@ -544,7 +544,7 @@ class UtterancePolicy:
             out += self._final(committed, language, window.end)
             self._decode_alone_from(restart)
             return out + self._take_due()
-        committed = self._agreement.finish(words, after_prefix, self._hold_from(window))
+        committed = self._agreement.finish(words, after_prefix, self._hold_from(window), window.end / MODEL_SAMPLE_RATE)
         held = self._agreement.tail
         if held and self._carry_start(window.end, [*self._buffered_words, *committed], held) is None:
             self._agreement.commit(held)  # no audio to hear them again with: they cannot wait
