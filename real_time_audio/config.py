@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     the last committed word and leaves only the text as the prompt."""
     context_prompt_chars: int = Field(200, ge=0, le=1000)
     """Committed text (that has left the buffer) given to the model as context; 0 turns it off."""
-    context_audio_s: float = Field(10, ge=0, le=20)
+    context_audio_s: float = Field(20, ge=0, le=20)
     """Audio of the previous utterance (up to this many seconds) kept before the next one after a short pause,
     so the model hears the sentence so far and continues its words; 0 turns it off."""
     commit_delay_s: float = Field(2.5, ge=0, le=30)

@@ -161,7 +161,7 @@ class UtterancePolicy:
         tail_s: float | None = None,
         quiet_tail_s: float | None = None,
         context_chars: int = 200,
-        context_audio_s: float = 10.0,
+        context_audio_s: float = 20.0,
         hold_s: float = 1.2,
         settle_age_s: float = SETTLE_AGE_S,
         interim_results: bool = True,
