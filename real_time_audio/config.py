@@ -87,9 +87,10 @@ class Settings(BaseSettings):
     hears a word right only once it has heard the rest of the sentence); the end of an utterance finalizes
     everything whatever this is."""
     final_hold_ms: int = Field(1200, ge=0, le=3000)
-    """How long the words of an utterance that just ended wait for the speaker to go on before they become
-    final: if speech resumes within it they are decoded again with what follows (a pause inside a sentence
-    then gets a comma, not a period). Counted from the start of the silence; 0 finalizes at once."""
+    """How long the last words of an utterance that just ended (those its final decode heard less than
+    `commit_delay_s` of audio after) wait for the speaker to go on before they become final: if speech
+    resumes within it they are decoded again with what follows (a pause inside a sentence then gets a
+    comma, not a period). Counted from the start of the silence; 0 finalizes at once."""
     vad: Literal["silero", "off"] = "silero"
     """Voice-activity detection: silero (silence is never decoded) or off (all audio is decoded)."""
     vad_threshold: float = Field(0.35, gt=0, lt=1)

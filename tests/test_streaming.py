@@ -414,7 +414,7 @@ def test_speech_resuming_within_the_hold_decodes_the_held_words_again_with_what_
     assert window is not None and window.kind == "final"
     assert (window.start, window.end, window.prefix) == (int(0.3 * RATE), int(3.7 * RATE), "")
     words = (("hello", 0.3, 0.6), ("there,", 0.7, 1.0), ("how", 2.3, 2.5), ("are", 2.6, 2.8), ("you?", 2.9, 3.1))
-    out = policy.accept(window, result(*words))
+    out = policy.accept(window, result(*words, *SENTENCE_END))
     assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "hello there,", 0), (False, "how are you?", 1)]
     policy.feed(np.zeros(2 * RATE, dtype=np.float32))
     assert [(o.is_final, o.text, o.segment_id) for o in policy.settle(now=0.0)] == [(True, "how are you?", 1)]
@@ -441,8 +441,11 @@ def test_a_word_timed_across_the_pause_goes_with_the_utterance_it_mostly_lies_in
     policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", int(3.5 * RATE))])
     window = policy.next_window(now=0.0)
     assert window is not None and window.kind == "final" and window.start < int(2.3 * RATE)
-    out = policy.accept(window, result(*words))
+    out = policy.accept(window, result(*words, *SENTENCE_END))
     assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "hello there,", 0), (False, "how are you?", 1)]
+
+
+SENTENCE_END = (("I", 4.5, 4.6), ("probably", 4.6, 5.0), ("sound", 5.1, 5.5), ("different.", 5.6, 6.4))
 
 
 @pytest.mark.parametrize(
@@ -458,7 +461,14 @@ def test_a_word_timed_across_the_pause_goes_with_the_utterance_it_mostly_lies_in
         ),
         # Six or more settled words go out without waiting for a phrase to end.
         (
-            (("I", 0.6, 0.8), ("have", 0.9, 1.1), ("a", 1.2, 1.3), ("bad", 1.4, 1.6), ("cold", 1.7, 4.0)),
+            (
+                ("I", 0.6, 0.8),
+                ("have", 0.9, 1.1),
+                ("a", 1.2, 1.3),
+                ("bad", 1.4, 1.6),
+                ("cold", 1.7, 4.0),
+                ("so", 4.05, 4.2),
+            ),
             "I have a bad cold so",
             "I probably sound different.",
         ),
@@ -476,10 +486,7 @@ def test_only_the_words_near_the_pause_of_a_long_utterance_are_held(
     policy.feed(np.zeros(6 * RATE, dtype=np.float32), [SpeechEvent("end", int(6.5 * RATE))])
     window = policy.next_window(now=0.0)
     assert window is not None and (window.kind, window.end) == ("final", 7 * RATE)
-    rest = (("so", 4.05, 4.2), ("I", 4.5, 4.6), ("probably", 4.6, 5.0), ("sound", 5.1, 5.5), ("different.", 5.6, 6.4))
-    if words[-1][0] == "so":
-        rest = rest[1:]
-    out = policy.accept(window, result(*words, *rest))
+    out = policy.accept(window, result(*words, *SENTENCE_END))
     assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, final, 0), (False, held, 1)]
     # The speaker goes on within the hold: the next decode continues after the final words, with
     # their audio, and hears the held ones again with what follows.
