@@ -414,7 +414,7 @@ def test_speech_resuming_within_the_hold_decodes_the_held_words_again_with_what_
     assert window is not None and window.kind == "final"
     assert (window.start, window.end, window.prefix) == (int(0.3 * RATE), int(3.7 * RATE), "")
     words = (("hello", 0.3, 0.6), ("there,", 0.7, 1.0), ("how", 2.3, 2.5), ("are", 2.6, 2.8), ("you?", 2.9, 3.1))
-    out = policy.accept(window, result(*words, *SENTENCE_END))
+    out = policy.accept(window, result(*words))
     assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "hello there,", 0), (False, "how are you?", 1)]
     policy.feed(np.zeros(2 * RATE, dtype=np.float32))
     assert [(o.is_final, o.text, o.segment_id) for o in policy.settle(now=0.0)] == [(True, "how are you?", 1)]
@@ -441,7 +441,7 @@ def test_a_word_timed_across_the_pause_goes_with_the_utterance_it_mostly_lies_in
     policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", int(3.5 * RATE))])
     window = policy.next_window(now=0.0)
     assert window is not None and window.kind == "final" and window.start < int(2.3 * RATE)
-    out = policy.accept(window, result(*words, *SENTENCE_END))
+    out = policy.accept(window, result(*words))
     assert [(o.is_final, o.text, o.segment_id) for o in out] == [(True, "hello there,", 0), (False, "how are you?", 1)]
 
 
