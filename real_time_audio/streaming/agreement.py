@@ -112,9 +112,7 @@ class LocalAgreement:
         `settle_age_s` before it may be committed: the model has heard what follows them.
         """
         new = self.fresh(words, after_prefix)
-        limit = len(new)
-        if heard_until is not None:
-            limit = next((i for i, w in enumerate(new) if w.end > heard_until - self.settle_age_s), limit)
+        limit = len(new) if heard_until is None else self._settled(new, heard_until)
         hypotheses = [self._tail, *self._earlier]
         agreements = [_shared_start(h, new) for h in hypotheses]
         count = phrase_length(new[: min(max(agreements), limit)])
@@ -160,13 +158,14 @@ class LocalAgreement:
             while count and new[count - 1].start + new[count - 1].end >= 2 * hold_from:
                 count -= 1
             if heard_until is not None:
-                settled = 0
-                while settled < len(new) and new[settled].end <= heard_until - self.settle_age_s:
-                    settled += 1
-                count = max(count, phrase_length(new[:settled]))
+                count = max(count, phrase_length(new[: self._settled(new, heard_until)]))
         committed, self.tail = new[:count], new[count:]
         self._commit(committed)
         return committed
+
+    def _settled(self, words: Sequence[Word], heard_until: float) -> int:
+        """How many of `words` end `settle_age_s` before `heard_until` (the end of the audio heard)."""
+        return next((i for i, w in enumerate(words) if w.end > heard_until - self.settle_age_s), len(words))
 
     def commit(self, words: list[Word]) -> None:
         """Commit words decided elsewhere (held words whose wait is over); the tail is dropped."""
