@@ -38,6 +38,9 @@ class Word:
     text: str
     start: float
     end: float
+    # How sure the model was of the word: the probability of its least likely token (1.0 where
+    # the backend does not say).
+    probability: float = 1.0
 
     @property
     def key(self) -> str:
@@ -46,7 +49,11 @@ class Word:
         return folded.strip() or self.text.strip()
 
     def shifted(self, offset: float) -> Word:
-        return Word(self.text, round(self.start + offset, 3), round(self.end + offset, 3))
+        return self.placed(self.start + offset, self.end + offset)
+
+    def placed(self, start: float, end: float) -> Word:
+        """The same word, timed anew (rounded to the millisecond)."""
+        return Word(self.text, round(start, 3), round(end, 3), self.probability)
 
 
 @dataclass(slots=True, frozen=True)

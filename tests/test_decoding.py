@@ -312,3 +312,24 @@ def test_forced_tokens_write_exactly_that_many_within_the_limit(
         )
     assert [len(r.tokens) for r in rows] == [written, written]
     assert all(generation.eos_token_id not in r.tokens for r in rows)
+
+
+def test_a_word_is_as_probable_as_its_least_likely_token(backend: WhisperBackend) -> None:
+    """Tokens become words with the probability of their least likely token; after a forced prefix
+    the scores count only the generated tokens, and the end-of-text token belongs to no word."""
+    tokenizer = backend.processor.tokenizer
+    eot = backend.model.generation_config.eos_token_id
+    text = tokenizer.encode(" the Criccorpus.", add_special_tokens=False)
+    prefix = tokenizer.encode(" So", add_special_tokens=False)
+    pieces = tokenizer.convert_ids_to_tokens(text)
+    second = next(i for i, piece in enumerate(pieces) if i and piece.startswith("\u0120"))  # where " C" begins
+    lowest = {0: -0.7, second + 1: -2.5}  # one token in each word scores low; the rest -0.1
+    logprobs = [lowest.get(i, -0.1) for i in range(len(text))] + [-4.0]  # the last: end-of-text
+    heads = len(backend.model.generation_config.alignment_heads)
+    rows = len(prefix) + len(text) + 1
+    attention = np.zeros((heads, rows, 1500), dtype=np.float32)
+    for row in range(rows):
+        attention[:, row, 10 * row] = 1.0
+    result = backend._result([*text, eot], attention, logprobs, 100, "en", None, prefix=len(prefix))
+    assert [w.text for w in result.words] == ["the", "Criccorpus."]
+    assert [w.probability for w in result.words] == [round(float(np.exp(-0.7)), 4), round(float(np.exp(-2.5)), 4)]

@@ -222,6 +222,27 @@ def test_commit_delay_sets_how_much_audio_must_follow_an_agreed_word() -> None:
     assert policy._agreement.settle_age_s == 5.0
 
 
+def test_an_agreed_word_the_model_was_unsure_of_waits_twice_as_long() -> None:
+    """Two early decodes agree on "Criccorpus." (a token of it at 8 %), with 3 s of audio after it:
+    a sure word that far back is committed, this one waits for 5 s (the words after it with it).
+    The decode that heard that much reads "sick corpus.", and that is what two decodes then agree on."""
+    agreement = LocalAgreement()
+    early = [Word("So,", 0.0, 0.3, 0.9), Word("Criccorpus.", 0.3, 1.0, 0.08), Word("Hopefully", 1.2, 1.6, 0.95)]
+    assert agreement.insert(early, heard_until=3.6) == []
+    assert agreement.insert(early, heard_until=4.0) == [early[0]]
+    assert agreement.insert(early[1:], heard_until=5.8) == []
+    later = [Word("sick", 0.3, 0.6, 0.3), Word("corpus.", 0.6, 1.0, 0.9), Word("Hopefully", 1.2, 1.6, 0.95)]
+    assert agreement.insert(later, heard_until=6.0) == []
+    assert agreement.insert(later, heard_until=6.4) == later[:2]
+    # The same words with sure scores would have been final with the first decode that agreed.
+    sure = LocalAgreement()
+    sure.insert([Word(w.text, w.start, w.end) for w in early], heard_until=3.6)
+    assert [w.text for w in sure.insert([Word(w.text, w.start, w.end) for w in early], heard_until=4.0)] == [
+        "So,",
+        "Criccorpus.",
+    ]
+
+
 def test_agreed_words_wait_for_the_end_of_their_phrase() -> None:
     """Agreed words without punctuation stay in the partial until a phrase ends, or six are waiting."""
     agreement = LocalAgreement()

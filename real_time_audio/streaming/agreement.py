@@ -33,6 +33,11 @@ MAX_HELD_WORDS = 6
 # An agreed word is committed only once this much audio after it has been heard (by default): until
 # then the words that follow it (and its own punctuation) are still being decided.
 SETTLE_AGE_S = 2.5
+# A word the model was unsure of (a token below this probability) waits for UNSURE_SETTLE_FACTOR
+# times as much: two early decodes that heard little after it can agree on the same wrong word
+# ("the Criccorpus" for "the sick corpus"), which a decode that heard more reads right.
+UNSURE_PROBABILITY = 0.2
+UNSURE_SETTLE_FACTOR = 2.0
 
 
 def _shared_start(old: Sequence[Word], new: Sequence[Word]) -> int:
@@ -164,8 +169,12 @@ class LocalAgreement:
         return committed
 
     def _settled(self, words: Sequence[Word], heard_until: float) -> int:
-        """How many of `words` end `settle_age_s` before `heard_until` (the end of the audio heard)."""
-        return next((i for i, w in enumerate(words) if w.end > heard_until - self.settle_age_s), len(words))
+        """How many of `words` end `settle_age_s` before `heard_until` (the end of the audio heard),
+        or longer before it for a word the model was unsure of."""
+        return next((i for i, w in enumerate(words) if w.end > heard_until - self._age(w)), len(words))
+
+    def _age(self, word: Word) -> float:
+        return self.settle_age_s * (UNSURE_SETTLE_FACTOR if word.probability < UNSURE_PROBABILITY else 1.0)
 
     def commit(self, words: list[Word]) -> None:
         """Commit words decided elsewhere (held words whose wait is over); the tail is dropped."""

@@ -723,10 +723,10 @@ class UtterancePolicy:
         offset = window.start / MODEL_SAMPLE_RATE
         limit = window.end / MODEL_SAMPLE_RATE
         words = [w.shifted(offset) for w in result.words if w.text.strip()]
-        words = [Word(w.text, min(w.start, limit), min(w.end, limit)) for w in words]
+        words = [w.placed(min(w.start, limit), min(w.end, limit)) for w in words]
         if result.after_prefix:  # what follows the committed words lies after everything already final
             floor = self._floor / MODEL_SAMPLE_RATE
-            words = [Word(w.text, max(w.start, floor), max(w.end, floor)) for w in words]
+            words = [w.placed(max(w.start, floor), max(w.end, floor)) for w in words]
         cut = loop_start([w.key for w in words])
         if cut is not None:  # keep what came before the loop; never let the loop into the prompt
             self.stats.loops_cut += 1
@@ -751,7 +751,7 @@ class UtterancePolicy:
         for word in words:  # word times only ever move forward
             start = max(word.start, previous_end)
             end = max(word.end, start)
-            timed.append(Word(word.text, round(start, 3), round(end, 3)))
+            timed.append(word.placed(start, end))
             previous_end = end
         if is_final:
             self._last_word_end = previous_end

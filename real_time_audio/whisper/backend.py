@@ -453,7 +453,7 @@ class WhisperBackend:
         kept = [(prefix + i, t) for i, t in enumerate(tokens[:length]) if t not in self._special_ids]
         aligned = min(prefix + len(scored), attention.shape[1])  # prefix, text tokens and end-of-text
         times = token_start_times(attention[:, :aligned].astype(np.float64)).tolist() if kept else []
-        words = self._words(kept, times)
+        words = self._words(kept, times, logprobs, prefix)
         if prefix and kept and not self.processor.tokenizer.convert_ids_to_tokens(kept[0][1]).startswith(WORD_START):
             words = words[1:]  # punctuation that would belong to a committed word, which can no longer change
         text = self.processor.tokenizer.decode([t for _, t in kept]).strip()
@@ -468,10 +468,12 @@ class WhisperBackend:
             after_prefix=prefix > 0,
         )
 
-    def _words(self, kept: list[tuple[int, int]], times: list[float]) -> list[Word]:
+    def _words(self, kept: list[tuple[int, int]], times: list[float], logprobs: list[float], prefix: int) -> list[Word]:
+        """Group byte-level BPE tokens into words (a leading space starts one) with their times and
+        the probability of their least likely token (`kept` indexes count the `prefix` tokens,
+        `logprobs` only the generated ones)."""
         if not kept or not times:
             return []
-        """Group byte-level BPE tokens into words (a leading space starts one) with their times."""
         tokenizer = self.processor.tokenizer
         pieces = tokenizer.convert_ids_to_tokens([t for _, t in kept])
         groups: list[list[tuple[int, int]]] = []
@@ -487,7 +489,9 @@ class WhisperBackend:
             first, last = group[0][0], group[-1][0]
             start = times[first] if first < len(times) else times[-1]
             end = times[last + 1] if last + 1 < len(times) else times[-1]
-            words.append(Word(text, round(start, 3), round(max(start, end), 3)))
+            scores = [logprobs[i - prefix] for i, _ in group if 0 <= i - prefix < len(logprobs)]
+            probability = round(math.exp(min(scores)), 4) if scores else 1.0
+            words.append(Word(text, round(start, 3), round(max(start, end), 3), probability))
         return words
 
 
