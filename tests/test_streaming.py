@@ -117,8 +117,11 @@ def speech(*words: int, gap_s: float = 0.1) -> NDArray[np.float32]:
     return np.concatenate(pieces)
 
 
-def result(*words: tuple[str, float, float], **kw: float | None) -> TranscriptionResult:
-    timed = [Word(text, start, end) for text, start, end in words]
+Heard = tuple[str, float, float] | tuple[str, float, float, float]  # (text, start, end[, probability])
+
+
+def result(*words: Heard, **kw: float | None) -> TranscriptionResult:
+    timed = [Word(*word) for word in words]
     after_prefix = bool(kw.pop("after_prefix", False))
     options: dict[str, float | None] = {"avg_logprob": -0.2, "no_speech_prob": 0.01} | kw
     return TranscriptionResult(
@@ -598,6 +601,39 @@ def test_held_words_get_the_partials_they_wait_for_whatever_the_cadence() -> Non
     assert sent == [
         [(False, "hello their how are")],  # not heard alike: they wait
         [(True, "hello there"), (False, "how are you")],  # 2.5 s past them: final as this partial heard them
+    ]
+
+
+def test_held_words_the_model_was_unsure_of_wait_twice_as_long_for_what_follows() -> None:
+    """Held "the Criccorpus." (a token of the last word at 8 %, ending at 1.6 s), and the speaker
+    goes on at 2.5 s. A sure word heard alike a second into that speech is final then (tests
+    above); this one is not, and the partials it waits for are one at 3.5 s (heard alike: it waits)
+    and one 5 s past it (2 x COMMIT_DELAY_S), at 6.6 s, whose reading is what becomes final."""
+    policy = stretched_policy()
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2)])
+    policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
+    window = policy.next_window(now=0.0)
+    assert window is not None and window.kind == "final"
+    held = (("the", 0.3, 0.6, 0.9), ("Criccorpus.", 0.7, 1.3, 0.08))
+    assert [(o.is_final, o.text) for o in policy.accept(window, result(*held))] == [(False, "the Criccorpus.")]
+    policy.feed(np.zeros(RATE // 2, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
+    hypotheses = {
+        3.5: (*held, ("how", 2.6, 2.8, 0.9), ("are", 2.9, 3.4, 0.9)),
+        6.6: (("the", 0.3, 0.6), ("sick", 0.7, 0.9), ("corpus.", 0.9, 1.3), ("How", 2.6, 2.8), ("are", 2.9, 3.1)),
+    }
+    sent, due = [], []
+    for tenth in range(26, 69):  # 2.6 s to 6.8 s, a tenth at a time
+        policy.feed(np.zeros(RATE // 10, dtype=np.float32))
+        if policy.seconds_until_partial(now=tenth / 10) == 0.0:
+            due.append(tenth / 10)
+        window = policy.next_window(now=tenth / 10)
+        if window is not None:
+            assert window.kind == "partial" and window.end == tenth * RATE // 10
+            sent.append([(o.is_final, o.text) for o in policy.accept(window, result(*hypotheses[tenth / 10]))])
+    assert due == [3.5, 6.6]
+    assert sent == [
+        [(False, "the Criccorpus. how are")],  # heard alike, but unsure: it waits
+        [(True, "the sick corpus."), (False, "How are")],  # 5 s past it: final as this partial heard it
     ]
 
 

@@ -40,6 +40,11 @@ UNSURE_PROBABILITY = 0.2
 UNSURE_SETTLE_FACTOR = 2.0
 
 
+def unsure(word: Word) -> bool:
+    """Whether the model was unsure of the word (one of its tokens scored under UNSURE_PROBABILITY)."""
+    return word.probability < UNSURE_PROBABILITY
+
+
 def _shared_start(old: Sequence[Word], new: Sequence[Word]) -> int:
     """How many words two hypotheses begin with alike (same word, start within the tolerance)."""
     count = 0
@@ -171,10 +176,15 @@ class LocalAgreement:
     def _settled(self, words: Sequence[Word], heard_until: float) -> int:
         """How many of `words` end `settle_age_s` before `heard_until` (the end of the audio heard),
         or longer before it for a word the model was unsure of."""
-        return next((i for i, w in enumerate(words) if w.end > heard_until - self._age(w)), len(words))
+        return next((i for i, w in enumerate(words) if w.end > heard_until - self.age(w)), len(words))
 
-    def _age(self, word: Word) -> float:
-        return self.settle_age_s * (UNSURE_SETTLE_FACTOR if word.probability < UNSURE_PROBABILITY else 1.0)
+    def age(self, word: Word) -> float:
+        """How much audio after `word` must have been heard before it may be committed."""
+        return self.settle_age_s * (UNSURE_SETTLE_FACTOR if unsure(word) else 1.0)
+
+    def settled_at(self, words: Sequence[Word]) -> float:
+        """The end of the audio heard by which all of `words` are settled (each its age past it)."""
+        return max((w.end + self.age(w) for w in words), default=0.0)
 
     def commit(self, words: list[Word]) -> None:
         """Commit words decided elsewhere (held words whose wait is over); the tail is dropped."""

@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 from real_time_audio.audio.pcm import MODEL_SAMPLE_RATE
 from real_time_audio.audio.vad import SpeechEvent
 from real_time_audio.service import Word
-from real_time_audio.streaming.agreement import SETTLE_AGE_S, LocalAgreement, join_words
+from real_time_audio.streaming.agreement import SETTLE_AGE_S, LocalAgreement, join_words, unsure
 from real_time_audio.streaming.guards import GuardThresholds, loop_start, verdict
 
 if TYPE_CHECKING:
@@ -416,14 +416,14 @@ class UtterancePolicy:
 
     def _held_check_due(self) -> bool:
         """Whether held words wait for a partial that no partial has yet made: one that has heard
-        HELD_ALIKE_S of the speech that follows them, or `settle_age_s` past them. Such a partial
+        HELD_ALIKE_S of the speech that follows them, or their settle age past them. Such a partial
         is due once the configured interval has passed, however far a busy server has stretched
         the cadence, so that held words are not kept waiting by it. Once asked for, it is not
         asked for again should the engine refuse it (the cadence then decides)."""
         if not self._held or not self._regions:
             return False
         alike = self._regions[0].start + self.pad + round(HELD_ALIKE_S * MODEL_SAMPLE_RATE)
-        settled = self._sample(self._held[-1].end + self._agreement.settle_age_s)
+        settled = self._sample(self._agreement.settled_at(self._held))
         return any(self._last_partial_asked < at <= self.received for at in (alike, settled))
 
     def _partial_ready(self) -> bool:
@@ -511,7 +511,7 @@ class UtterancePolicy:
             confirmed = self._agreement.insert(words, after_prefix, heard_until)
             if confirmed:
                 self._held = []  # two decodes agreed on what follows the finals: the hold is over
-            elif self._held and heard_until >= self._held[-1].end + self._agreement.settle_age_s:
+            elif self._held and heard_until >= self._agreement.settled_at(self._held):
                 confirmed = self._settle_held()
             elif self._held and (alike := self._held_heard_alike(window.end)):
                 self._held, self._held_deadline = [], None
@@ -668,19 +668,20 @@ class UtterancePolicy:
     def _held_heard_alike(self, heard_until: int) -> int:
         """How many words the held ones are, when this partial, having heard `HELD_ALIKE_S` of the
         speech after its pre-roll, heard them again word for word where they were and went on
-        after them (0 otherwise)."""
+        after them (0 otherwise, and when the model was unsure of one of them either time: two
+        decodes that heard little after a word can agree on the same wrong reading of it)."""
         if not self._regions or heard_until < self._regions[0].start + self.pad + HELD_ALIKE_S * MODEL_SAMPLE_RATE:
             return 0
         held, tail = self._held, self._agreement.tail
-        if len(tail) <= len(held):
-            return 0
+        if len(tail) <= len(held) or any(map(unsure, [*held, *tail[: len(held)]])):
+            return 0  # a word the model was unsure of waits for its settle age (_settle_held)
         for old, new in zip(held, tail, strict=False):
             if old.text != new.text or abs(old.end - new.end) > HELD_SLACK_S:
                 return 0
         return len(held)
 
     def _settle_held(self) -> list[Word]:
-        """Held words that a partial has heard again with `settle_age_s` of what follows, and that
+        """Held words that a partial has heard again with their settle age of what follows, and that
         two decodes have still not agreed on: they become final as this decode heard them, so
         that a hold never keeps them from a final for longer than that (the partials of a sentence
         that goes on may keep disagreeing about its later words)."""
