@@ -12,7 +12,9 @@ English speech with reference transcripts (bench/corpus.py):
 - replay: the realtime stream through the server's own session pipeline and backend in this
   process, on a virtual clock (bench/replay.py): a frame every 100 ms, every decode taking
   `--replay-decode-s`. The same every run, so two settings can be compared word for word, where
-  the realtime runs of one setting differ by a few words from run to run.
+  the realtime runs of one setting differ by a few words from run to run. `--runs N` streams the
+  realtime and fast modes N times (a fresh server each time) and reports their mean WER with each
+  run's.
 
 Reported per model and mode:
 
@@ -46,7 +48,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,7 @@ class ClipResult:
     final_latency_s: float | None = None
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    run: int = 1  # which of the mode's runs (--runs) this is
 
 
 def offline(model_dir: Path, clips: list[Clip], prepare: Callable[[Any], object] | None = None) -> list[ClipResult]:
@@ -309,6 +312,21 @@ def score(clips: list[Clip], results: list[ClipResult], reference: list[ClipResu
     return summary
 
 
+def score_runs(
+    clips: list[Clip], runs: list[list[ClipResult]], reference: list[ClipResult], normalizer: Any
+) -> dict[str, Any]:
+    """The figures of a mode run `len(runs)` times: the error rates over all runs together (their
+    mean, as every run has the same words), each run's WER, and the counts per run."""
+    summary = score(clips * len(runs), [r for run in runs for r in run], reference * len(runs), normalizer)
+    if len(runs) > 1:
+        for name in ("finals", "partials", "revised", "errors"):
+            summary[name] = round(summary[name] / len(runs))
+        summary["words"] //= len(runs)
+        summary["runs"] = len(runs)
+        summary["wer_runs"] = [score(clips, run, reference, normalizer)["wer"] for run in runs]
+    return summary
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [
         "| model | mode | WER | CPER | finals | partials (revised) | final latency p50 / p95 |",
@@ -319,9 +337,10 @@ def table(report: dict[str, Any]) -> str:
             latency = f"{s['latency_p50_s']:.2f} / {s['latency_p95_s']:.2f} s" if "latency_p50_s" in s else "–"
             partials = f"{s['partials']} ({s['revised']})" if mode != "offline" else "–"
             finals = str(s["finals"]) if mode != "offline" else "–"
-            lines.append(
-                f"| {model} | {mode} | {s['wer']:.2f} % | {s['cper']:.2f} % | {finals} | {partials} | {latency} |"
-            )
+            wer = f"{s['wer']:.2f} %"
+            if "wer_runs" in s:
+                wer += f" (mean of {s['runs']}: {min(s['wer_runs']):.2f}–{max(s['wer_runs']):.2f})"
+            lines.append(f"| {model} | {mode} | {wer} | {s['cper']:.2f} % | {finals} | {partials} | {latency} |")
     return "\n".join(lines)
 
 
@@ -347,6 +366,9 @@ def main() -> None:
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE", help="server settings for this run")
     parser.add_argument(
         "--replay-decode-s", type=float, default=REPLAY_DECODE_S, help="virtual seconds per decode in replay mode"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=1, help="stream each clip this many times in the realtime and fast modes"
     )
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
@@ -378,7 +400,7 @@ def main() -> None:
     for name in args.models:
         hf = transformers_folder(name)
         reference = offline(hf, clips)
-        runs: dict[str, list[ClipResult]] = {"offline": reference}
+        runs: dict[str, list[list[ClipResult]]] = {"offline": [reference]}
         for mode in args.modes:
             if mode == "offline":
                 continue
@@ -386,12 +408,18 @@ def main() -> None:
             if mode == "replay":
                 if args.project.resolve() != ROOT:
                     sys.exit("--modes replay runs this checkout's code; it cannot be combined with --project")
-                runs[mode] = replayed(faster_whisper_folder(name), clips, env, args.replay_decode_s)
-            else:
-                runs[mode] = streamed(faster_whisper_folder(name), clips, mode == "realtime", env, args.project)
+                runs[mode] = [replayed(faster_whisper_folder(name), clips, env, args.replay_decode_s)]
+            else:  # a real server's timing differs from run to run, and so may its words
+                runs[mode] = [
+                    [
+                        replace(r, run=run)
+                        for r in streamed(faster_whisper_folder(name), clips, mode == "realtime", env, args.project)
+                    ]
+                    for run in range(1, args.runs + 1)
+                ]
             print(f"{name} {mode}: {time.perf_counter() - started:.0f} s", flush=True)
-        report["models"][name] = {mode: score(clips, r, reference, normalizer) for mode, r in runs.items()}
-        report["clips"][name] = {mode: [asdict(x) for x in r] for mode, r in runs.items()}
+        report["models"][name] = {mode: score_runs(clips, r, reference, normalizer) for mode, r in runs.items()}
+        report["clips"][name] = {mode: [asdict(x) for run in r for x in run] for mode, r in runs.items()}
         for mode, s in report["models"][name].items():
             print(f"  {name:8} {mode:9} {s}", flush=True)
         out.write_text(json.dumps(report, indent=1), encoding="utf-8")  # each model as soon as it is done

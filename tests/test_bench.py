@@ -10,9 +10,12 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from bench.accuracy import ClipResult, score_runs, table
 from bench.common import parse_metrics
+from bench.corpus import Clip
 from bench.load import ClientRecord, Received, analyse, audio_sent_by, sent_time, summarise
 from bench.replay import Replayed, replay
 from bench.report import headline, markdown, write_docs
@@ -34,6 +37,23 @@ def probe(limit: int) -> tuple[list[int], Any]:
         return n <= limit
 
     return calls, passes
+
+
+def test_a_mode_run_several_times_reports_the_mean_error_rate_and_each_run() -> None:
+    """Two clips of four and six words, streamed twice: 1 then 3 words wrong; the WER is over
+    both runs (4 of 20, 20 %), each run's is kept (10 %, 30 %), and counts are per run."""
+    clips = [Clip("a", np.zeros(1), "one two three four", "test"), Clip("b", np.zeros(1), "a b c d e f", "test")]
+    offline = [ClipResult("a", "one two three four"), ClipResult("b", "a b c d e f")]
+    runs = [
+        [ClipResult("a", "one two three for", finals=2, run=1), ClipResult("b", "a b c d e f", finals=1, run=1)],
+        [ClipResult("a", "one too three", finals=3, run=2), ClipResult("b", "a b c d e x", finals=2, run=2)],
+    ]
+    summary = score_runs(clips, runs, offline, str.lower)
+    assert (summary["wer"], summary["wer_runs"], summary["runs"]) == (20.0, [10.0, 30.0], 2)
+    assert (summary["words"], summary["finals"]) == (10, 4)
+    assert score_runs(clips, [offline], offline, str.lower)["wer"] == 0.0
+    report = {"models": {"tiny.en": {"realtime": summary}}}
+    assert "| tiny.en | realtime | 20.00 % (mean of 2: 10.00–30.00) |" in table(report)
 
 
 def test_capacity_search_doubles_then_bisects_to_the_largest_passing_n() -> None:
