@@ -123,7 +123,8 @@ Heard = tuple[str, float, float] | tuple[str, float, float, float]  # (text, sta
 def result(*words: Heard, **kw: float | None) -> TranscriptionResult:
     timed = [Word(*word) for word in words]
     after_prefix = bool(kw.pop("after_prefix", False))
-    options: dict[str, float | None] = {"avg_logprob": -0.2, "no_speech_prob": 0.01} | kw
+    options: dict[str, float | None] = {"avg_logprob": -0.2, "no_speech_prob": 0.01}
+    options |= kw
     return TranscriptionResult(
         text=" ".join(w.text for w in timed),
         language="en",
@@ -576,6 +577,24 @@ def stretched_policy() -> UtterancePolicy:
     return policy
 
 
+def tenths_of_partials(
+    policy: UtterancePolicy, tenths: range, hypotheses: dict[float, tuple[Heard, ...]]
+) -> tuple[list[float], list[list[tuple[bool, str]]]]:
+    """Feed a tenth of a second at a time, at real-time pace: when a partial was due, and what each
+    partial (decoded as `hypotheses` says for its end) sent."""
+    due: list[float] = []
+    sent: list[list[tuple[bool, str]]] = []
+    for tenth in tenths:
+        policy.feed(np.zeros(RATE // 10, dtype=np.float32))
+        if policy.seconds_until_partial(now=tenth / 10) == 0.0:
+            due.append(tenth / 10)
+        window = policy.next_window(now=tenth / 10)
+        if window is not None:
+            assert window.kind == "partial" and window.end == tenth * RATE // 10
+            sent.append([(o.is_final, o.text) for o in policy.accept(window, result(*hypotheses[tenth / 10]))])
+    return due, sent
+
+
 def test_held_words_get_the_partials_they_wait_for_whatever_the_cadence() -> None:
     """The cadence stretched to an hour: the held "hello there." (ending at 1.3 s) still gets a
     partial once the speech that follows has gone on for HELD_ALIKE_S after its pre-roll (3.5 s;
@@ -584,19 +603,11 @@ def test_held_words_get_the_partials_they_wait_for_whatever_the_cadence() -> Non
     policy = stretched_policy()
     held_utterance(policy)
     policy.feed(np.zeros(RATE // 2, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
-    hypotheses = {
+    hypotheses: dict[float, tuple[Heard, ...]] = {
         3.5: (("hello", 0.3, 0.6), ("their", 0.7, 1.0), ("how", 2.6, 2.8), ("are", 2.9, 3.1)),
         3.8: (("hello", 0.3, 0.6), ("there", 0.7, 1.05), ("how", 2.6, 2.8), ("are", 2.9, 3.1), ("you", 3.2, 3.4)),
     }
-    sent, due = [], []
-    for tenth in range(26, 41):  # 2.6 s to 4.0 s, a tenth at a time
-        policy.feed(np.zeros(RATE // 10, dtype=np.float32))
-        if policy.seconds_until_partial(now=tenth / 10) == 0.0:
-            due.append(tenth / 10)
-        window = policy.next_window(now=tenth / 10)
-        if window is not None:
-            assert window.kind == "partial" and window.end == tenth * RATE // 10
-            sent.append([(o.is_final, o.text) for o in policy.accept(window, result(*hypotheses[tenth / 10]))])
+    due, sent = tenths_of_partials(policy, range(26, 41), hypotheses)  # 2.6 s to 4.0 s
     assert due == [3.5, 3.8]
     assert sent == [
         [(False, "hello their how are")],  # not heard alike: they wait
@@ -614,22 +625,14 @@ def test_held_words_the_model_was_unsure_of_wait_twice_as_long_for_what_follows(
     policy.feed(np.zeros(RATE, dtype=np.float32), [SpeechEvent("end", RATE + RATE // 2)])
     window = policy.next_window(now=0.0)
     assert window is not None and window.kind == "final"
-    held = (("the", 0.3, 0.6, 0.9), ("Criccorpus.", 0.7, 1.3, 0.08))
+    held: tuple[Heard, ...] = (("the", 0.3, 0.6, 0.9), ("Criccorpus.", 0.7, 1.3, 0.08))
     assert [(o.is_final, o.text) for o in policy.accept(window, result(*held))] == [(False, "the Criccorpus.")]
     policy.feed(np.zeros(RATE // 2, dtype=np.float32), [SpeechEvent("start", int(2.5 * RATE))])
-    hypotheses = {
+    hypotheses: dict[float, tuple[Heard, ...]] = {
         3.5: (*held, ("how", 2.6, 2.8, 0.9), ("are", 2.9, 3.4, 0.9)),
         6.6: (("the", 0.3, 0.6), ("sick", 0.7, 0.9), ("corpus.", 0.9, 1.3), ("How", 2.6, 2.8), ("are", 2.9, 3.1)),
     }
-    sent, due = [], []
-    for tenth in range(26, 69):  # 2.6 s to 6.8 s, a tenth at a time
-        policy.feed(np.zeros(RATE // 10, dtype=np.float32))
-        if policy.seconds_until_partial(now=tenth / 10) == 0.0:
-            due.append(tenth / 10)
-        window = policy.next_window(now=tenth / 10)
-        if window is not None:
-            assert window.kind == "partial" and window.end == tenth * RATE // 10
-            sent.append([(o.is_final, o.text) for o in policy.accept(window, result(*hypotheses[tenth / 10]))])
+    due, sent = tenths_of_partials(policy, range(26, 69), hypotheses)  # 2.6 s to 6.8 s
     assert due == [3.5, 6.6]
     assert sent == [
         [(False, "the Criccorpus. how are")],  # heard alike, but unsure: it waits
@@ -896,7 +899,7 @@ def test_an_utterance_is_decoded_again_at_most_three_times() -> None:
     """A model that always stops after one word costs four decodes of a 10 s utterance, not forty."""
     policy = UtterancePolicy(pad_s=0.2, hold_s=0)
     policy.feed(np.zeros(11 * RATE, dtype=np.float32), [SpeechEvent("start", RATE // 2), SpeechEvent("end", 10 * RATE)])
-    finals = []
+    finals: list[str] = []
     while (window := policy.next_window(now=0.0)) is not None:
         assert window.kind == "final"
         finals += [o.text for o in policy.accept(window, result((f"w{len(finals)}", 0.1, 0.5)))]
