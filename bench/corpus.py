@@ -276,7 +276,9 @@ def _sdist(spec: str, digest: str) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     requirements = CACHE / f"{name}.txt"
     requirements.write_text(f"{spec} --hash=sha256:{digest}\n")
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+    # Only the named package from source: pip still prepares its metadata, and with `:all:` it
+    # would build the tools for that (Cython, for pocketsphinx) from source too, for minutes.
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", name]
     subprocess.run([*command, "--require-hashes", "-d", str(CACHE), "-r", str(requirements)], check=True)
     archive = next(CACHE.glob(f"{name.replace('-', '_')}-{version}.tar.gz"), None) or next(
         CACHE.glob(f"{name}-{version}.tar.gz")
